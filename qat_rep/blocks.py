@@ -1,0 +1,339 @@
+"""Structurally re-parameterizable blocks: RepVGG, QARepVGG and QARepVGG-V2.
+
+Each block exists in two forms with the official state-dict keys (FACTS.md §1–2):
+
+* train form — parallel branches (``rbr_dense``, ``rbr_1x1``, ``rbr_identity``, and for V2 a parameter-free 3×3
+  average pool); QARep blocks add a post-sum BatchNorm ``bn``;
+* deploy form — one 3×3 conv ``rbr_reparam`` (QARep blocks keep ``bn`` until it is folded, as YOLOv6 does for QAT).
+
+The fused state lives in one attribute (``rbr_reparam is not None``), ``switch_to_deploy()`` is idempotent and
+:meth:`RepBlock.equivalent_kernel_bias` is a pure, differentiable function of the branch parameters, which is the
+hook quantization-aware training builds on (the fake-quantized equivalent kernel runs as one conv).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fuse import avgpool_kernel, fuse_bn_module, identity_kernel, pad_1x1_to_3x3
+
+__all__ = ["ConvBN", "SEBlock", "RepBlock", "RepVGGBlock", "QARepVGGBlock", "QARepVGGBlockV2", "BLOCK_TYPES", "get_block_type"]
+
+
+class ConvBN(nn.Sequential):
+    """Conv (no bias) followed by BatchNorm; keys ``conv.weight`` and ``bn.*`` as in the official repositories."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, groups: int):
+        super().__init__()
+        self.add_module(
+            "conv",
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False),
+        )
+        self.add_module("bn", nn.BatchNorm2d(out_channels))
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation as in the RepVGG repository (``down``/``up`` 1×1 convs with bias)."""
+
+    def __init__(self, channels: int, internal: int):
+        super().__init__()
+        self.down = nn.Conv2d(channels, internal, 1, bias=True)
+        self.up = nn.Conv2d(internal, channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = torch.sigmoid(self.up(F.relu(self.down(s))))
+        return x * s
+
+
+class RepBlock(nn.Module):
+    """Base of every re-parameterizable block in this package.
+
+    Subclasses implement :meth:`branches` (the multi-branch sum), :meth:`_branch_kernel_bias` (its equivalent
+    kernel) and may override :meth:`post` (what follows the sum). ``rep_quant`` is an optional submodule installed
+    by :mod:`qat_rep.quant`; when set (and the block is not fused) the block runs ``post(rep_quant(self, x))`` — one
+    conv of the fake-quantized equivalent kernel instead of the branches.
+    """
+
+    has_post_bn: bool = False
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        deploy: bool = False,
+        use_se: bool = False,
+    ):
+        super().__init__()
+        if kernel_size != 3 or padding != 1:
+            raise ValueError(
+                f"{type(self).__name__} is defined for a 3x3 kernel with padding 1 (got kernel_size={kernel_size}, "
+                f"padding={padding}); use kernel_size=3, padding=1"
+            )
+        if dilation != 1 or padding_mode != "zeros":
+            raise ValueError(
+                f"{type(self).__name__} supports dilation=1 and padding_mode='zeros' only "
+                f"(got dilation={dilation}, padding_mode={padding_mode!r})"
+            )
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.groups = groups
+        self.use_se = use_se
+        self.init_args: dict[str, Any] = dict(
+            in_channels=in_channels, out_channels=out_channels, stride=stride, groups=groups, use_se=use_se
+        )
+        self.nonlinearity = nn.ReLU()
+        self.se = SEBlock(out_channels, max(1, out_channels // 16)) if use_se else nn.Identity()
+        self.rbr_reparam: nn.Conv2d | None = None
+        self.rep_quant: nn.Module | None = None
+        if deploy:
+            self.rbr_reparam = self._make_reparam_conv()
+
+    # ----------------------------------------------------------------------------------------------- structure
+    @property
+    def fused(self) -> bool:
+        """True once the block runs as a single conv (``rbr_reparam``)."""
+        return self.rbr_reparam is not None
+
+    @property
+    def has_identity(self) -> bool:
+        return self.in_channels == self.out_channels and self.stride == 1
+
+    def _make_reparam_conv(self) -> nn.Conv2d:
+        return nn.Conv2d(
+            self.in_channels, self.out_channels, 3, self.stride, 1, groups=self.groups, bias=True
+        )
+
+    def extra_repr(self) -> str:
+        form = "fused" if self.fused else ("qat" if self.rep_quant is not None else "multi-branch")
+        return (
+            f"{self.in_channels}->{self.out_channels}, stride={self.stride}, groups={self.groups}, "
+            f"se={self.use_se}, form={form}"
+        )
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def conv(self, x: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
+        """Run ``x`` through a 3×3 conv with this block's stride, padding and groups."""
+        return F.conv2d(x, kernel, bias, self.stride, 1, 1, self.groups)
+
+    def branches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def post(self, y: Tensor) -> Tensor:
+        """What follows the branch sum (or the fused conv): SE, then ReLU."""
+        return self.nonlinearity(self.se(y))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rbr_reparam is not None:
+            return self.post(self.rbr_reparam(x))
+        if self.rep_quant is not None:
+            return self.post(self.rep_quant(self, x))
+        return self.post(self.branches(x))
+
+    # ----------------------------------------------------------------------------------------------- fusion
+    def _branch_kernel_bias(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The 3×3 kernel and bias of one conv equal to the branch sum (eval-mode BN statistics).
+
+        Differentiable with respect to every branch parameter. For QARep blocks the post-sum BN is *not* included:
+        it stays a real BN through QAT and is folded by :meth:`fold_post_bn`.
+        """
+        if self.rbr_reparam is not None:
+            bias = self.rbr_reparam.bias
+            if bias is None:
+                bias = torch.zeros(self.out_channels, dtype=self.rbr_reparam.weight.dtype,
+                                   device=self.rbr_reparam.weight.device)
+            return self.rbr_reparam.weight, bias
+        return self._branch_kernel_bias()
+
+    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """Official RepVGG/YOLOv6 name of :meth:`equivalent_kernel_bias`."""
+        return self.equivalent_kernel_bias()
+
+    def _drop_branches(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def switch_to_deploy(self) -> None:
+        """Replace the branches by one conv ``rbr_reparam``, in place. A second call is a no-op.
+
+        QARep blocks keep their post-sum ``bn`` (YOLOv6's behaviour, needed for QAT); call :meth:`fold_post_bn`
+        (or :func:`qat_rep.reparameterize` with ``fold_post_bn=True``) to fold it as well.
+        """
+        if self.rbr_reparam is not None:
+            return
+        kernel, bias = self._branch_kernel_bias()
+        conv = self._make_reparam_conv().to(device=kernel.device, dtype=kernel.dtype)
+        conv.weight.copy_(kernel.detach())
+        conv.bias.copy_(bias.detach())
+        self._drop_branches()
+        self.rbr_reparam = conv
+
+    def reparameterize(self) -> None:
+        """timm/MobileOne name of :meth:`switch_to_deploy`."""
+        self.switch_to_deploy()
+
+    def fold_post_bn(self) -> bool:
+        """Fold the post-sum BN into ``rbr_reparam`` (fusing first if needed). Returns whether anything changed."""
+        return False
+
+    def train_form(self) -> "RepBlock":
+        """A new, unfused block of the same type and configuration (fresh parameters)."""
+        return type(self)(**self.init_args)
+
+
+class RepVGGBlock(RepBlock):
+    """RepVGG block (Ding et al., CVPR 2021): ``relu(se(bn(conv3x3(x)) + bn(conv1x1(x)) + bn(x)))``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 1, dilation: int = 1, groups: int = 1, padding_mode: str = "zeros",
+                 deploy: bool = False, use_se: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                         deploy, use_se)
+        if deploy:
+            self.rbr_identity = self.rbr_dense = self.rbr_1x1 = None
+            return
+        self.rbr_identity = nn.BatchNorm2d(in_channels) if self.has_identity else None
+        self.rbr_dense = ConvBN(in_channels, out_channels, 3, stride, 1, groups)
+        self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride, 0, groups)
+
+    def branches(self, x: Tensor) -> Tensor:
+        y = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.rbr_identity is not None:
+            y = y + self.rbr_identity(x)
+        return y
+
+    def _branch_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        k3, b3 = fuse_bn_module(self.rbr_dense.conv.weight, self.rbr_dense.bn)
+        k1, b1 = fuse_bn_module(self.rbr_1x1.conv.weight, self.rbr_1x1.bn)
+        kernel, bias = k3 + pad_1x1_to_3x3(k1), b3 + b1
+        if self.rbr_identity is not None:
+            eye = identity_kernel(self.in_channels, self.groups, dtype=k3.dtype, device=k3.device)
+            kid, bid = fuse_bn_module(eye, self.rbr_identity)
+            kernel, bias = kernel + kid, bias + bid
+        return kernel, bias
+
+    def _drop_branches(self) -> None:
+        self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
+
+
+class QARepVGGBlock(RepBlock):
+    """QARepVGG block, the paper's final design (Chu et al., AAAI 2024), with YOLOv6's key names.
+
+    ``relu(se(bn(bn3(conv3x3(x)) + conv1x1(x) + x)))``: BN only on the 3×3 branch, a plain 1×1 conv, an identity
+    without BN, and a BatchNorm ``bn`` after the sum. (YOLOv6 has no SE here; ours, when enabled, follows the post-BN
+    so that the post-BN can still be folded into the conv.)
+    """
+
+    has_post_bn = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 1, dilation: int = 1, groups: int = 1, padding_mode: str = "zeros",
+                 deploy: bool = False, use_se: bool = False, post_bn: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                         deploy, use_se)
+        self.bn = nn.BatchNorm2d(out_channels) if (post_bn or not deploy) else None
+        if deploy:
+            self.rbr_identity = self.rbr_dense = self.rbr_1x1 = None
+            return
+        self.rbr_dense = ConvBN(in_channels, out_channels, 3, stride, 1, groups)
+        self.rbr_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride, 0, groups=groups, bias=False)
+        self.rbr_identity = nn.Identity() if self.has_identity else None
+
+    def branches(self, x: Tensor) -> Tensor:
+        y = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.rbr_identity is not None:
+            y = y + x
+        return y
+
+    def post(self, y: Tensor) -> Tensor:
+        if self.bn is not None:
+            y = self.bn(y)
+        return self.nonlinearity(self.se(y))
+
+    def _branch_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        kernel, bias = fuse_bn_module(self.rbr_dense.conv.weight, self.rbr_dense.bn)
+        kernel = kernel + pad_1x1_to_3x3(self.rbr_1x1.weight)
+        if self.rbr_identity is not None:
+            kernel = kernel + identity_kernel(self.in_channels, self.groups, dtype=kernel.dtype, device=kernel.device)
+        return kernel, bias
+
+    def _drop_branches(self) -> None:
+        self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
+
+    @torch.no_grad()
+    def fold_post_bn(self) -> bool:
+        if self.bn is None:
+            return False
+        self.switch_to_deploy()
+        kernel, bias = fuse_bn_module(self.rbr_reparam.weight, self.bn, self.rbr_reparam.bias)
+        self.rbr_reparam.weight.copy_(kernel)
+        self.rbr_reparam.bias.copy_(bias)
+        self.bn = None
+        return True
+
+
+class QARepVGGBlockV2(QARepVGGBlock):
+    """YOLOv6's ``QARepVGGBlockV2``: :class:`QARepVGGBlock` plus a 3×3 average-pool branch (identity-shaped blocks).
+
+    ``AvgPool2d(3, 1, 1)`` counts the zero padding, so it is exactly a conv with 1/9 on the group diagonal.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.rbr_dense is not None and self.has_identity:
+            self.rbr_avg: nn.Module | None = nn.AvgPool2d(3, stride=1, padding=1)
+        else:
+            self.rbr_avg = None
+
+    def branches(self, x: Tensor) -> Tensor:
+        y = super().branches(x)
+        if self.rbr_avg is not None:
+            y = y + self.rbr_avg(x)
+        return y
+
+    def _branch_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        kernel, bias = super()._branch_kernel_bias()
+        if self.rbr_avg is not None:
+            kernel = kernel + avgpool_kernel(self.in_channels, self.groups, dtype=kernel.dtype, device=kernel.device)
+        return kernel, bias
+
+    def _drop_branches(self) -> None:
+        super()._drop_branches()
+        self.rbr_avg = None
+
+
+BLOCK_TYPES: dict[str, Callable[..., RepBlock]] = {
+    "repvgg": RepVGGBlock,
+    "qarepvgg": QARepVGGBlock,
+    "qarepvggv2": QARepVGGBlockV2,
+}
+
+
+def get_block_type(name: str | type[RepBlock]) -> Callable[..., RepBlock]:
+    """Resolve a block type by name (``repvgg``, ``qarepvgg``, ``qarepvggv2``) or pass a class through."""
+    if isinstance(name, type) and issubclass(name, RepBlock):
+        return name
+    try:
+        return BLOCK_TYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown block type {name!r}; valid: {', '.join(BLOCK_TYPES)}") from None

@@ -1,0 +1,77 @@
+"""The re-parameterization math, once for the whole project.
+
+Every function here is a pure, differentiable function of tensors: the blocks use them to build their equivalent
+kernel for ``switch_to_deploy()``, and quantization-aware training uses the very same functions to fake-quantize
+the equivalent kernel while gradients still reach every branch parameter (FACTS.md §1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "fuse_conv_bn",
+    "fuse_bn_module",
+    "pad_1x1_to_3x3",
+    "identity_kernel",
+    "avgpool_kernel",
+]
+
+
+def fuse_conv_bn(
+    kernel: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    conv_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm into the conv before it.
+
+    ``t = γ / sqrt(var + eps)``, ``K' = K · t`` per output channel, ``b' = β + (conv_bias − mean) · t``.
+    ``gamma``/``beta`` may be ``None`` for a BN without affine parameters.
+    """
+    std = (running_var + eps).sqrt()
+    t = (gamma / std) if gamma is not None else 1.0 / std
+    shift = -running_mean if conv_bias is None else conv_bias - running_mean
+    bias = shift * t
+    if beta is not None:
+        bias = bias + beta
+    return kernel * t.reshape(-1, 1, 1, 1), bias
+
+
+def fuse_bn_module(kernel: Tensor, bn: nn.BatchNorm2d, conv_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`fuse_conv_bn` with the statistics and affine parameters read from ``bn``."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{bn!r} tracks no running statistics (track_running_stats=False); it cannot be fused")
+    return fuse_conv_bn(kernel, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
+
+
+def pad_1x1_to_3x3(kernel: Tensor) -> Tensor:
+    """Zero-pad a 1×1 kernel to the 3×3 kernel that computes the same conv with padding 1."""
+    return F.pad(kernel, [1, 1, 1, 1])
+
+
+def identity_kernel(
+    channels: int, groups: int = 1, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> Tensor:
+    """The 3×3 (grouped) kernel of the identity map: ``K[i, i % (channels/groups), 1, 1] = 1``."""
+    per_group = channels // groups
+    k = torch.zeros(channels, per_group, 3, 3, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    k[idx, idx % per_group, 1, 1] = 1.0
+    return k
+
+
+def avgpool_kernel(
+    channels: int, groups: int = 1, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> Tensor:
+    """The 3×3 kernel of ``AvgPool2d(3, stride=1, padding=1)`` (count_include_pad): 1/9 on the group diagonal."""
+    per_group = channels // groups
+    k = torch.zeros(channels, per_group, 3, 3, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    k[idx, idx % per_group, :, :] = 1.0 / 9.0
+    return k

@@ -1,0 +1,1 @@
+"""Post-training quantization for re-parameterized networks: CFWS, AdaRound, BRECQ, MRECG, sensitivity."""
