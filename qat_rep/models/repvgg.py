@@ -43,10 +43,13 @@ MODEL_CFGS: dict[str, RepVGGCfg] = {
 
 
 class RepVGG(nn.Module):
-    """``stage0`` (one block, stride 2), ``stage1``–``stage4`` (ModuleLists of blocks), ``gap``, ``linear``."""
+    """``stage0`` (one block, stride 2), ``stage1``–``stage4`` (ModuleLists of blocks), ``gap``, ``linear``.
+
+    ``block_kwargs`` go to every block (e.g. ``post_bn=False`` for a QARep model built fused with its post-BN folded).
+    """
 
     def __init__(self, cfg: RepVGGCfg, block: str | type[RepBlock] = "repvgg", num_classes: int = 1000,
-                 small_input: bool = False, deploy: bool = False, use_se: bool = False):
+                 small_input: bool = False, deploy: bool = False, use_se: bool = False, **block_kwargs: Any):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -54,7 +57,8 @@ class RepVGG(nn.Module):
         self.cfg = cfg
         widths = [int(base * m) for base, m in zip((64, 128, 256, 512), cfg.widths)]
         in_planes = min(64, int(64 * cfg.widths[0]))
-        self.stage0 = block_fn(3, in_planes, stride=1 if small_input else 2, deploy=deploy, use_se=use_se)
+        self.stage0 = block_fn(3, in_planes, stride=1 if small_input else 2, deploy=deploy, use_se=use_se,
+                               **block_kwargs)
         layer = 1
         stages = []
         for planes, depth in zip(widths, cfg.depths):
@@ -62,7 +66,7 @@ class RepVGG(nn.Module):
             for i in range(depth):
                 groups = cfg.groups if layer in cfg.group_layers else 1
                 blocks.append(block_fn(in_planes, planes, stride=2 if i == 0 else 1, groups=groups, deploy=deploy,
-                                       use_se=use_se))
+                                       use_se=use_se, **block_kwargs))
                 in_planes = planes
                 layer += 1
             stages.append(nn.ModuleList(blocks))

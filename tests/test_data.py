@@ -1,0 +1,85 @@
+"""Embedded digits, image folders and CIFAR-10 batches on disk: shapes, normalization, fixed split, errors."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from qat_rep.data import DataSpec, load_dataset, make_loaders
+
+
+def test_digits_default():
+    train, val, classes = load_dataset()
+    x, y = train.tensors
+    assert classes == [str(i) for i in range(10)]
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32
+    assert len(train) + len(val) == 1797 and len(val) == 359
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-3)
+    assert set(y.tolist()) == set(range(10))
+    train2, val2, _ = load_dataset("digits")  # the split is fixed
+    assert torch.equal(val.tensors[1], val2.tensors[1]) and torch.equal(train.tensors[0], train2.tensors[0])
+
+
+def test_digits_resized_and_loaders():
+    train, _, _ = load_dataset(DataSpec(image_size=16))
+    assert train.tensors[0].shape[1:] == (3, 16, 16)
+    tl, vl, _ = make_loaders("digits", batch_size=100, seed=3)
+    a = next(iter(tl))[1]
+    b = next(iter(make_loaders("digits", batch_size=100, seed=3)[0]))[1]
+    assert torch.equal(a, b) and len(next(iter(vl))[0]) == 100
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("cat", 6), ("dog", 4)):
+        (tmp_path / cls / "sub").mkdir(parents=True)
+        for i in range(n):
+            arr = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / cls / ("sub" if i % 2 else "") / f"{i}.png")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    train, val, classes = load_dataset(DataSpec(str(tmp_path), image_size=12, val_fraction=0.3))
+    assert classes == ["cat", "dog"]
+    assert len(train) + len(val) == 10 and len(val) == 3
+    assert train.tensors[0].shape[1:] == (3, 12, 12)
+
+
+def test_cifar10_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 3)]:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": list(range(n))}, f)
+    with open(tmp_path / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    train, val, classes = load_dataset(str(tmp_path))
+    assert len(train) == 20 and len(val) == 3 and classes[3] == "c3"
+    assert train.tensors[0].shape[1:] == (3, 32, 32)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; pass 'digits'"):
+        load_dataset(str(tmp_path / "nope"))
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match="has no images: expected one subfolder per class"):
+        load_dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_size=4), "image_size must be >= 8"),
+    (dict(val_fraction=1.0), r"val_fraction must be in \(0, 1\)"),
+])
+def test_bad_spec(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DataSpec(**kwargs)
+
+
+def test_bad_batch_size():
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        make_loaders(batch_size=0)
