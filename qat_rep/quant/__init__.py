@@ -1,1 +1,47 @@
-"""Quantization core: config, the pytorch-quantization backend, quantizer insertion, calibration, equivalent-kernel QAT."""
+"""Quantization core: config, the pytorch-quantization backend, quantizer insertion, calibration, equivalent-kernel QAT.
+
+Typical use (framework-free)::
+
+    from qat_rep import create_model
+    from qat_rep.quant import QuantConfig, prepare, calibrate, convert
+
+    model = create_model("qarepvgg_a0", num_classes=10, small_input=True)
+    prepare(model, QuantConfig(w_bits=8, a_bits=8))
+    calibrate(model, loader)          # any iterable of batches
+    ...                               # train: every block runs one conv of its fake-quantized equivalent kernel
+    convert(model)                    # deployable fused form (QuantConv2d per block, post-BN folded)
+"""
+
+from .backend import NotCalibratedError, onnx_export_mode
+from .calibrate import CalibReport, calibrate, histogram_mse_amax, is_calibrated
+from .config import QuantConfig
+from .insert import PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax
+from .rep_qat import PHASES, RepQuant
+from .report import LayerReport, LayerRow, layer_report
+from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages
+
+__all__ = [
+    "QuantConfig",
+    "prepare",
+    "PrepareReport",
+    "calibrate",
+    "CalibReport",
+    "is_calibrated",
+    "histogram_mse_amax",
+    "convert",
+    "quant_layers",
+    "quantizers",
+    "refresh_weight_amax",
+    "get_config",
+    "RepQuant",
+    "PHASES",
+    "Schedule",
+    "PhaseRule",
+    "apply_schedule",
+    "rep_stages",
+    "layer_report",
+    "LayerReport",
+    "LayerRow",
+    "NotCalibratedError",
+    "onnx_export_mode",
+]

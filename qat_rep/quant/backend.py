@@ -1,0 +1,271 @@
+"""The one module that imports pytorch-quantization (2.1.3): thin, checkpoint-stable subclasses of its classes.
+
+Why subclasses instead of the library's classes as they are (FACTS.md §3, STYLE.md "things to avoid"):
+
+* pytorch-quantization registers the ``_amax`` buffer lazily (after calibration), so a model's state-dict keys
+  depend on whether it was calibrated, and loading an ``_amax`` into a quantizer without one calls ``.cuda()``.
+  Our :class:`TensorQuantizer` registers ``_amax`` at construction, filled with NaN until calibrated: the keys
+  depend only on the architecture and the config, and "never calibrated" travels with the state dict.
+* An uncalibrated quantizer fails with ``'TensorQuantizer' object has no attribute '_amax'`` (issue #439). Ours
+  raises :class:`NotCalibratedError` naming the layer and the fix.
+* The fake quantization runs through ``torch.fake_quantize_per_{tensor,channel}_affine`` (one fused CPU/GPU kernel
+  with a clipped straight-through gradient) instead of the library's Python composition: same numbers
+  (round-half-even, range ``[-2^(b-1), 2^(b-1)-1]``, scale ``amax / (2^(b-1)-1)``), fewer passes over memory.
+* ``learn_amax`` is LSQ-style: ``amax`` is a parameter and the gradient flows to it through the scale (STE on the
+  rounding only), per tensor or per channel (the library's ``Clip`` module supports per-tensor only).
+* ``dynamic`` quantizers (used for weights) take ``amax = max|w|`` (per channel or tensor) of the current tensor at
+  every forward and keep the last value in ``_amax``; export (``onnx_export_mode``) reads the stored value.
+
+The class-level switch ``use_fb_fake_quant`` is only ever flipped through :func:`onnx_export_mode`, which always
+restores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Sequence
+
+import torch
+from pytorch_quantization import calib as _pq_calib
+from pytorch_quantization import nn as _pq_nn
+from pytorch_quantization.calib.histogram import (
+    _compute_amax_entropy as pq_compute_amax_entropy,
+    _compute_amax_mse as pq_compute_amax_mse,
+    _compute_amax_percentile as pq_compute_amax_percentile,
+)
+from pytorch_quantization.nn.modules.tensor_quantizer import TensorQuantizer as _PQTensorQuantizer
+from pytorch_quantization.tensor_quant import QuantDescriptor, fake_tensor_quant
+from torch import Tensor, nn
+
+__all__ = [
+    "TensorQuantizer",
+    "QuantDescriptor",
+    "QuantConv2d",
+    "QuantLinear",
+    "MaxCalibrator",
+    "HistogramCalibrator",
+    "NotCalibratedError",
+    "make_quantizer",
+    "onnx_export_mode",
+    "fake_tensor_quant",
+    "pq_compute_amax_entropy",
+    "pq_compute_amax_percentile",
+    "pq_compute_amax_mse",
+    "CALIBRATORS",
+    "PQTensorQuantizer",
+    "PQQuantConv2d",
+    "PQQuantLinear",
+]
+
+#: pytorch-quantization's own classes, unchanged — for comparisons against the stock library (benchmarks)
+PQTensorQuantizer = _PQTensorQuantizer
+PQQuantConv2d = _pq_nn.QuantConv2d
+PQQuantLinear = _pq_nn.QuantLinear
+
+MaxCalibrator = _pq_calib.MaxCalibrator
+HistogramCalibrator = _pq_calib.HistogramCalibrator
+
+#: calibrator name → pytorch-quantization collector kind
+CALIBRATORS: dict[str, str] = {"max": "max", "percentile": "histogram", "entropy": "histogram", "mse": "histogram"}
+
+_EPS = 1.0 / (1 << 24)  # amax below this quantizes everything to 0, as in pytorch-quantization
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer was asked to quantize (or be exported) before it had an ``amax``."""
+
+
+def _bounds(num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[int, int]:
+    qmax = (1 << (num_bits - 1 + int(unsigned))) - 1
+    qmin = 0 if unsigned else (-qmax if narrow_range else -qmax - 1)
+    return qmin, qmax
+
+
+class TensorQuantizer(_PQTensorQuantizer):
+    """pytorch-quantization's ``TensorQuantizer`` with a fixed-shape ``_amax`` (NaN = not calibrated).
+
+    Args:
+        quant_desc: the library's descriptor (bits, axis, calibrator method, unsigned, narrow range).
+        amax_shape: shape of ``_amax``: ``()`` per tensor, ``(C, 1, 1, 1)`` for a conv weight per channel.
+        dynamic: take ``amax`` from the current input at every forward (weights); stored in ``_amax``.
+        learn_amax: ``_amax`` is an ``nn.Parameter`` trained LSQ-style (gradient through the scale).
+    """
+
+    def __init__(self, quant_desc: QuantDescriptor = QuantDescriptor(), disabled: bool = False,
+                 if_quant: bool = True, if_clip: bool = False, if_calib: bool = False, *,
+                 amax_shape: Sequence[int] = (), dynamic: bool = False, learn_amax: bool = False):
+        if quant_desc.learn_amax:
+            raise ValueError("pass learn_amax=True to qat_rep's TensorQuantizer, not in the QuantDescriptor "
+                             "(the library's Clip-based amax learning is per-tensor only)")
+        super().__init__(quant_desc, disabled=disabled, if_quant=if_quant, if_clip=if_clip, if_calib=if_calib)
+        amax_shape = tuple(int(s) for s in amax_shape)
+        if self._axis is None and math.prod(amax_shape) != 1:
+            raise ValueError(f"a per-tensor quantizer needs amax_shape=() (got {amax_shape})")
+        if self._axis is not None and len(amax_shape) == 0:
+            raise ValueError(f"a per-channel quantizer (axis={self._axis}) needs amax_shape, e.g. (C, 1, 1, 1)")
+        init = torch.full(amax_shape, float("nan"))
+        if "_amax" in self._buffers:
+            del self._buffers["_amax"]
+        if learn_amax:
+            self._amax = nn.Parameter(init)
+        else:
+            self.register_buffer("_amax", init)
+        self._lsq = bool(learn_amax)
+        self._dynamic = bool(dynamic)
+        self.qat_rep_name = ""  # set by qat_rep.quant.prepare: the layer name used in error messages
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def learn_amax(self) -> bool:
+        return self._lsq
+
+    @property
+    def dynamic(self) -> bool:
+        return self._dynamic
+
+    @property
+    def is_calibrated(self) -> bool:
+        """True when ``_amax`` holds finite values (set by calibration, a dynamic forward or a state dict)."""
+        return bool(torch.isfinite(self._amax).all())
+
+    @torch.no_grad()
+    def set_amax(self, value: Tensor | float) -> None:
+        """Copy ``value`` (broadcast to the fixed ``_amax`` shape) into ``_amax``."""
+        value = torch.as_tensor(value, dtype=self._amax.dtype, device=self._amax.device)
+        if value.numel() != self._amax.numel():
+            raise ValueError(f"amax for {self.qat_rep_name or 'quantizer'} must have {self._amax.numel()} "
+                             f"element(s) (shape {tuple(self._amax.shape)}), got shape {tuple(value.shape)}")
+        self._amax.copy_(value.reshape(self._amax.shape))
+
+    def reduce_amax(self, x: Tensor) -> Tensor:
+        """``max|x|`` over every dimension except ``axis``, in ``_amax``'s shape (no gradient)."""
+        x = x.detach()
+        if self._axis is None:
+            return x.abs().amax().reshape(self._amax.shape)
+        axes = self._axis if isinstance(self._axis, (list, tuple)) else (self._axis,)
+        dims = [d for d in range(x.dim()) if d not in axes]
+        return x.abs().amax(dim=dims, keepdim=True).reshape(self._amax.shape)
+
+    def _get_amax(self, inputs: Tensor) -> Tensor:
+        if self._dynamic and not self._lsq and not _PQTensorQuantizer.use_fb_fake_quant:
+            with torch.no_grad():
+                self._amax.copy_(self.reduce_amax(inputs))
+            return self._amax
+        if not self.is_calibrated:
+            name = self.qat_rep_name or "a TensorQuantizer"
+            raise NotCalibratedError(
+                f"quantizer {name} has no amax: it was never calibrated. Run "
+                "qat_rep.quant.calibrate(model, batches) first (or load a calibrated state dict)")
+        return self._amax
+
+    def _quant_forward(self, inputs: Tensor) -> Tensor:
+        amax = self._get_amax(inputs)
+        if _PQTensorQuantizer.use_fb_fake_quant:
+            return self._fb_fake_quant(inputs, amax.detach())
+        if not self._fake_quant:
+            return super()._quant_forward(inputs)
+        qmin, qmax = _bounds(self._num_bits, self._unsigned, self._narrow_range)
+        if self._lsq:
+            scale = amax.clamp_min(_EPS) / qmax
+            q = torch.clamp(inputs / scale, qmin, qmax)
+            q = q + (torch.round(q) - q).detach()
+            return q * scale
+        scale = amax.detach().clamp_min(_EPS) / qmax
+        if amax.numel() == 1:
+            zero = torch.zeros((), dtype=torch.int32, device=inputs.device)
+            return torch.fake_quantize_per_tensor_affine(inputs, scale.reshape(()), zero, qmin, qmax)
+        if self._dynamic:
+            # amax = max|w| per channel: nothing is clipped, so the STE is the identity. Plain ops are ~3x faster
+            # on CPU than fake_quantize_per_channel_affine and give the same numbers.
+            q = torch.clamp(torch.round(inputs.detach() / scale), qmin, qmax) * scale
+            return inputs + (q - inputs.detach())
+        axis = self._axis if not isinstance(self._axis, (list, tuple)) else self._axis[0]
+        zeros = torch.zeros(scale.numel(), dtype=torch.int32, device=inputs.device)
+        return torch.fake_quantize_per_channel_affine(inputs, scale.flatten(), zeros, axis, qmin, qmax)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
+        # Skip the library's override: it moves a loaded amax to CUDA and logs a warning per quantizer.
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+    def _short_amax(self, fmt: str = ".4f") -> str:
+        if not self.is_calibrated:
+            return "dynamic" if self._dynamic else "uncalibrated"
+        return super()._short_amax(fmt)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (" dynamic" if self._dynamic else "") + (" lsq" if self._lsq else "")
+
+
+def make_quantizer(num_bits: int, axis: int | None = None, calibrator: str = "max", learn_amax: bool = False, *,
+                   amax_shape: Sequence[int] | None = None, dynamic: bool = False, unsigned: bool = False,
+                   name: str = "") -> TensorQuantizer:
+    """Build a symmetric (TensorRT-style) fake quantizer.
+
+    ``axis=None`` is per tensor; ``axis=0`` with ``amax_shape=(C, 1, 1, 1)`` is per output channel of a conv weight.
+    ``calibrator`` is ``max`` or a histogram method (``percentile``/``entropy``/``mse``; histograms are per tensor).
+    """
+    if not isinstance(num_bits, int) or not 2 <= num_bits <= 8:
+        raise ValueError(f"num_bits must be an integer in 2..8, got {num_bits!r}")
+    if calibrator not in CALIBRATORS:
+        raise ValueError(f"unknown calibrator {calibrator!r}; valid: {', '.join(CALIBRATORS)}")
+    method = CALIBRATORS[calibrator]
+    if axis is not None and method != "max":
+        raise ValueError(f"calibrator {calibrator!r} builds a per-tensor histogram; per-channel (axis={axis}) "
+                         "quantizers use calibrator='max'")
+    if amax_shape is None:
+        if axis is not None:
+            raise ValueError("a per-channel quantizer needs amax_shape, e.g. (out_channels, 1, 1, 1)")
+        amax_shape = ()
+    desc = QuantDescriptor(num_bits=num_bits, axis=axis, calib_method=method, unsigned=unsigned)
+    q = TensorQuantizer(desc, amax_shape=amax_shape, dynamic=dynamic, learn_amax=learn_amax)
+    q.qat_rep_name = name
+    return q
+
+
+class QuantConv2d(_pq_nn.QuantConv2d):
+    """pytorch-quantization's ``QuantConv2d`` (``_input_quantizer``, ``_weight_quantizer``) built from a float conv."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, input_quantizer: TensorQuantizer,
+                   weight_quantizer: TensorQuantizer) -> "QuantConv2d":
+        """Wrap ``conv``'s own parameters (same ``Parameter`` objects) with the given quantizers."""
+        if isinstance(conv.padding, str):
+            raise ValueError(f"string padding {conv.padding!r} is not supported by QuantConv2d; use integers")
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode)
+        q.weight = conv.weight
+        q.bias = conv.bias
+        q._input_quantizer = input_quantizer
+        q._weight_quantizer = weight_quantizer
+        return q.to(device=conv.weight.device)
+
+
+class QuantLinear(_pq_nn.QuantLinear):
+    """pytorch-quantization's ``QuantLinear`` built from a float ``nn.Linear``."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_quantizer: TensorQuantizer,
+                   weight_quantizer: TensorQuantizer) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q.weight = linear.weight
+        q.bias = linear.bias
+        q._input_quantizer = input_quantizer
+        q._weight_quantizer = weight_quantizer
+        return q.to(device=linear.weight.device)
+
+
+@contextlib.contextmanager
+def onnx_export_mode() -> Iterator[None]:
+    """Make every quantizer emit ``torch.fake_quantize_*`` ops (→ ONNX QuantizeLinear/DequantizeLinear).
+
+    Sets the library's class-level ``TensorQuantizer.use_fb_fake_quant = True`` and always restores the previous
+    value, even when the export raises.
+    """
+    previous = _PQTensorQuantizer.use_fb_fake_quant
+    _PQTensorQuantizer.use_fb_fake_quant = True
+    try:
+        yield
+    finally:
+        _PQTensorQuantizer.use_fb_fake_quant = previous

@@ -1,0 +1,227 @@
+"""Calibration of activation ``amax``: max / percentile / entropy (pytorch-quantization) and a CPU histogram MSE.
+
+:func:`calibrate` replaces the library's enable/disable dance: it puts the model in eval mode, lets every input
+quantizer collect statistics on float activations for ``config.calib_batches`` batches, computes ``amax`` with the
+configured method, reduces it (max) across ranks when ``torch.distributed`` is initialised — so every rank ends
+with identical quantizer state — and sets the weight ``amax`` from the current kernels. The model's mode and
+the quantizers' flags are restored even when a batch fails.
+
+pytorch-quantization's ``mse`` method moves the histogram to CUDA; :func:`histogram_mse_amax` is the same search
+(candidate ``amax`` = every bin centre from ``start_bin`` on; error = count-weighted squared quantization error of
+the bin centres) vectorised on the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .backend import TensorQuantizer, pq_compute_amax_percentile
+from .config import QuantConfig
+from .insert import get_config, quantizers, refresh_weight_amax
+
+__all__ = ["CalibReport", "calibrate", "is_calibrated", "histogram_mse_amax", "histogram_entropy_amax", "compute_amax", "default_forward"]
+
+
+@dataclass
+class CalibReport:
+    """What :func:`calibrate` did: batches read, method, per-quantizer ``amax`` (name → value), world size."""
+
+    batches: int
+    method: str
+    amax: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1
+
+    def __str__(self) -> str:
+        return (f"calibrated {len(self.amax)} activation quantizer(s) with {self.method!r} on {self.batches} "
+                f"batch(es) x {self.world_size} rank(s)")
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(batch[0])`` for a tuple/list batch (``(inputs, targets)``), else ``model(batch)``."""
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def histogram_mse_amax(hist: np.ndarray | Tensor, edges: np.ndarray | Tensor, num_bits: int, unsigned: bool = False,
+                       stride: int = 1, start_bin: int = 128) -> Tensor:
+    """The ``amax`` minimising the count-weighted quantization MSE of the histogram's bin centres (CPU).
+
+    Same candidates, error and tie-breaking (first minimum) as pytorch-quantization's ``_compute_amax_mse``.
+    """
+    counts = torch.as_tensor(np.asarray(hist), dtype=torch.float32).flatten()
+    e = torch.as_tensor(np.asarray(edges), dtype=torch.float32).flatten()
+    if counts.numel() == 0 or e.numel() != counts.numel() + 1:
+        raise ValueError(f"histogram needs len(edges) == len(hist) + 1, got {e.numel()} and {counts.numel()}")
+    centers = (e[1:] + e[:-1]) / 2
+    idx = torch.arange(min(start_bin, max(len(centers) - 1, 0)), len(centers), stride)
+    if idx.numel() == 0:
+        return centers[-1].clone()
+    bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+    best_i, best = None, math.inf
+    for chunk in idx.split(256):  # bounded memory: 256 candidates x n bins at a time
+        amax = centers[chunk].unsqueeze(1)
+        scale = bound / amax
+        q = torch.clamp((centers.unsqueeze(0) * scale).round(), -bound, bound) / scale
+        mse = ((q - centers) ** 2 * counts).mean(dim=1)
+        j = int(torch.argmin(mse))
+        if float(mse[j]) < best:
+            best, best_i = float(mse[j]), int(chunk[j])
+    return centers[best_i].clone()
+
+
+def histogram_entropy_amax(hist: np.ndarray | Tensor, edges: np.ndarray | Tensor, num_bits: int,
+                           unsigned: bool = False, stride: int = 1, start_bin: int = 128) -> Tensor:
+    """TensorRT's entropy (KL) calibration: the same candidates, distributions and tie-breaking (last minimum) as
+    pytorch-quantization's ``_compute_amax_entropy``, with the per-candidate Python loops replaced by ``bincount``
+    (~100x faster; that loop takes ~20 s per quantizer on a 2048-bin histogram).
+    """
+    from scipy.special import rel_entr  # the ufunc inside scipy.stats.entropy, without its import cost
+
+    bins = np.array(np.asarray(hist), copy=True)
+    edges = np.asarray(edges)
+    if bins.size < 2 or edges.size != bins.size + 1:
+        raise ValueError(f"histogram needs len(edges) == len(hist) + 1 >= 3, got {edges.size} and {bins.size}")
+    bins[0] = bins[1]
+    nbins = 1 << (num_bits - 1 + int(unsigned))
+    tail = np.concatenate([np.cumsum(bins[::-1])[::-1], [0]])  # tail[i] = sum(bins[i:])
+    divergences, arguments = [], []
+    for i in range(start_bin, len(bins) + 1, stride):
+        ref = bins[:i]
+        dig = np.digitize(np.arange(i), np.linspace(0, i, num=nbins + 1)) - 1
+        nz = ref != 0
+        sums = np.bincount(dig[nz], weights=ref[nz].astype(np.float64), minlength=nbins)
+        cnts = np.bincount(dig[nz], minlength=nbins)
+        avg = sums / np.maximum(cnts, 1)
+        q = np.where(nz, avg[dig], 0.0)
+        p = np.array(ref, copy=True)
+        p[-1] += tail[i]
+        pk = 1.0 * p / np.sum(p)
+        qk = 1.0 * q / np.sum(q)
+        divergences.append(np.sum(rel_entr(pk, qk)))  # == scipy.stats.entropy(p, q)
+        arguments.append(i)
+    if not divergences:
+        return torch.tensor(float(edges[-1]))
+    d = np.array(divergences)
+    last_argmin = len(d) - 1 - int(np.argmin(d[::-1]))
+    return torch.tensor(float(edges[last_argmin * stride + start_bin]))
+
+
+def compute_amax(quantizer: TensorQuantizer, method: str, percentile: float = 99.99) -> Tensor | None:
+    """``amax`` from a quantizer's collected statistics (``None`` if it saw nothing)."""
+    cal = quantizer._calibrator
+    if method == "max":
+        amax = cal.compute_amax()
+        return None if amax is None else amax.detach().float()
+    hist, edges = cal._calib_hist, cal._calib_bin_edges
+    if hist is None:
+        return None
+    if isinstance(hist, Tensor):
+        hist = hist.int().cpu().numpy()
+        edges = edges.cpu().numpy()
+    if float(np.sum(hist)) == 0 or float(edges[-1]) == 0:
+        return torch.tensor(0.0)
+    if method == "percentile":
+        amax = pq_compute_amax_percentile(hist, edges, percentile)
+    elif method == "entropy":
+        amax = histogram_entropy_amax(hist, edges, quantizer.num_bits, quantizer.unsigned)
+    elif method == "mse":
+        amax = histogram_mse_amax(hist, edges, quantizer.num_bits, quantizer.unsigned)
+    else:
+        raise ValueError(f"unknown calibration method {method!r}; valid: max, percentile, entropy, mse")
+    return torch.as_tensor(amax, dtype=torch.float32)
+
+
+def _world() -> tuple[bool, int]:
+    ok = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return ok, (torch.distributed.get_world_size() if ok else 1)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | None = None,
+              forward: Callable[[nn.Module, Any], Any] | None = None) -> CalibReport:
+    """Calibrate every activation quantizer of a prepared ``model`` on up to ``config.calib_batches`` batches.
+
+    ``config`` defaults to the one :func:`prepare` recorded; ``forward(model, batch)`` defaults to
+    :func:`default_forward`. Raises ``ValueError`` for an empty ``batches`` and for a NaN/inf activation (naming
+    the layer); returns a :class:`CalibReport`.
+    """
+    config = get_config(model) if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    forward = default_forward if forward is None else forward
+    inputs = quantizers(model, "input")
+    if not inputs:
+        raise ValueError("model has no activation quantizer; call qat_rep.quant.prepare(model, config) first")
+    method = config.calibrator
+    was_training = model.training
+    flags = [(q._if_quant, q._if_calib) for _, q in inputs]
+    handles = []
+
+    def _check(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if not torch.isfinite(x).all():
+                raise ValueError(f"non-finite activation (NaN or inf) at the input of layer {name!r} during "
+                                 "calibration; check the data and the float model on this batch")
+        return hook
+
+    n = 0
+    try:
+        for name, q in inputs:
+            if q._calibrator is None:
+                raise ValueError(f"quantizer {name} has no calibrator")
+            q._calibrator.reset()
+            q.disable_quant()
+            q.enable_calib()
+            handles.append(q.register_forward_pre_hook(_check(name.rpartition("._input_quantizer")[0] or name)))
+        for _, q in quantizers(model, "weight"):
+            q.disable_quant()
+        model.eval()
+        for batch in itertools.islice(iter(batches), config.calib_batches):
+            forward(model, batch)
+            n += 1
+        if n == 0:
+            raise ValueError("calibration got no batches: the iterable is empty (check the data loader / dataset)")
+        values = []
+        for name, q in inputs:
+            amax = compute_amax(q, method, config.percentile)
+            values.append(torch.full((), float("nan")) if amax is None else amax.reshape(()).float().cpu())
+        amaxes = torch.stack(values)
+        dist, world = _world()
+        if dist and world > 1:
+            device = next((b.device for b in model.buffers()), torch.device("cpu"))
+            t = torch.nan_to_num(amaxes, nan=-1.0).to(device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            amaxes = t.cpu().where(t.cpu() >= 0, torch.tensor(float("nan")))
+        report = CalibReport(batches=n, method=method, world_size=world)
+        for (name, q), a in zip(inputs, amaxes):
+            if math.isnan(float(a)):
+                continue  # the layer never ran (e.g. a branch unused by this forward); stays uncalibrated
+            q.set_amax(a)
+            report.amax[name] = float(a)
+    finally:
+        for h in handles:
+            h.remove()
+        for (_, q), (fq, fc) in zip(inputs, flags):
+            q._if_quant, q._if_calib = fq, fc
+            if q._calibrator is not None:
+                q._calibrator.reset()
+        for _, q in quantizers(model, "weight"):
+            q.enable_quant()
+        model.train(was_training)
+    refresh_weight_amax(model)
+    return report
+
+
+def is_calibrated(model: nn.Module) -> bool:
+    """True when ``model`` has quantizers and every one holds a finite ``amax``."""
+    qs = quantizers(model)
+    return bool(qs) and all(q.is_calibrated for _, q in qs)

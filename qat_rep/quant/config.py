@@ -1,0 +1,94 @@
+"""``QuantConfig``: what to quantize and how, as one JSON-safe dataclass (checkpoints and deploy artifacts carry it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+__all__ = ["QuantConfig", "GRANULARITIES", "CALIBRATOR_NAMES"]
+
+GRANULARITIES = ("per_channel", "per_tensor")
+CALIBRATOR_NAMES = ("max", "percentile", "entropy", "mse")
+
+
+@dataclass
+class QuantConfig:
+    """Symmetric, TensorRT-compatible fake quantization of a model's conv/linear layers and rep blocks.
+
+    Args:
+        w_bits: weight bits, 2–8. Weights are symmetric, ``amax = max|W|`` of the current (equivalent) kernel.
+        a_bits: activation (layer input) bits, 2–8, per tensor, signed as TensorRT's INT8.
+        w_granularity: ``"per_channel"`` (TensorRT's default: one scale per output channel) or ``"per_tensor"``.
+        calibrator: how activation ``amax`` is chosen: ``max``, ``percentile``, ``entropy`` (TensorRT/YOLOv6) or
+            ``mse`` (histogram MSE search, runs on CPU).
+        percentile: the percentile for ``calibrator="percentile"`` (0 < p ≤ 100).
+        calib_batches: how many batches :func:`qat_rep.quant.calibrate` reads.
+        skip: layer names or ``fnmatch`` globs (e.g. ``"linear"``, ``"stage4.*"``) left in floating point. A rep
+            block is one layer named by its module path. A pattern that matches nothing warns.
+        learn_amax: learn every ``amax`` (LSQ-style: gradient through the scale, STE on the rounding) after
+            calibration initialises it.
+        first_last_8bit: the default policy for the first conv and the classifier — both stay *quantized* (as
+            TensorRT deploys them: nothing is skipped by default), and when ``w_bits``/``a_bits`` are below 8 the
+            first and the last quantized layer (module order: the stem block and the classifier) keep 8 bits, the
+            common practice of low-bit QAT recipes (BRECQ, QDrop, LSQ). Set ``False`` to quantize them at the
+            requested bits too, or list them in ``skip`` to keep them in floating point.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    w_granularity: str = "per_channel"
+    calibrator: str = "max"
+    percentile: float = 99.99
+    calib_batches: int = 4
+    skip: tuple[str, ...] = ()
+    learn_amax: bool = False
+    first_last_8bit: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+                raise ValueError(f"{name} must be an integer between 2 and 8, got {v!r}")
+        if self.w_granularity not in GRANULARITIES:
+            raise ValueError(f"w_granularity must be one of {', '.join(GRANULARITIES)}; got {self.w_granularity!r}")
+        if self.calibrator not in CALIBRATOR_NAMES:
+            raise ValueError(f"calibrator must be one of {', '.join(CALIBRATOR_NAMES)}; got {self.calibrator!r}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be a number in (0, 100], got {self.percentile!r}")
+        self.percentile = float(self.percentile)
+        if isinstance(self.calib_batches, bool) or not isinstance(self.calib_batches, int) or self.calib_batches < 1:
+            raise ValueError(f"calib_batches must be a positive integer, got {self.calib_batches!r}")
+        if isinstance(self.skip, str):
+            self.skip = (self.skip,)
+        skip = tuple(self.skip)
+        if not all(isinstance(s, str) and s for s in skip):
+            raise TypeError(f"skip must be a sequence of non-empty layer names or globs, got {self.skip!r}")
+        self.skip = skip
+        for name in ("learn_amax", "first_last_8bit"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.w_granularity == "per_channel"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (``skip`` as a list) that :meth:`from_dict` turns back into an equal config."""
+        d = asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error (a newer or foreign artifact)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"QuantConfig.from_dict expects a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        kw = dict(data)
+        if "skip" in kw and not isinstance(kw["skip"], str):
+            kw["skip"] = tuple(kw["skip"])
+        return cls(**kw)

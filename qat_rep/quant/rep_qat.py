@@ -1,0 +1,131 @@
+"""Equivalent-kernel QAT for rep blocks: one conv of the fake-quantized equivalent kernel, gradients to every branch.
+
+A :class:`RepQuant` is installed as ``block.rep_quant``; the block then runs ``post(rep_quant(block, x))``
+(:class:`qat_rep.blocks.RepBlock`). Per phase:
+
+* ``float`` — the float multi-branch sum (``block.branches(x)``), no quantization (calibration still observes the
+  input, so a block can enter QAT later with a calibrated input scale);
+* ``qat`` — ``K, b = block.equivalent_kernel_bias()`` (differentiable in every branch parameter), ``K`` fake-quantized
+  per output channel (or per tensor) with a straight-through estimator, the input fake-quantized per tensor, and
+  **one** conv ``block.conv(Q(x), Q(K), b)``;
+* ``frozen`` — as ``qat`` but the kernel is computed under ``no_grad``: the branch parameters still exist (so an
+  optimizer and a DDP wrapper built earlier stay valid) but receive no gradient (``grad is None``, so optimizers
+  skip them — no momentum or weight-decay drift). Under DDP use ``find_unused_parameters=True`` once blocks freeze.
+
+Branch BatchNorm statistics (design choice): in ``qat``/``frozen`` the branch BNs are folded with their *running*
+statistics, which are therefore frozen — the branch outputs are never computed, and computing them only for their
+batch statistics would cost the two extra convs this path exists to save. This is BN-folding QAT practice
+(torchvision/torchao freeze BN statistics early in QAT, which fine-tunes a converged model); the BN affine
+parameters (γ, β) keep training through the kernel. Statistics keep updating while a block is in ``float``.
+
+QARepVGG's post-sum BN (``block.bn``) stays a real BN (batch statistics in training) through QAT. Its scale
+``t = γ / sqrt(running_var + eps)`` is folded into the kernel *before* weight quantization and divided out after the
+conv (the torch.ao ``ConvBn`` QAT scheme): ``y = conv(Q(x), Q(K·t)) / t + b`` then ``bn(y)``. In eval mode this is
+exactly ``conv(Q(x), Q(K·t)) + (b − μ)·t + β`` — the folded deploy conv — for per-channel *and* per-tensor weights
+(folding a post-BN after per-tensor QAT would otherwise change the rounding grid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from ..blocks import RepBlock
+from .backend import TensorQuantizer
+
+__all__ = ["RepQuant", "PHASES", "folded_kernel_bias"]
+
+PHASES = ("float", "qat", "frozen")
+_T_MIN = 1e-8
+
+
+def _post_bn_scale(block: RepBlock) -> Tensor | None:
+    bn = getattr(block, "bn", None)
+    if bn is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        return None
+    if bn.running_var is None:
+        raise ValueError(f"post-BN of {type(block).__name__} tracks no running statistics; it cannot be folded")
+    t = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        t = bn.weight * t
+    # keep the sign, avoid dividing by ~0 for a channel whose γ collapsed
+    return torch.where(t.abs() < _T_MIN, torch.full_like(t, _T_MIN) * torch.where(t < 0, -1.0, 1.0), t)
+
+
+def folded_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(K·t, b, t)``: the block's equivalent kernel with the post-BN scale ``t`` folded in (``t=None``: no post-BN).
+
+    ``b`` is the branch bias *before* the post-BN; the fully folded deploy bias is ``(b − μ)·t + β``.
+    """
+    kernel, bias = block.equivalent_kernel_bias()
+    t = _post_bn_scale(block)
+    if t is not None:
+        kernel = kernel * t.reshape(-1, 1, 1, 1)
+    return kernel, bias, t
+
+
+class RepQuant(nn.Module):
+    """The QAT hook of one rep block: its input quantizer, its weight quantizer and its phase.
+
+    ``forward(block, x)`` returns what ``block.post`` expects (the pre-post-BN sum). The block is passed in rather
+    than stored, so the module tree has no cycle.
+    """
+
+    def __init__(self, input_quantizer: TensorQuantizer, weight_quantizer: TensorQuantizer, phase: str = "qat"):
+        super().__init__()
+        self._input_quantizer = input_quantizer
+        self._weight_quantizer = weight_quantizer
+        self.phase = phase
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        if value not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}; got {value!r}")
+        self._phase = value
+
+    @property
+    def input_quantizer(self) -> TensorQuantizer:
+        return self._input_quantizer
+
+    @property
+    def weight_quantizer(self) -> TensorQuantizer:
+        return self._weight_quantizer
+
+    def forward(self, block: RepBlock, x: Tensor) -> Tensor:
+        if self._phase == "float":
+            if self._input_quantizer._if_calib:
+                self._input_quantizer(x)  # calibration observes the input in every phase
+            return block.branches(x)
+        xq = self._input_quantizer(x)
+        with torch.no_grad() if self._phase == "frozen" else contextlib.nullcontext():
+            if self._folds_post_bn(block):
+                kernel, bias, t = folded_kernel_bias(block)
+            else:
+                (kernel, bias), t = block.equivalent_kernel_bias(), None
+        if t is None:  # the same op as the converted QuantConv2d
+            return block.conv(xq, self._weight_quantizer(kernel), bias)
+        y = block.conv(xq, self._weight_quantizer(kernel), None)
+        return y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+    def _folds_post_bn(self, block: RepBlock) -> bool:
+        """Fold the post-BN scale into the kernel before quantization? Needed for per-tensor (and learned) weight
+        amax; for dynamic per-channel amax ``Q(K·t) = t·Q(K)`` exactly, so the cheaper unfolded path is used."""
+        if getattr(block, "bn", None) is None:
+            return False
+        wq = self._weight_quantizer
+        return wq.axis is None or wq.learn_amax or not wq.dynamic
+
+    @torch.no_grad()
+    def refresh_weight_amax(self, block: RepBlock) -> None:
+        """Set the weight ``amax`` from the current (folded) equivalent kernel: ``max|K·t|`` per channel/tensor."""
+        kernel, _, _ = folded_kernel_bias(block)
+        self._weight_quantizer.set_amax(self._weight_quantizer.reduce_amax(kernel))
+
+    def extra_repr(self) -> str:
+        return f"phase={self._phase}"

@@ -1,0 +1,182 @@
+"""Progressive re-parameterization: which rep block is ``float``, ``qat`` or ``frozen`` at a given (epoch, step).
+
+A :class:`Schedule` is data (JSON-safe via :meth:`Schedule.to_dict`); :func:`apply_schedule` is a pure function of
+``(epoch, step, schedule)`` and the model's architecture, so a resumed run recomputes exactly the same phases. It
+only sets ``rep_quant.phase``: the parameter set never changes, so an optimizer and a DDP wrapper built before stay
+valid.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from torch import nn
+
+from ..blocks import RepBlock
+from .rep_qat import PHASES, RepQuant
+
+__all__ = ["PhaseRule", "Schedule", "apply_schedule", "rep_stages"]
+
+UNITS = ("epoch", "step")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
+
+
+@dataclass(frozen=True)
+class PhaseRule:
+    """Blocks whose name matches ``pattern`` (a module path, its prefix, or an ``fnmatch`` glob) are ``float``
+    before ``qat_at``, ``qat`` from ``qat_at``, and ``frozen`` from ``freeze_at`` (``None``: never)."""
+
+    pattern: str
+    qat_at: int = 0
+    freeze_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise TypeError(f"PhaseRule.pattern must be a non-empty string, got {self.pattern!r}")
+        if isinstance(self.qat_at, bool) or not isinstance(self.qat_at, int) or self.qat_at < 0:
+            raise ValueError(f"PhaseRule.qat_at must be an integer >= 0, got {self.qat_at!r}")
+        if self.freeze_at is not None and (isinstance(self.freeze_at, bool) or not isinstance(self.freeze_at, int)
+                                           or self.freeze_at < self.qat_at):
+            raise ValueError(f"PhaseRule.freeze_at must be None or an integer >= qat_at={self.qat_at}, "
+                             f"got {self.freeze_at!r}")
+
+    def phase(self, t: int) -> str:
+        if t < self.qat_at:
+            return "float"
+        if self.freeze_at is not None and t >= self.freeze_at:
+            return "frozen"
+        return "qat"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Phase rules, the time unit (``"epoch"`` or ``"step"``) and the phase of blocks no rule matches.
+
+    ``stagewise`` (set by :meth:`shallow_to_deep`) generates one rule per stage at apply time:
+    ``(start, every, freeze_after)`` — stage ``i`` (shallowest first) enters QAT at ``start + i·every`` and freezes
+    ``freeze_after`` units later (never if ``None``). ``stages=None`` takes the stages from the model
+    (:func:`rep_stages`).
+    """
+
+    rules: tuple[PhaseRule, ...] = ()
+    unit: str = "epoch"
+    default: str = "qat"
+    stagewise: tuple[int, int, int | None] | None = None
+    stages: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"Schedule.unit must be 'epoch' or 'step', got {self.unit!r}")
+        if self.default not in PHASES:
+            raise ValueError(f"Schedule.default must be one of {', '.join(PHASES)}, got {self.default!r}")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if not all(isinstance(r, PhaseRule) for r in self.rules):
+            raise TypeError("Schedule.rules must be PhaseRule instances")
+        if self.stagewise is not None:
+            start, every, freeze_after = self.stagewise
+            PhaseRule("*", start, None if freeze_after is None else start + freeze_after)
+            if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+                raise ValueError(f"every must be an integer >= 0, got {every!r}")
+            object.__setattr__(self, "stagewise", (start, every, freeze_after))
+        if self.stages is not None:
+            object.__setattr__(self, "stages", tuple(self.stages))
+
+    # ---------------------------------------------------------------------------------------------- presets
+    @classmethod
+    def all_at_once(cls, qat_at: int = 0, freeze_at: int | None = None, unit: str = "epoch") -> "Schedule":
+        """Every block enters QAT at ``qat_at`` (float before) and, optionally, freezes at ``freeze_at``."""
+        return cls(rules=(PhaseRule("*", qat_at, freeze_at),), unit=unit)
+
+    @classmethod
+    def shallow_to_deep(cls, start: int = 0, every: int = 1, freeze_after: int | None = None,
+                        unit: str = "epoch", stages: Sequence[str] | None = None) -> "Schedule":
+        """Stage ``i`` (shallowest first) enters QAT at ``start + i·every``; freezes ``freeze_after`` units later.
+
+        Deeper stages stay float multi-branch until their turn; with ``freeze_after`` set, shallow stages become
+        fixed fused convs while deeper ones still train.
+        """
+        return cls(unit=unit, default="qat", stagewise=(start, every, freeze_after),
+                   stages=None if stages is None else tuple(stages))
+
+    # ---------------------------------------------------------------------------------------------- logic
+    def resolve(self, model: nn.Module | None = None) -> tuple[PhaseRule, ...]:
+        """The explicit rules (stage rules first, then ``rules``); first match wins."""
+        rules: list[PhaseRule] = []
+        if self.stagewise is not None:
+            stages = self.stages
+            if stages is None:
+                if model is None:
+                    raise ValueError("a shallow_to_deep schedule without stages needs the model to find them")
+                stages = tuple(rep_stages(model))
+            start, every, freeze_after = self.stagewise
+            for i, stage in enumerate(stages):
+                q = start + i * every
+                rules.append(PhaseRule(stage, q, None if freeze_after is None else q + freeze_after))
+        return tuple(rules) + self.rules
+
+    def phase_of(self, name: str, epoch: int, step: int, rules: Sequence[PhaseRule] | None = None) -> str:
+        """The phase of the block ``name`` at ``(epoch, step)``."""
+        t = epoch if self.unit == "epoch" else step
+        for rule in (self.resolve() if rules is None else rules):
+            if _matches(name, rule.pattern):
+                return rule.phase(t)
+        return self.default
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rules": [{"pattern": r.pattern, "qat_at": r.qat_at, "freeze_at": r.freeze_at} for r in self.rules],
+            "unit": self.unit,
+            "default": self.default,
+            "stagewise": None if self.stagewise is None else list(self.stagewise),
+            "stages": None if self.stages is None else list(self.stages),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Schedule":
+        unknown = sorted(set(data) - {"rules", "unit", "default", "stagewise", "stages"})
+        if unknown:
+            raise ValueError(f"unknown Schedule key(s) {unknown}")
+        sw = data.get("stagewise")
+        return cls(rules=tuple(PhaseRule(**r) for r in data.get("rules", ())), unit=data.get("unit", "epoch"),
+                   default=data.get("default", "qat"), stagewise=None if sw is None else tuple(sw),
+                   stages=None if data.get("stages") is None else tuple(data["stages"]))
+
+
+def rep_stages(model: nn.Module) -> list[str]:
+    """Names of the model's top-level children that hold rep blocks, in module order (shallow → deep).
+
+    RepVGG: ``stage0`` … ``stage4``; EfficientRep: ``stem``, ``ERBlock_2`` … ``ERBlock_5``.
+    """
+    stages: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, RepBlock) and name:
+            top = name.split(".")[0]
+            if top not in stages:
+                stages.append(top)
+    return stages
+
+
+def apply_schedule(model: nn.Module, schedule: Schedule, epoch: int, step: int) -> dict[str, str]:
+    """Set every prepared rep block's phase for ``(epoch, step)``; returns block name → phase.
+
+    A pure function of ``(epoch, step, schedule)`` and the architecture: calling it again with the same position
+    (e.g. after resuming from a checkpoint) gives the same phases.
+    """
+    for label, v in (("epoch", epoch), ("step", step)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{label} must be an integer >= 0, got {v!r}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a qat_rep.quant.Schedule, got {type(schedule).__name__}")
+    rules = schedule.resolve(model)
+    phases: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, RepBlock) and isinstance(m.rep_quant, RepQuant):
+            phase = schedule.phase_of(name, epoch, step, rules)
+            m.rep_quant.phase = phase
+            phases[name] = phase
+    return phases
