@@ -1,0 +1,403 @@
+"""QDQ ONNX export of a quantized (or plain) re-parameterized network.
+
+The PyTorch model is exported with the TorchScript-based exporter (``dynamo=False``, explicit: the dynamo exporter
+does not know pytorch-quantization's ops) inside :func:`qat_rep.quant.backend.onnx_export_mode`, which turns every
+fake quantizer into an ONNX ``QuantizeLinear``/``DequantizeLinear`` pair (symmetric, zero point 0; weights per output
+channel on axis 0, activations per tensor). The network is exported in its fused form: each rep block is one conv.
+
+Two graph layouts carry the same numbers:
+
+* ``target="tensorrt"`` — the graph as pytorch-quantization emits it: Q/DQ on the float weights and on the input of
+  every quantized conv/linear, ``Conv → Relu → Q``. This is the layout TensorRT's explicit-quantization docs ask for.
+* ``target="onnxruntime"`` (default) — the same quantization, rewritten so ONNX Runtime's CPU graph optimizer can
+  fuse each ``DQ → Conv → Q`` into one integer ``QLinearConv``: weights stored as INT8 initializers (the weight Q is
+  applied offline, round-half-even like ``QuantizeLinear``), and every ``Relu → Q(s, 0)`` becomes
+  ``Q(s, 0) → DQ → Relu → Q(s, 0)``. That rewrite is exact because ReLU commutes with a symmetric quantizer
+  (``Q(relu(y)) = max(Q(y), 0)`` when the zero point is 0); without it ORT finds ``Conv → Relu`` where it needs
+  ``Conv → Q`` and runs every conv in float (measured in ``benchmarks/deploy_speed.py``).
+
+Shared scales: TensorRT re-quantizes the inputs of an ``Add``/``Concat`` whose inputs carry different scales.
+:func:`shared_scale_violations` lists such nodes; the fused RepVGG/QARepVGG chains contain no ``Add`` at all, and
+EfficientRep's only ``Concat`` (SimSPPF) concatenates un-quantized tensors followed by a single quantizer, so the
+exported graphs have none (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .atomic import atomic_file
+
+__all__ = [
+    "ExportReport",
+    "export_onnx",
+    "quantized_node_names",
+    "shared_scale_violations",
+    "TARGETS",
+]
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("onnxruntime", "tensorrt")
+_QUANT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    quantized: bool
+    target: str
+    opset: int
+    input_shape: tuple[int, ...]
+    dynamic_batch: bool
+    quantized_layers: int  # conv/linear layers of the PyTorch model that carry quantizers
+    op_counts: dict[str, int] = field(default_factory=dict)
+    shared_scale_violations: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{k}={v}" for k, v in sorted(self.op_counts.items()))
+        kind = f"INT8 QDQ ({self.target})" if self.quantized else "FP32"
+        return f"{self.path}: {kind}, opset {self.opset}, input {self.input_shape}; {ops}"
+
+
+# ------------------------------------------------------------------------------------------------ model side
+def _tensor_quantizer_cls() -> type:
+    from ..quant.backend import TensorQuantizer  # the only pytorch-quantization import path
+
+    return TensorQuantizer
+
+
+def _quant_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own an input and a weight quantizer (quantized convs/linears and rep blocks' ``rep_quant``)."""
+    return [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "_input_quantizer") and hasattr(m, "_weight_quantizer")]
+
+
+def _first_conv_in_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and m.weight.dim() == 4:  # QuantConv2d is a _ConvNd, not a Conv2d
+            return m.in_channels
+    return None
+
+
+def _uncalibrated(model: nn.Module) -> list[str]:
+    tq = _tensor_quantizer_cls()
+    bad = []
+    for name, m in model.named_modules():
+        if isinstance(m, tq) and not m._disabled and not m.dynamic and not m.is_calibrated:
+            bad.append(name)
+    return bad
+
+
+def _fuse_for_export(model: nn.Module, quantized: bool) -> nn.Module:
+    """A deep copy of ``model`` in deployable fused form (quantizers disabled when ``quantized=False``)."""
+    from ..reparam import reparameterize
+
+    m = copy.deepcopy(model).cpu().eval()
+    has_quant = bool(_quant_modules(m))
+    if has_quant:
+        from ..quant import convert
+
+        convert(m)  # idempotent: a converted model passes through; folds post-BNs and conv+BN pairs otherwise
+    else:
+        reparameterize(m, fold_post_bn=True)
+    if not quantized:
+        tq = _tensor_quantizer_cls()
+        for q in m.modules():
+            if isinstance(q, tq):
+                q.disable()
+    return m
+
+
+def _check_example(model: nn.Module, example_input: Tensor) -> None:
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor of shape (N, C, H, W), got {type(example_input).__name__}")
+    if example_input.dim() != 4:
+        raise ValueError(
+            f"example_input must be 4-D (N, C, H, W), got shape {tuple(example_input.shape)}; e.g. "
+            "torch.randn(1, 3, 32, 32)"
+        )
+    if not example_input.is_floating_point():
+        raise TypeError(f"example_input must be a float tensor, got dtype {example_input.dtype}")
+    channels = _first_conv_in_channels(model)
+    if channels is not None and example_input.shape[1] != channels:
+        raise ValueError(
+            f"example_input has {example_input.shape[1]} channels (shape {tuple(example_input.shape)}) but the "
+            f"model's first conv expects {channels}; pass a tensor of shape (N, {channels}, H, W)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ graph side
+def _as_model(model_or_path) -> "onnx.ModelProto":  # noqa: F821
+    import onnx
+
+    if isinstance(model_or_path, (str, Path)):
+        return onnx.load(str(model_or_path))
+    return model_or_path
+
+
+def _constants_to_initializers(graph) -> None:
+    from onnx import numpy_helper
+
+    keep = []
+    names = {i.name for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            if node.output[0] not in names:
+                arr = numpy_helper.to_array(node.attribute[0].t)
+                graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+                names.add(node.output[0])
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+def _fold_weight_quantizers(graph) -> int:
+    """Replace ``QuantizeLinear(float initializer)`` by an INT8 initializer (what ORT's own quantizer writes)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    keep, folded = [], 0
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in inits and all(i in inits for i in node.input[1:3]):
+            w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            zp = numpy_helper.to_array(inits[node.input[2]])
+            axis = _attr(node, "axis", 1)
+            shape = [1] * w.ndim
+            if scale.ndim == 1 and w.ndim > 0:
+                shape[axis % w.ndim] = -1
+            info = np.iinfo(zp.dtype)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.rint(w / scale.reshape(shape)) + zp.astype(np.float32).reshape(shape)
+            q = np.nan_to_num(q, nan=0.0, posinf=info.max, neginf=info.min)
+            q = np.clip(q, info.min, info.max).astype(zp.dtype)
+            graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+            folded += 1
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return folded
+
+
+def _int_zero(graph, name: str) -> bool:
+    from onnx import numpy_helper
+
+    for i in graph.initializer:
+        if i.name == name:
+            return bool((numpy_helper.to_array(i) == 0).all())
+    return False
+
+
+def _relu_through_quantizers(graph) -> int:
+    """``Relu → Q(s, 0)`` ⇒ ``Q(s, 0) → DQ → Relu → Q(s, 0)``: exact, and lets ORT fuse the preceding conv."""
+    from onnx import helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    added, count = [], 0
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+            continue
+        relu = producer.get(node.input[0])
+        if relu is None or relu.op_type != "Relu" or relu.output[0] in outputs:
+            continue
+        if len(consumers.get(relu.output[0], [])) != 1 or not _int_zero(graph, node.input[2]):
+            continue
+        pre = relu.input[0]
+        if producer.get(pre) is None or producer[pre].op_type not in _QUANT_OPS:
+            continue
+        q_name, dq_name = f"{pre}__q", f"{pre}__dq"
+        added.append(helper.make_node("QuantizeLinear", [pre, node.input[1], node.input[2]], [q_name],
+                                      name=f"{relu.name or pre}/pre_quant"))
+        added.append(helper.make_node("DequantizeLinear", [q_name, node.input[1], node.input[2]], [dq_name],
+                                      name=f"{relu.name or pre}/pre_dequant"))
+        relu.input[0] = dq_name
+        count += 1
+    graph.node.extend(added)
+    _toposort(graph)
+    return count
+
+
+def _toposort(graph) -> None:
+    available = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    pending, order = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                order.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError("internal error: the rewritten ONNX graph has a cycle or a dangling input")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def quantized_node_names(model_or_path) -> dict[str, tuple[bool, bool]]:
+    """For every Conv/Gemm/MatMul node: ``(input comes from DequantizeLinear, weight comes from DequantizeLinear)``.
+
+    A fully quantized graph has ``(True, True)`` for every quantized layer of the PyTorch model.
+    """
+    graph = _as_model(model_or_path).graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def from_dq(name: str) -> bool:
+        p = producer.get(name)
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    return {
+        (n.name or n.output[0]): (from_dq(n.input[0]), len(n.input) > 1 and from_dq(n.input[1]))
+        for n in graph.node if n.op_type in _QUANT_OPS
+    }
+
+
+def shared_scale_violations(model_or_path) -> list[str]:
+    """``Add``/``Concat``/``Sum`` nodes whose dequantized inputs carry different scales (TensorRT would re-quantize).
+
+    Inputs that do not come from a ``DequantizeLinear`` are float and impose no scale; a node is listed only when
+    two of its DQ inputs use scales that differ in value.
+    """
+    from onnx import numpy_helper
+
+    graph = _as_model(model_or_path).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    bad = []
+    for node in graph.node:
+        if node.op_type not in ("Add", "Concat", "Sum"):
+            continue
+        scales = []
+        for i in node.input:
+            p = producer.get(i)
+            if p is not None and p.op_type == "DequantizeLinear" and p.input[1] in inits:
+                scales.append(np.asarray(inits[p.input[1]], dtype=np.float64).ravel())
+        if len(scales) > 1 and any(s.shape != scales[0].shape or not np.array_equal(s, scales[0]) for s in scales):
+            bad.append(node.name or node.output[0])
+    return bad
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example_input: Tensor,
+    opset: int = 13,
+    dynamic_batch: bool = True,
+    quantized: bool = True,
+    target: str = "onnxruntime",
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] | None = None,
+) -> ExportReport:
+    """Export ``model`` in fused form to ``path`` (atomically) and return what was written.
+
+    ``quantized=True`` needs a model prepared and calibrated with :mod:`qat_rep.quant` (QAT form or converted; the
+    model itself is not modified — a copy is converted) and writes a QDQ graph; ``quantized=False`` writes the fused
+    FP32 network (quantizers disabled, or a plain float model re-parameterized). ``target`` picks the QDQ layout
+    (see the module docstring). ``example_input`` fixes the input shape; with ``dynamic_batch`` the batch axis is
+    symbolic.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
+    if not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an integer >= 13 (per-channel QuantizeLinear needs 13), got {opset!r}")
+    _check_example(model, example_input)
+    has_quant = bool(_quant_modules(model))
+    if quantized:
+        if not has_quant:
+            raise ValueError(
+                "model has no quantized layers: run qat_rep.quant.prepare(model, config) and "
+                "qat_rep.quant.calibrate(model, batches) first, or pass quantized=False for an FP32 export"
+            )
+        missing = _uncalibrated(model)
+        if missing:
+            shown = ", ".join(missing[:4]) + (" …" if len(missing) > 4 else "")
+            raise ValueError(
+                f"cannot export before calibration: {len(missing)} quantizer(s) have no amax ({shown}); run "
+                "qat_rep.quant.calibrate(model, batches) (or load a calibrated checkpoint) first"
+            )
+    work = _fuse_for_export(model, quantized)
+    example = example_input.detach().to(dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        try:
+            out = work(example)  # also refreshes the stored amax of dynamic (weight) quantizers
+        except RuntimeError as e:
+            raise ValueError(
+                f"the model cannot run on example_input of shape {tuple(example.shape)}: {e}"
+            ) from e
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    if output_names is None:
+        output_names = ("output",) if n_out == 1 else tuple(f"output{i}" for i in range(n_out))
+    if len(output_names) != n_out:
+        raise ValueError(f"output_names has {len(output_names)} name(s) but the model returns {n_out} output(s)")
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
+
+    from ..quant.backend import onnx_export_mode
+    import onnx
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        with onnx_export_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                work, (example,), str(tmp), opset_version=opset, dynamo=False, do_constant_folding=True,
+                input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic_axes,
+            )
+        proto = onnx.load(str(tmp))
+        _constants_to_initializers(proto.graph)
+        if quantized and target == "onnxruntime":
+            _fold_weight_quantizers(proto.graph)
+            _relu_through_quantizers(proto.graph)
+        _drop_unused_initializers(proto.graph)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+    violations = tuple(shared_scale_violations(proto))
+    if violations:
+        log.warning("ONNX export %s: Add/Concat inputs with different scales (TensorRT re-quantizes): %s",
+                    path, ", ".join(violations))
+    report = ExportReport(
+        path=path, quantized=quantized, target=target, opset=opset, input_shape=tuple(example.shape),
+        dynamic_batch=dynamic_batch, quantized_layers=len(_quant_modules(work)) if quantized else 0,
+        op_counts=dict(Counter(n.op_type for n in proto.graph.node)), shared_scale_violations=violations,
+    )
+    log.info("%s", report)
+    return report
