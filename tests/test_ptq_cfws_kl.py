@@ -1,0 +1,168 @@
+"""CFWS split and module, improved-KL calibrator, ONNX export of a CFWS conv."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from qat_rep.blocks import RepVGGBlock
+from qat_rep.ptq import CFWSConv2d, Histogram, amax_from_histogram, cfws_split, improved_kl_amax
+from qat_rep.ptq.qmath import fake_quant, qbound
+from qat_rep.quant import backend
+
+
+def _repvgg_kernel(seed: int = 0, cin: int = 16, cout: int = 16) -> torch.Tensor:
+    """A fused RepVGG kernel with randomized BN statistics (large, channel-varying centre taps)."""
+    torch.manual_seed(seed)
+    blk = RepVGGBlock(cin, cout)
+    for bn in [m for m in blk.modules() if isinstance(m, nn.BatchNorm2d)]:
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.01, 0.2)  # small variances → big fused identity/1x1 taps (the RepVGG failure)
+        bn.weight.data.uniform_(0.5, 2.0)
+    blk.eval()
+    return blk.equivalent_kernel_bias()[0].detach()
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_cfws_split_sums_to_kernel_and_coarse_is_exact(per_channel: bool, bits: int) -> None:
+    w = _repvgg_kernel()
+    s = cfws_split(w, bits, per_channel)
+    # the halves add back to the kernel up to one float rounding of the subtraction
+    assert float((s.coarse_3x3() + s.fine - w).abs().max()) <= 2 * torch.finfo(w.dtype).eps * float(w.abs().max())
+    # the outer taps live entirely in the fine part
+    outer = torch.ones(3, 3, dtype=torch.bool)
+    outer[1, 1] = False
+    assert torch.equal(s.fine[:, :, outer], w[:, :, outer])
+    # the coarse part round-trips through the quantizer exactly, in our simulation and in the backend's quantizer
+    assert torch.equal(fake_quant(s.coarse, s.coarse_amax, bits), s.coarse)
+    axis, shape = (0, (w.shape[0], 1, 1, 1)) if per_channel else (None, ())
+    q = backend.make_quantizer(bits, axis, amax_shape=shape)
+    q.set_amax(s.coarse_amax)
+    assert torch.equal(q(s.coarse), s.coarse)
+    # centre residual is at most half a coarse step
+    step = s.coarse_amax / qbound(bits)
+    assert bool((s.fine[:, :, 1:2, 1:2].abs() <= step / 2 + 1e-7).all())
+
+
+def test_cfws_reduces_per_tensor_weight_error_on_repvgg_kernels() -> None:
+    w = _repvgg_kernel(1)
+    plain = fake_quant(w, w.abs().max(), 6)
+    s = cfws_split(w, 6, per_channel=False)
+    split = s.coarse_3x3() + fake_quant(s.fine, s.fine_amax, 6)
+    err_plain = float((plain - w).pow(2).sum())
+    err_split = float((split - w).pow(2).sum())
+    assert err_split < 0.25 * err_plain
+
+
+def test_cfws_split_rejects_non_3x3_kernels() -> None:
+    with pytest.raises(ValueError, match="3x3"):
+        cfws_split(torch.randn(4, 4, 1, 1))
+
+
+def test_cfws_conv_rejects_unsupported_convs() -> None:
+    with pytest.raises(ValueError, match="padding 1"):
+        CFWSConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=0))
+
+
+def _cfws_conv(stride: int = 1) -> tuple[nn.Conv2d, CFWSConv2d]:
+    torch.manual_seed(3)
+    conv = nn.Conv2d(16, 16, 3, stride, 1)
+    conv.weight.data.copy_(_repvgg_kernel(2))
+    m = CFWSConv2d.from_conv(conv)
+    m.load_split(conv.weight.detach(), conv.bias.detach(), input_amax=3.0)
+    return conv, m.eval()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cfws_conv_matches_float_conv(stride: int) -> None:
+    conv, m = _cfws_conv(stride)
+    assert float((m.float_weight() - conv.weight).abs().max()) <= 1e-6 * float(conv.weight.abs().max())
+    x = torch.randn(2, 16, 9, 9).clamp(-3, 3)
+    with torch.no_grad():
+        ref, got = conv(x), m(x)
+    assert got.shape == ref.shape
+    assert float((got - ref).pow(2).mean() / ref.pow(2).mean()) < 1e-3
+
+
+def test_cfws_conv_exports_to_qdq_onnx_that_onnxruntime_runs() -> None:
+    _, m = _cfws_conv()
+    x = torch.randn(1, 16, 8, 8).clamp(-3, 3)
+    buf = io.BytesIO()
+    with backend.onnx_export_mode():
+        torch.onnx.export(m, (x,), buf, opset_version=13, dynamo=False, input_names=["x"], output_names=["y"])
+        with torch.no_grad():
+            ref = m(x).numpy()
+    model = onnx.load_from_string(buf.getvalue())
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Conv") == 2 and ops.count("Add") == 1
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
+        # input and weight of both convs are dequantized INT8 (the exporter shares the one input QDQ)
+        assert producer[conv.input[0]] == "DequantizeLinear" and producer[conv.input[1]] == "DequantizeLinear"
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max() + 1e-5
+
+
+def _hist(counts: torch.Tensor) -> Histogram:
+    return Histogram(counts.to(torch.float64), torch.linspace(0, counts.numel(), counts.numel() + 1,
+                                                              dtype=torch.float64))
+
+
+def test_improved_kl_picks_the_end_of_the_data() -> None:
+    # uniform over the first 512 of 2048 bins, nothing above: any threshold >= 512 reproduces P (KL 0), a smaller
+    # one clips the body into its last bin; the first minimum is the end of the data
+    c = torch.zeros(2048)
+    c[:512] = 100.0
+    assert improved_kl_amax(_hist(c), num_bits=8) == 512.0
+
+
+def test_improved_kl_keeps_a_dense_tail() -> None:
+    # the same body plus a tail of 1 count per bin up to the end: clipping anywhere piles the tail into one bin,
+    # while the full range (16 bins per level, aligned with the body) reproduces P exactly
+    c = torch.zeros(2048)
+    c[:512] = 100.0
+    c[512:] = 1.0
+    assert improved_kl_amax(_hist(c), num_bits=8) == 2048.0
+
+
+def test_improved_kl_clips_isolated_outliers_that_tensorrt_keeps() -> None:
+    # body [0, 512), a gap, 10 outlier counts at [1500, 1510): TensorRT rejects every threshold inside the gap
+    # (the clipped outliers land in an empty-Q bin: infinite KL) and keeps the outliers; the improved metric skips
+    # that bin and clips right after the body
+    c = torch.zeros(2048)
+    c[:512] = 100.0
+    c[1500:1510] = 1.0
+    assert improved_kl_amax(_hist(c), num_bits=8) == 513.0
+    assert improved_kl_amax(_hist(c), num_bits=8, tensorrt=True) >= 1510.0
+
+
+def test_tensorrt_mode_matches_pytorch_quantization_entropy() -> None:
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(20000)) ** 1.5
+    counts = torch.histc(x, 512, 0, float(x.max())).double()
+    h = Histogram(counts, torch.linspace(0, float(x.max()), 513, dtype=torch.float64))
+    ref = float(backend.pq_compute_amax_entropy(counts.numpy().copy(), h.edges.numpy().copy(), 8, False, 1, 128))
+    assert improved_kl_amax(h, 8, tensorrt=True) == pytest.approx(ref, rel=1e-6)
+
+
+def test_improved_kl_needs_enough_bins() -> None:
+    with pytest.raises(ValueError, match="fewer than the 128 quantization levels"):
+        improved_kl_amax(_hist(torch.ones(64)), num_bits=8)
+
+
+def test_unknown_histogram_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
+        amax_from_histogram(_hist(torch.ones(256)), "kl")
+
+
+def test_qbound_rejects_bits_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"num_bits must be an integer in \[2, 16\]"):
+        qbound(1)
