@@ -1,0 +1,186 @@
+"""Run every benchmark, then rewrite the README's results section from what they wrote.
+
+    python benchmarks/run_all.py                      # every benchmarks/*.py, then recipes/qat_b0.py, then README
+    python benchmarks/run_all.py --only fuse_speed    # one benchmark (others keep their last results)
+    python benchmarks/run_all.py --no-run             # only rebuild the README section from benchmarks/results/
+
+Each benchmark script prints its own table and writes ``benchmarks/results/<name>.json`` and ``<name>.md``
+(stamped with commit, date and machine). The ``qat_b0`` entry runs ``recipes/qat_b0.py`` with its defaults into
+``out/benchmarks/qat_b0`` and copies its table (``qat_b0.md``), ``qat_b0.json`` and plot (``qat_b0.png``) into
+``benchmarks/results``. The README section between ``<!-- qat-rep:results:start -->`` and
+``<!-- qat-rep:results:end -->`` is then replaced (atomically) by every ``results/*.md`` in a fixed order, each
+under its own heading, with the plot; the section is appended when the markers are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+START = "<!-- qat-rep:results:start -->"
+END = "<!-- qat-rep:results:end -->"
+#: README order and headings; benchmarks not listed here follow in alphabetical order under their file name
+ORDER = {
+    "qat_accuracy": "RepVGG vs QARepVGG: FP32, plain PTQ and equivalent-kernel QAT (embedded digits)",
+    "qat_b0": "`python recipes/qat_b0.py` with defaults",
+    "qat_speed": "QAT step time: equivalent-kernel QAT vs multi-branch fake-quant",
+    "fuse_speed": "Multi-branch vs fused FP32 latency (PyTorch)",
+    "deploy_speed": "INT8 deploy latency in ONNX Runtime (CPU)",
+}
+NOT_BENCHMARKS = {"run_all", "common"}
+
+log = logging.getLogger("qat_rep.benchmarks")
+
+
+def benchmark_scripts() -> list[str]:
+    """Names of the runnable benchmarks: every ``benchmarks/*.py`` except helpers, plus the ``qat_b0`` recipe."""
+    names = sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_BENCHMARKS and not p.stem.startswith("_"))
+    return names + ["qat_b0"]
+
+
+def _stamp() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", ""
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"commit {commit}{' (with uncommitted changes)' if dirty else ''}, {date}, {platform.machine()} "
+            f"{platform.system()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_one(name: str, extra: Sequence[str] = ()) -> float:
+    """Run one benchmark in a subprocess from the repository root; returns its wall time. Raises on failure."""
+    t0 = time.perf_counter()
+    if name == "qat_b0":
+        out = ROOT / "out" / "benchmarks" / "qat_b0"
+        cmd = [sys.executable, "recipes/qat_b0.py", "--out", str(out), *extra]
+    else:
+        cmd = [sys.executable, f"benchmarks/{name}.py", *extra]
+    log.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark {name!r} failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    if name == "qat_b0":
+        collect_recipe(ROOT / "out" / "benchmarks" / "qat_b0", "qat_b0")
+    return time.perf_counter() - t0
+
+
+def collect_recipe(out: Path, name: str) -> None:
+    """Copy a recipe run's table (the report's Results section), JSON and plot into ``benchmarks/results``."""
+    report = (out / "report.md").read_text(encoding="utf-8")
+    section = report.split("## Results", 1)[1].split("\n## ", 1)[0].strip()
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    secs = results.get("seconds", {})
+    note = (f"_{_stamp()}; wall time {secs.get('total', float('nan')):.0f} s, CPU time "
+            f"{secs.get('cpu', float('nan')):.0f} s_")
+    _atomic_write(RESULTS / f"{name}.md", note + "\n\n" + table + f"\n\n![{name}](benchmarks/results/{name}.png)\n")
+    _atomic_write(RESULTS / f"{name}.json", json.dumps(results, indent=2) + "\n")
+    shutil.copyfile(out / "accuracy.png", RESULTS / f".{name}.png.tmp")
+    os.replace(RESULTS / f".{name}.png.tmp", RESULTS / f"{name}.png")
+
+
+def results_section(results_dir: Path = RESULTS) -> str:
+    """The markdown of the README's results section, from every ``<name>.md`` in ``results_dir``."""
+    found = {p.stem: p for p in results_dir.glob("*.md")}
+    if not found:
+        raise FileNotFoundError(f"no benchmark results in {str(results_dir)!r}; run python benchmarks/run_all.py first")
+    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    parts = [START, "", f"_Generated by `python benchmarks/run_all.py` — {_stamp()}._", ""]
+    for n in names:
+        parts += [f"### {ORDER.get(n, n)}", "", found[n].read_text(encoding="utf-8").strip(), ""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def rewrite_readme(readme: Path, section: str) -> bool:
+    """Replace the text between the markers (inclusive) with ``section``; append a Results section if absent.
+    Returns True when the markers were found."""
+    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    if START in text and END in text:
+        if text.index(START) > text.index(END):
+            raise ValueError(f"{readme}: {END!r} comes before {START!r}; fix the README markers")
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        _atomic_write(readme, head + section + tail)
+        return True
+    _atomic_write(readme, text.rstrip() + "\n\n## Results\n\n" + section + "\n")
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help=f"run only these benchmarks (available: {', '.join(benchmark_scripts())})")
+    p.add_argument("--skip", nargs="+", default=(), metavar="NAME", help="benchmarks not to run")
+    p.add_argument("--no-run", action="store_true", help="run nothing; only rebuild the README section")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to rewrite")
+    p.add_argument("--keep-going", action="store_true", help="continue after a failing benchmark (exit code 1)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    available = benchmark_scripts()
+    for name in [*(args.only or ()), *args.skip]:
+        if name not in available:
+            p.error(f"unknown benchmark {name!r}; available: {', '.join(available)}")
+    failed: list[str] = []
+    times: dict[str, float] = {}
+    if not args.no_run:
+        for name in (args.only or available):
+            if name in args.skip:
+                continue
+            try:
+                times[name] = run_one(name)
+            except RuntimeError as e:
+                if not args.keep_going:
+                    raise
+                log.error("%s", e)
+                failed.append(name)
+    found = rewrite_readme(args.readme, results_section())
+    if times or failed:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="benchmarks/run_all.py")
+        table.add_column("benchmark")
+        table.add_column("seconds", justify="right")
+        table.add_column("status")
+        for name in (args.only or available):
+            if name in times or name in failed:
+                table.add_row(name, f"{times.get(name, 0):.0f}", "failed" if name in failed else "ok")
+        Console().print(table)
+    log.info("README results section %s: %s", "replaced" if found else "appended", args.readme)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""Example glue shared by the recipes: a LightningModule and a LightningDataModule for image classification,
+argument parsing, the output folder, rich tables, the markdown report and the accuracy plot.
+
+This is *example* code. The product's API is :class:`qat_rep.callbacks.RepQATCallback`, which works with any
+LightningModule; the classes here only show one way to hold a model and feed it data. Recipes are run from the
+repository root (``python recipes/qat_b0.py``): Python then puts ``recipes/`` on ``sys.path`` (so
+``import recipe_common`` works), and :func:`ensure_qat_rep_importable` adds the repository root when qat-rep is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+RECIPES_DIR = Path(__file__).resolve().parent
+REPO_ROOT = RECIPES_DIR.parent
+
+
+def ensure_qat_rep_importable() -> None:
+    """Make ``import qat_rep`` work from a source checkout that is not pip-installed."""
+    try:
+        import qat_rep  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT))
+        import qat_rep  # noqa: F401
+
+
+ensure_qat_rep_importable()
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchmetrics  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from qat_rep import DataSpec, create_model, load_dataset  # noqa: E402
+
+log = logging.getLogger("qat_rep.recipes")
+console = Console(stderr=False, highlight=False)
+
+__all__ = [
+    "ensure_qat_rep_importable", "ImageClassifier", "ImageDataModule", "base_parser", "parse_bits", "prepare_run",
+    "make_trainer", "evaluate_accuracy", "collect_batches", "ResultRow", "results_table", "results_markdown",
+    "plot_accuracy", "write_report", "atomic_write_text", "atomic_write_json", "Stopwatch", "console",
+]
+
+
+# ------------------------------------------------------------------------------------------------- file writes
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """:func:`atomic_write_text` of ``json.dumps(obj, indent=2)``."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- lightning glue
+class ImageClassifier(pl.LightningModule):
+    """A registry model trained with cross-entropy; ``forward(x)`` returns logits.
+
+    The logits contract matters for :class:`qat_rep.callbacks.RepQATCallback`: a module whose ``forward`` returns
+    class logits (and whose batches are ``(images, labels)``) gets FP32-equivalent and fake-quant accuracy logged
+    side by side. AdamW (no decay on biases and norms) with a per-step cosine schedule to ``final_lr_ratio · lr``.
+    """
+
+    def __init__(self, model_name: str = "qarepvgg_b0", num_classes: int = 10, small_input: bool = False,
+                 lr: float = 3e-3, weight_decay: float = 0.01, final_lr_ratio: float = 0.01,
+                 model_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.save_hyperparameters()
+        self.model = create_model(model_name, num_classes=num_classes, small_input=small_input,
+                                  **(model_kwargs or {}))
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=False)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+        return {"logits": logits, "target": y}  # lets RepQATCallback log fake-quant and FP32 accuracy side by side
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("test_acc", self.val_acc)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=hp.lr * hp.final_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/val loaders over :func:`qat_rep.load_dataset`: the embedded digits or a user's image folder.
+
+    ``data`` is ``"digits"`` or a folder with one subfolder per class (or a CIFAR-10 ``cifar-10-batches-py``
+    folder). ``limit`` / ``val_limit`` keep only the first N training / validation images (``--fast`` uses them).
+    """
+
+    def __init__(self, data: str = "digits", image_size: int = 32, batch_size: int = 64, seed: int = 0,
+                 limit: int | None = None, num_workers: int = 0, val_limit: int | None = None):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.spec = DataSpec(source=data, image_size=image_size)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.limit = limit
+        self.val_limit = val_limit
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.classes: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, val, classes = load_dataset(self.spec)
+        if self.limit is not None:
+            train = torch.utils.data.Subset(train, range(min(self.limit, len(train))))
+        if self.val_limit is not None:
+            val = torch.utils.data.Subset(val, range(min(self.val_limit, len(val))))
+        self.train_set, self.val_set, self.classes = train, val, classes
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.classes)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=gen,
+                          num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self.val_set, batch_size=256, shuffle=False, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+def parse_bits(text: str) -> list[int]:
+    """``"8"`` or ``"8,6,4"`` → ``[8, 6, 4]``; each bit-width must be in 2..8."""
+    try:
+        bits = [int(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits must be comma-separated integers such as 8 or 8,4; got {text!r}")
+    if not bits or any(not 2 <= b <= 8 for b in bits):
+        raise argparse.ArgumentTypeError(f"--bits values must be in 2..8, got {text!r}")
+    return bits
+
+
+def base_parser(description: str, *, epochs: int, qat_epochs: int | None, out: str, bits: str = "8",
+                block: str | None = "qarepvgg", blocks: Sequence[str] = ("qarepvgg", "repvgg")
+                ) -> argparse.ArgumentParser:
+    """The flags every recipe shares; each one documented for ``--help`` (``qat_epochs=None``: no QAT stage)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=epochs,
+                   help="FP32 training epochs (ignored when --ckpt gives a trained model)")
+    if qat_epochs is not None:
+        p.add_argument("--qat-epochs", type=int, default=qat_epochs, help="quantization-aware fine-tuning epochs")
+    p.add_argument("--bits", type=parse_bits, default=parse_bits(bits),
+                   help="weight/activation bit-width(s), comma separated (e.g. 8 or 8,6,4); "
+                        "each value gives a W<b>A<b> model")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (embedded, no download) or a folder with one subfolder of images per class")
+    p.add_argument("--devices", type=int, default=1, help="number of CPU processes (devices) for training")
+    p.add_argument("--strategy", default="auto",
+                   help="Lightning strategy, e.g. 'ddp' or 'ddp_spawn' with --devices 2 (CPU uses gloo)")
+    p.add_argument("--out", default=out, help="output folder for checkpoints, deploy artifact, ONNX and report")
+    p.add_argument("--ckpt", default=None,
+                   help="start from this trained FP32 checkpoint (Lightning .ckpt or a state-dict file) "
+                        "instead of training one")
+    p.add_argument("--fast", action="store_true",
+                   help="smoke-test mode: tiny model, few batches and epochs (about a minute or two)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, data order)")
+    if block is not None:
+        p.add_argument("--block", default=block, choices=list(blocks),
+                       help="rep block type: qarepvgg (QARepVGG, quantization-friendly), repvgg (plain RepVGG)"
+                            + (", qarepvggv2 (QARepVGG-V2, with an avg-pool branch)" if "qarepvggv2" in blocks
+                               else ""))
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process (0: leave PyTorch's default)")
+    return p
+
+
+def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Reject impossible values with the flag's name (argparse exits with code 2 and a message)."""
+    for flag in ("epochs", "qat_epochs"):
+        if getattr(args, flag, 0) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.devices < 1:
+        parser.error(f"--devices must be >= 1, got {args.devices}")
+    if args.ckpt is not None and not Path(args.ckpt).is_file():
+        parser.error(f"--ckpt {args.ckpt!r} is not a file")
+    if args.epochs == 0 and args.ckpt is None:
+        parser.error("--epochs 0 needs --ckpt (a trained FP32 model to start from)")
+
+
+def prepare_run(args: argparse.Namespace) -> Path:
+    """Seed everything, set threads, quiet Lightning's routine chatter, create and return the output folder."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
+                 "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_trainer(args: argparse.Namespace, out: Path, *, max_epochs: int, callbacks: Sequence[Any] = (),
+                 name: str = "fit", limit_batches: int | float | None = None,
+                 enable_progress: bool = True) -> pl.Trainer:
+    """A CPU Trainer writing its CSV logs under ``out/logs/<name>``, with rich progress, no automatic checkpoints
+    (recipes save the checkpoints they document)."""
+    from pytorch_lightning.callbacks import RichProgressBar
+    from pytorch_lightning.loggers import CSVLogger
+
+    cbs = list(callbacks)
+    if enable_progress:
+        cbs.append(RichProgressBar(leave=False))
+    kw: dict[str, Any] = {}
+    if limit_batches is not None:
+        kw.update(limit_train_batches=limit_batches, limit_val_batches=limit_batches)
+    return pl.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=args.strategy, max_epochs=max_epochs,
+        callbacks=cbs, logger=CSVLogger(str(out / "logs"), name=name), enable_checkpointing=False,
+        enable_model_summary=False, deterministic=False, num_sanity_val_steps=0, log_every_n_steps=5, **kw,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module | Callable[[Tensor], Tensor], loader: Iterable,
+                      max_batches: int | None = None) -> float:
+    """Top-1 accuracy in percent of ``model`` (eval mode, restored afterwards) over ``loader``."""
+    was_training = getattr(model, "training", None)
+    if isinstance(model, nn.Module):
+        model.eval()
+    correct = total = 0
+    try:
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            pred = torch.as_tensor(model(x)).argmax(1)
+            correct += int((pred == y).sum())
+            total += int(y.numel())
+    finally:
+        if isinstance(model, nn.Module) and was_training:
+            model.train()
+    if total == 0:
+        raise ValueError("evaluate_accuracy got an empty loader")
+    return 100.0 * correct / total
+
+
+def collect_batches(loader: Iterable, n: int) -> list[Any]:
+    """The first ``n`` batches of ``loader`` as a list (calibration data)."""
+    out = []
+    for i, b in enumerate(loader):
+        if i >= n:
+            break
+        out.append(b)
+    return out
+
+
+class Stopwatch:
+    """Named wall-clock sections: ``with sw("fp32 training"): ...``; ``sw.times`` maps name → seconds."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def __call__(self, name: str) -> "_Section":
+        return _Section(self, name)
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class _Section:
+    def __init__(self, sw: Stopwatch, name: str):
+        self.sw, self.name = sw, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+        console.rule(f"[bold]{self.name}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sw.times[self.name] = self.sw.times.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+# ------------------------------------------------------------------------------------------------- reporting
+@dataclass
+class ResultRow:
+    """One line of a results table: a method at a bit-width, its accuracy and optional latency and notes."""
+
+    method: str
+    bits: str  # "FP32", "W8A8", ...
+    accuracy: float | None
+    latency_ms: float | None = None
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def wbits(self) -> int | None:
+        if self.bits.upper().startswith("W"):
+            try:
+                return int(self.bits[1:].upper().split("A")[0])
+            except ValueError:
+                return None
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "bits": self.bits, "accuracy": self.accuracy, "latency_ms": self.latency_ms,
+                "notes": self.notes, **self.extra}
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def results_table(rows: Sequence[ResultRow], title: str, metric: str = "top-1 %") -> Table:
+    """The rows as a rich table."""
+    t = Table(title=title)
+    for col, just in (("method", "left"), ("bits", "left"), (metric, "right"), ("latency ms", "right"),
+                      ("notes", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        t.add_row(r.method, r.bits, _fmt(r.accuracy), _fmt(r.latency_ms), r.notes)
+    return t
+
+
+def results_markdown(rows: Sequence[ResultRow], metric: str = "top-1 %") -> str:
+    """The rows as a GitHub markdown table."""
+    lines = [f"| method | bits | {metric} | latency ms | notes |", "|---|---|---:|---:|---|"]
+    lines += [f"| {r.method} | {r.bits} | {_fmt(r.accuracy)} | {_fmt(r.latency_ms)} | {r.notes} |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_accuracy(rows: Sequence[ResultRow], path: str | os.PathLike, title: str,
+                  metric: str = "top-1 accuracy (%)") -> Path:
+    """A PNG line plot: x = weight bit-width, one line per method; FP32 rows are a dashed horizontal reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    by_method: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.accuracy is None:
+            continue
+        if r.wbits is None:
+            ax.axhline(r.accuracy, ls="--", color="gray", lw=1, label=f"{r.method} ({r.accuracy:.2f})")
+        else:
+            by_method.setdefault(r.method, []).append((r.wbits, r.accuracy))
+    all_bits: set[int] = set()
+    for method, pts in by_method.items():
+        pts.sort()
+        all_bits.update(b for b, _ in pts)
+        ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=method)
+    if all_bits:
+        ax.set_xticks(sorted(all_bits))
+    ax.set_xlabel("bit-width (weights = activations)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_report(path: str | os.PathLike, title: str, sections: Sequence[tuple[str, str]]) -> Path:
+    """A markdown report: ``# title`` then one ``## heading`` per ``(heading, body)`` section."""
+    parts = [f"# {title}", ""]
+    for heading, body in sections:
+        parts += [f"## {heading}", "", body.rstrip(), ""]
+    return atomic_write_text(path, "\n".join(parts))
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children: a load-independent cost measure."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def environment_markdown(args: argparse.Namespace, times: dict[str, float]) -> str:
+    """Command line, library versions, machine load and the wall-clock time of each stage."""
+    import platform
+
+    import onnxruntime
+
+    lines = [f"- command: `python {' '.join(sys.argv)}`",
+             f"- torch {torch.__version__}, pytorch-lightning {pl.__version__}, onnxruntime {onnxruntime.__version__}",
+             f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s), "
+             f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end",
+             f"- CPU time of this process: {cpu_seconds():.0f} s", ""]
+    lines += ["| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+    lines.append(f"| **total** | **{sum(times.values()):.1f}** |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def load_classifier(path: str | os.PathLike, **module_kwargs: Any) -> ImageClassifier:
+    """An :class:`ImageClassifier` from a trained FP32 checkpoint.
+
+    ``.ckpt``: a Lightning checkpoint of :class:`ImageClassifier` (its hyper-parameters rebuild the model).
+    ``.safetensors`` / ``.pt`` / ``.pth``: a state dict of the bare model (train or fused form, official RepVGG /
+    YOLOv6 key names, optionally nested under ``"state_dict"`` or ``"model"``) loaded into
+    ``ImageClassifier(**module_kwargs)``.
+    """
+    from qat_rep import load_state_dict_any_form
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".ckpt":
+        return ImageClassifier.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    else:
+        raise ValueError(f"unsupported checkpoint type {path.suffix!r} for {str(path)!r}; use a Lightning .ckpt, "
+                         ".safetensors or a torch state dict (.pt/.pth)")
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    module = ImageClassifier(**module_kwargs)
+    load_state_dict_any_form(module.model, state)
+    return module
+
+
+def classifier_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
+    """ImageClassifier arguments from the recipe flags (``--model``, ``--block``, ``--lr``)."""
+    return dict(model_name=f"{args.block}_{args.model}", num_classes=num_classes, small_input=False, lr=args.lr)
+
+
+def train_or_load_fp32(args: argparse.Namespace, dm: ImageDataModule, out: Path, sw: Stopwatch,
+                       limit_batches: int | None = None) -> ImageClassifier:
+    """The FP32 starting point: ``--ckpt`` when given, else ``--epochs`` of training saved to ``out/fp32.ckpt``."""
+    kwargs = classifier_kwargs(args, dm.num_classes)
+    if args.ckpt:
+        with sw("load FP32 checkpoint"):
+            module = load_classifier(args.ckpt, **kwargs)
+            console.print(f"loaded FP32 model from [bold]{args.ckpt}[/] ({module.hparams.model_name})")
+        return module
+    with sw("FP32 training"):
+        module = ImageClassifier(**kwargs)
+        trainer = make_trainer(args, out, max_epochs=args.epochs, name="fp32", limit_batches=limit_batches)
+        trainer.fit(module, datamodule=dm)
+        trainer.save_checkpoint(str(out / "fp32.ckpt"))
+    return module
+
+
+def finish_distributed() -> bool:
+    """After the last ``fit``: synchronize the ranks and dissolve the process group; True on the main process.
+
+    The recipes train with DDP but evaluate, calibrate PTQ baselines and export on one process, and
+    :func:`qat_rep.quant.calibrate` all-reduces when a process group exists — so the group is closed first and the
+    other ranks stop here.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank == 0

@@ -1,0 +1,292 @@
+"""The recipes end to end: each runs with ``--fast`` in a subprocess from the repository root (as a user runs it),
+then every artifact it wrote is loaded back and checked against the numbers the recipe reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+if str(RECIPES) not in sys.path:
+    sys.path.insert(0, str(RECIPES))
+
+import recipe_common as common  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_recipe(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, f"recipes/{script}", *args, "--threads", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def check_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    img = matplotlib.image.imread(str(path))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+@pytest.fixture(scope="module")
+def qat_b0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("qat_b0")
+    run_recipe("qat_b0.py", "--fast", "--out", str(out))
+    return out
+
+
+def test_qat_b0_fast_artifacts_load_and_match_the_report(qat_b0_run: Path) -> None:
+    from qat_rep.callbacks import load_qat_checkpoint
+    from qat_rep.export import load_quantized, read_metadata, verify_onnx
+    from qat_rep.quant import is_calibrated, quant_layers
+
+    out = qat_b0_run
+    results = json.loads((out / "results.json").read_text())
+    dm = common.ImageDataModule("digits", 32, 64, 0, limit=128, val_limit=128)
+    val = dm.val_dataloader()
+
+    fp32 = common.load_classifier(out / "fp32.ckpt")
+    assert fp32.hparams.model_name == results["model"] == "qarepvgg_a0"
+    assert common.evaluate_accuracy(fp32.model, val) == pytest.approx(results["fp32_acc"], abs=1e-9)
+
+    qat = load_qat_checkpoint(common.ImageClassifier, out / "qat_w8a8.ckpt", map_location="cpu").eval()
+    assert is_calibrated(qat) and quant_layers(qat)
+    qat_acc = common.evaluate_accuracy(qat.model, val)
+    assert qat_acc == pytest.approx(results["qat"]["w8a8"]["fakequant_acc"], abs=1e-9)
+
+    assert read_metadata(out / "deploy_w8a8")["w_bits"] == 8
+    deployed = load_quantized(out / "deploy_w8a8")
+    assert common.evaluate_accuracy(deployed, val) == pytest.approx(results["qat"]["w8a8"]["deploy_acc"], abs=1e-9)
+
+    for name in ("model_w8a8.onnx", "model_fp32.onnx"):
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(out / name)))
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "model_w8a8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    ver = verify_onnx(out / "model_w8a8.onnx", deployed, val)
+    assert 100 * ver.ort_accuracy == pytest.approx(results["qat"]["w8a8"]["ort_acc"], abs=1e-9)
+    assert set(results["ort_latency_ms_batch1"]) == {"FP32 (fused)", "INT8 W8A8"}
+    assert all(v > 0 for v in results["ort_latency_ms_batch1"].values())
+
+    report = (out / "report.md").read_text()
+    assert "| QAT fake-quant | W8A8 |" in report and "| ORT INT8 | W8A8 |" in report
+    assert f"{results['fp32_acc']:.2f}" in report
+    check_png(out / "accuracy.png")
+    methods = {r["method"] for r in results["rows"]}
+    assert methods == {"FP32", "PTQ-minmax", "QAT fake-quant", "ORT INT8"}
+
+
+@pytest.mark.parametrize("script,main_method,bits", [("ptq_cfws.py", "cfws", 8), ("ptq_mrecg.py", "mrecg", 8)])
+def test_ptq_recipes_on_a_trained_checkpoint(qat_b0_run: Path, tmp_path: Path, script: str, main_method: str,
+                                             bits: int) -> None:
+    from qat_rep.export import ort_session
+
+    out = tmp_path / "ptq"
+    run_recipe(script, "--fast", "--ckpt", str(qat_b0_run / "fp32.ckpt"), "--block", "qarepvgg", "--bits",
+               str(bits), "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    base = json.loads((qat_b0_run / "results.json").read_text())
+    assert results["fp32_acc"] == pytest.approx(base["fp32_acc"], abs=1e-9)  # the same checkpoint was loaded
+    key = f"{main_method}/w{bits}a{bits}"
+    assert key in results["ptq"] and 0.0 <= results["ptq"][key]["accuracy"] <= 100.0
+    onnx_file = out / results["ptq"][key]["onnx"]
+    sess = ort_session(onnx_file)  # precise INT8 kernels, as verify_onnx runs them
+    dm = common.ImageDataModule("digits", 32, 64, 0, val_limit=128)
+    correct = total = 0
+    for x, y in dm.val_dataloader():
+        pred = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0].argmax(1)
+        correct += int((pred == y.numpy()).sum())
+        total += len(y)
+    assert 100.0 * correct / total == pytest.approx(results["ptq"][key]["ort_acc"], abs=1e-9)
+    assert f"| {main_method} | W{bits}A{bits} |" in (out / "report.md").read_text()
+    check_png(out / "accuracy.png")
+
+
+def test_qat_yolov6_backbone_fast(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from qat_rep.export import ort_session
+
+    import qat_yolov6_backbone as y6
+
+    out = tmp_path / "y6"
+    run_recipe("qat_yolov6_backbone.py", "--fast", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+
+    keyed = load_file(str(out / "fp32_yolov6_keys.safetensors"))
+    assert "backbone.stem.rbr_dense.conv.weight" in keyed and "backbone.ERBlock_5.2.cv2.bn.running_var" in keyed
+    assert "backbone.ERBlock_2.1.conv1.rbr_1x1.weight" in keyed and "backbone.ERBlock_2.0.bn.weight" in keyed
+    module = y6.SegModule("n", "qarepvgg")
+    assert y6.load_yolov6_keyed(module, out / "fp32_yolov6_keys.safetensors") == []
+    dm = y6.CanvasDataModule(64, 32, 32, 0)
+    val = dm.val_dataloader()
+    assert y6.mean_iou(module.net, val) == pytest.approx(results["fp32_miou"], abs=1e-6)
+
+    x = next(iter(val))[0][:4]
+    sess = ort_session(out / "model_w8a8.onnx")
+    logits = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert logits.shape == (4, y6.NUM_CLASSES, y6.CANVAS, y6.CANVAS) and np.isfinite(logits).all()
+    assert y6.mean_iou(y6.ort_runner(out / "model_w8a8.onnx"), val) == pytest.approx(results["ort_int8_miou"],
+                                                                                     abs=1e-6)
+    fused = load_file(str(out / "deploy" / "fused_state_dict.safetensors"))
+    assert "backbone.stem.rbr_reparam.weight" in fused and not any("rbr_dense" in k for k in fused)
+    assert (out / "qat.ckpt").stat().st_size > 0
+    assert "| ORT INT8 | W8A8 |" in (out / "report.md").read_text()
+    check_png(out / "miou.png")
+
+
+# ------------------------------------------------------------------------------------------------- in-process
+@pytest.mark.parametrize("module_name,flags", [
+    ("qat_b0", ("--epochs", "--qat-epochs", "--bits", "--data", "--devices", "--strategy", "--out", "--ckpt",
+                "--fast", "--seed", "--block", "--model", "--lr", "--qat-lr", "--calibrator")),
+    ("qat_yolov6_backbone", ("--epochs", "--qat-epochs", "--bits", "--data", "--devices", "--strategy", "--out",
+                             "--ckpt", "--fast", "--seed", "--block", "--size")),
+])
+def test_help_documents_every_flag(module_name: str, flags: tuple[str, ...]) -> None:
+    mod = __import__(module_name)
+    parser = mod.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help text"
+    for flag in flags:
+        assert flag in text
+
+
+def test_ptq_recipes_help_documents_every_flag(capsys: pytest.CaptureFixture) -> None:
+    import ptq_cfws
+    import ptq_mrecg
+
+    for mod, extra in ((ptq_cfws, ()), (ptq_mrecg, ("--iters", "--num-samples", "--k", "--qdrop"))):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        for flag in ("--epochs", "--bits", "--data", "--devices", "--strategy", "--out", "--ckpt", "--fast",
+                     "--seed", "--block", *extra):
+            assert flag in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "9"], r"--bits values must be in 2\.\.8"),
+    (["--bits", "eight"], r"comma-separated integers"),
+    (["--epochs", "0"], r"--epochs 0 needs --ckpt"),
+    (["--epochs", "-1"], r"--epochs must be >= 0"),
+    (["--devices", "0"], r"--devices must be >= 1"),
+    (["--ckpt", "/nonexistent/fp32.ckpt"], r"is not a file"),
+    (["--block", "qarepvggv2"], r"invalid choice: 'qarepvggv2'"),  # no classifier family with V2 blocks
+    (["--calib-batches", "0"], r"--calib-batches must be >= 1"),
+])
+def test_qat_b0_rejects_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    import qat_b0
+
+    with pytest.raises(SystemExit, match="2"):
+        qat_b0.parse_args(argv)
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_yolov6_recipe_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
+    import qat_yolov6_backbone as y6
+
+    with pytest.raises(SystemExit, match="2"):
+        y6.parse_args(["--data", "/some/folder"])
+    assert "only 'digits' is supported" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        y6.parse_args(["--train-canvases", "8"])
+    assert "must be >= --batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        y6.parse_args(["--bits", "4"])
+    assert "holds 8-bit integers only" in capsys.readouterr().err
+
+
+def test_mrecg_recipe_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
+    import ptq_mrecg
+
+    with pytest.raises(SystemExit, match="2"):
+        ptq_mrecg.main(["--iters", "0"])
+    assert "--iters must be >= 1" in capsys.readouterr().err
+
+
+def test_loaders_and_glue_raise_clear_errors(tmp_path: Path) -> None:
+    import qat_yolov6_backbone as y6
+
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        common.ImageClassifier(model_name="qarepvgg_a0", lr=0.0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        common.ImageDataModule(batch_size=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        common.load_classifier(tmp_path / "missing.ckpt")
+    bad = tmp_path / "weights.npz"
+    bad.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unsupported checkpoint type '.npz'"):
+        common.load_classifier(bad)
+    with pytest.raises(ValueError, match="empty loader"):
+        common.evaluate_accuracy(torch.nn.Identity(), [])
+    from safetensors.torch import save_file
+
+    headless = tmp_path / "not_yolov6.safetensors"
+    save_file({"stem.weight": torch.zeros(1)}, str(headless))
+    with pytest.raises(ValueError, match="no 'backbone.\\*' keys"):
+        y6.load_yolov6_keyed(y6.SegModule("n"), headless)
+
+
+def test_state_dict_checkpoint_loads_in_any_form(tmp_path: Path) -> None:
+    """``--ckpt`` also takes a bare state dict — train form or fused, with or without a ``model.`` prefix."""
+    from safetensors.torch import save_file
+
+    from qat_rep import reparameterize
+
+    src = common.ImageClassifier(model_name="qarepvgg_a0").eval()
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 32, 32)
+    ref = src(x)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "train_form.pt")
+    fused = common.ImageClassifier(model_name="qarepvgg_a0")
+    fused.load_state_dict(src.state_dict())
+    reparameterize(fused.model, fold_post_bn=True)
+    save_file({k: v.contiguous() for k, v in fused.model.state_dict().items()}, str(tmp_path / "fused.safetensors"))
+    a = common.load_classifier(tmp_path / "train_form.pt", model_name="qarepvgg_a0").eval()
+    torch.testing.assert_close(a(x), ref)
+    with pytest.raises(ValueError, match="fused kernel cannot be split back"):
+        common.load_classifier(tmp_path / "fused.safetensors", model_name="qarepvgg_a0")
+
+
+def test_canvases_label_every_ink_pixel_with_its_digit() -> None:
+    import qat_yolov6_backbone as y6
+
+    ds = y6.make_canvases("val", 16, seed=3)
+    x, y = ds.tensors
+    assert x.shape == (16, 3, y6.CANVAS, y6.CANVAS) and y.shape == (16, y6.CANVAS, y6.CANVAS)
+    raw = x[:, 0] * y6._STD + y6._MEAN
+    assert torch.all(raw[y > 0] > 0.35)  # labelled pixels are ink
+    assert y.max() <= 10 and (y > 0).float().mean() > 0.02
+    again = y6.make_canvases("val", 16, seed=3)
+    assert torch.equal(again.tensors[1], y) and not torch.equal(y6.make_canvases("val", 16, seed=4).tensors[1], y)
+
+
+def test_plot_and_report_writers(tmp_path: Path) -> None:
+    rows = [common.ResultRow("FP32", "FP32", 98.0), common.ResultRow("PTQ", "W8A8", 97.5),
+            common.ResultRow("PTQ", "W4A4", 60.0, 1.5, "note")]
+    check_png(common.plot_accuracy(rows, tmp_path / "p.png", "t"))
+    md = common.results_markdown(rows)
+    assert "| PTQ | W4A4 | 60.00 | 1.50 | note |" in md
+    path = common.write_report(tmp_path / "r.md", "T", [("A", md)])
+    assert path.read_text().startswith("# T\n\n## A\n") and not list(tmp_path.glob(".*"))
+    assert [r.wbits for r in rows] == [None, 8, 4]

@@ -1,0 +1,86 @@
+"""benchmarks/run_all.py: the README results section is rebuilt from the result files, between its markers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("qat_rep_run_all", ROOT / "benchmarks" / "run_all.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+run_all = _load()
+
+
+def _results(tmp_path: Path) -> Path:
+    d = tmp_path / "results"
+    d.mkdir()
+    (d / "fuse_speed.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n")
+    (d / "qat_accuracy.md").write_text("| model | acc |\n|---|---|\n| qarepvgg_a0 | 97.5 |\n")
+    (d / "zzz_custom.md").write_text("custom table\n")
+    return d
+
+
+def test_section_orders_known_benchmarks_first_and_is_stamped(tmp_path: Path) -> None:
+    section = run_all.results_section(_results(tmp_path))
+    assert section.startswith(run_all.START) and section.endswith(run_all.END)
+    i_acc, i_fuse, i_custom = (section.index(s) for s in ("97.5", "| 1 | 2 |", "custom table"))
+    assert i_acc < i_fuse < i_custom  # ORDER first, then the rest alphabetically
+    assert "### zzz_custom" in section and "commit " in section and "CPU cores" in section
+
+
+def test_readme_is_replaced_between_markers_and_text_around_is_kept(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\nbefore\n\n{run_all.START}\nOLD TABLE\n{run_all.END}\n\nafter\n")
+    assert run_all.rewrite_readme(readme, run_all.results_section(_results(tmp_path))) is True
+    text = readme.read_text()
+    assert "OLD TABLE" not in text and "97.5" in text
+    assert text.startswith("# T\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    assert text.count(run_all.START) == 1 and text.count(run_all.END) == 1
+    once = text
+    again = tmp_path / "again"
+    again.mkdir()
+    run_all.rewrite_readme(readme, run_all.results_section(_results(again)))  # idempotent: one section
+    assert readme.read_text().count(run_all.START) == 1 and len(readme.read_text()) == len(once)
+
+
+def test_missing_markers_append_a_results_section(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n")
+    assert run_all.rewrite_readme(readme, run_all.results_section(_results(tmp_path))) is False
+    assert readme.read_text().startswith("# T\n\n## Results\n\n" + run_all.START)
+
+
+def test_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no benchmark results"):
+        run_all.results_section(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{run_all.END}\n{run_all.START}\n")
+    with pytest.raises(ValueError, match="comes before"):
+        run_all.rewrite_readme(readme, "x")
+    with pytest.raises(SystemExit, match="2"):
+        run_all.main(["--only", "no_such_benchmark", "--no-run"])
+
+
+def test_recipe_results_are_collected_with_table_json_and_plot(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.md").write_text("# r\n\n## Results\n\n| method | bits |\n|---|---|\n| FP32 | FP32 |\n\n![p](accuracy.png)"
+                                   "\n\n## Files\n\n- x\n")
+    (out / "results.json").write_text(json.dumps({"seconds": {"total": 12.0, "cpu": 20.0}}))
+    (out / "accuracy.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path / "results")
+    run_all.collect_recipe(out, "qat_b0")
+    md = (tmp_path / "results" / "qat_b0.md").read_text()
+    assert "| FP32 | FP32 |" in md and "## Files" not in md and "wall time 12 s, CPU time 20 s" in md
+    assert (tmp_path / "results" / "qat_b0.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "results" / "qat_b0.json").read_text())["seconds"]["cpu"] == 20.0
