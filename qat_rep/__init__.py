@@ -10,7 +10,9 @@ import os as _os
 
 from .blocks import QARepVGGBlock, QARepVGGBlockV2, RepBlock, RepVGGBlock
 from .data import DataSpec, load_dataset, make_loaders
+from .export import export_onnx, load_quantized, save_quantized, verify_onnx
 from .models import create_model, list_models
+from .quant import QuantConfig
 from .reparam import (
     ReparamReport,
     check_equivalence,
@@ -39,6 +41,11 @@ __all__ = [
     "DataSpec",
     "load_dataset",
     "make_loaders",
+    "QuantConfig",
+    "save_quantized",
+    "load_quantized",
+    "export_onnx",
+    "verify_onnx",
 ]
 
 # In a source checkout the Lightning layer sits beside this package (``<root>/callbacks``) rather than inside it
