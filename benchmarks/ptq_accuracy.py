@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from qat_rep import DataSpec, create_model, load_dataset, reparameterize  # noqa: E402
 from qat_rep.ptq import quantize_ptq  # noqa: E402
 from qat_rep.quant import QuantConfig  # noqa: E402
+from qat_rep.export.atomic import write_text_atomic as _atomic_write  # noqa: E402
 
 BITS: dict[str, QuantConfig] = {
     "W8A8": QuantConfig(w_bits=8, a_bits=8),
@@ -48,12 +49,6 @@ RECON_METHODS = ("adaround", "brecq", "mrecg")
 ORT_METHODS = ("ort-minmax", "ort-entropy")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def train(name: str, train_set, seed: int, epochs: int, batch_size: int, cache: Path | None = None,
@@ -159,7 +154,6 @@ def main() -> None:
         p.error(f"unknown method(s) {sorted(unknown)}")
 
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     train_set, val_set, _ = load_dataset(DataSpec("digits", image_size=a.image_size))

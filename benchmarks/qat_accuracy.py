@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -32,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qat_rep import DataSpec, create_model, make_loaders  # noqa: E402
 from qat_rep.quant import QuantConfig, calibrate, convert, prepare  # noqa: E402
+from qat_rep.export.atomic import write_text_atomic as _atomic_write  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SETTINGS = {
@@ -109,12 +108,6 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def render(rows: list[dict], args, console: Console | None = None) -> str:

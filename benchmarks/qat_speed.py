@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qat_rep import create_model  # noqa: E402
 from qat_rep.quant import QuantConfig, calibrate, prepare  # noqa: E402
 from qat_rep.quant.backend import PQQuantConv2d, PQQuantLinear, QuantConv2d, QuantLinear, make_quantizer  # noqa: E402
+from qat_rep.export.atomic import write_text_atomic as _atomic_write  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -136,12 +136,6 @@ def run(sizes: list[tuple[int, int]], steps: int, warmup: int, modes: list[str])
     return rows
 
 
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

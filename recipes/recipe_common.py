@@ -45,6 +45,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from qat_rep import DataSpec, create_model, load_dataset  # noqa: E402
+from qat_rep.export.atomic import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("qat_rep.recipes")
 console = Console(stderr=False, highlight=False)
@@ -59,18 +60,7 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------- file writes
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

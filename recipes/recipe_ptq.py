@@ -9,7 +9,6 @@ import argparse
 import copy
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import recipe_common as common

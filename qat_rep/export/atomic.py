@@ -67,6 +67,7 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a written artifact is an ordinary readable file
         os.replace(tmp, target)
         _fsync_dir(parent)
     except BaseException:
@@ -80,6 +81,11 @@ def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_file(target) as tmp:
         tmp.write_bytes(data)
     return Path(target)
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``target`` atomically (temp file + rename) and return the final path."""
+    return write_bytes_atomic(target, text.encode("utf-8"))
 
 
 @contextlib.contextmanager

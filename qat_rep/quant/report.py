@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import QuantConv2d, QuantLinear, TensorQuantizer
+from .backend import QuantConv2d, TensorQuantizer
 from .calibrate import default_forward
 from .insert import get_config, quant_layers
 from .rep_qat import RepQuant, folded_kernel_bias
