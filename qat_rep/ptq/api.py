@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..fuse import fuse_bn_module
+from ..quant.insert import bn_after
 from ..quant import QuantConfig
 from ..quant.calibrate import default_forward
 from ..reparam import reparameterize
@@ -123,20 +124,14 @@ def _gather(loader: Iterable[Any], max_batches: int | None, max_samples: int | N
 def _fold_plain_bn(model: nn.Module) -> int:
     """Fold a BN that directly follows a plain conv (next in a Sequential, or a ``conv``/``bn`` pair), in float."""
     n = 0
-    for parent_name, parent in list(model.named_modules()):
-        names = list(parent._modules)
-        for i, child in enumerate(names):
-            conv = parent._modules[child]
+    for _, parent in list(model.named_modules()):
+        for child, conv in list(parent._modules.items()):
             if type(conv) is not nn.Conv2d:
                 continue
-            bn_name = None
-            if isinstance(parent, nn.Sequential) and i + 1 < len(names):
-                bn_name = names[i + 1]
-            elif child == "conv" and "bn" in parent._modules:
-                bn_name = "bn"
-            bn = parent._modules.get(bn_name) if bn_name else None
-            if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
+            found = bn_after(parent, child, conv)
+            if found is None or found[1].num_features != conv.out_channels:
                 continue
+            bn_name, bn = found
             kernel, bias = fuse_bn_module(conv.weight, bn, conv.bias)
             conv.weight.copy_(kernel)
             if conv.bias is None:

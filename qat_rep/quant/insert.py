@@ -206,7 +206,7 @@ def refresh_weight_amax(model: nn.Module) -> int:
     return n
 
 
-def _bn_after(parent: nn.Module, conv_name: str, conv: nn.Module) -> tuple[str, nn.Module] | None:
+def bn_after(parent: nn.Module, conv_name: str, conv: nn.Module) -> tuple[str, nn.Module] | None:
     """The BN that directly follows ``conv`` in ``parent``: next child of a Sequential, or the ``conv``/``bn`` pair."""
     names = list(parent._modules)
     if isinstance(parent, nn.Sequential):
@@ -265,7 +265,7 @@ def convert(model: nn.Module) -> nn.Module:
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantConv2d)]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        found = _bn_after(parent, child, layer)
+        found = bn_after(parent, child, layer)
         if found is None or found[1].num_features != layer.out_channels:
             continue
         bn_name, bn = found
