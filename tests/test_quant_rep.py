@@ -75,9 +75,12 @@ def test_qat_block_equals_dequantized_integer_conv(cls, kw, gran, bits):
         k_int, s_w = _int_quant(k, w_amax.reshape(-1, 1, 1, 1), bits)
         x_amax = block.rep_quant.input_quantizer.amax
         x_int, s_x = _int_quant(x, x_amax, bits)
+        step = s_x.double() * s_w.double().flatten()  # the int32 accumulator's scale, per output channel
+        b_int = torch.round(b.double() / step)  # the bias as the INT8 runtime adds it: int32 on that grid
         acc = F.conv2d(x_int.double(), k_int.double(), None, block.stride, 1, 1, block.groups)
+        acc = acc + b_int.reshape(1, -1, 1, 1)
         assert torch.equal(acc, acc.round())  # integer arithmetic, exactly
-        want = F.relu(acc * (s_x.double() * s_w.double().reshape(1, -1, 1, 1)) + b.double().reshape(1, -1, 1, 1))
+        want = F.relu(acc * step.reshape(1, -1, 1, 1))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert x_int.abs().max() <= 2 ** (bits - 1) and not torch.equal(got, F.relu(block.branches(x)))
 
@@ -128,6 +131,9 @@ def _explicit_forward(block, x, x_amax, w_bits, a_bits, per_channel, train_post_
                          0.0, bn.eps)
     else:
         amax = k.detach().abs().amax(dim=(1, 2, 3), keepdim=True) if per_channel else k.detach().abs().amax()
+        # the bias on the int32 grid s_x·s_w (what the INT8 runtime adds), straight-through
+        step = (x_amax / (2 ** (a_bits - 1) - 1)) * (amax.flatten() / (2 ** (w_bits - 1) - 1))
+        b = b + (torch.round(b / step) * step - b).detach()
         y = F.conv2d(xq, ste(k, amax), b, block.stride, 1, 1, block.groups)
     return F.relu(y)
 

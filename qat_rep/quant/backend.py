@@ -13,6 +13,10 @@ Why subclasses instead of the library's classes as they are (FACTS.md §3, STYLE
   (round-half-even, range ``[-2^(b-1), 2^(b-1)-1]``, scale ``amax / (2^(b-1)-1)``), fewer passes over memory.
 * ``learn_amax`` is LSQ-style: ``amax`` is a parameter and the gradient flows to it through the scale (STE on the
   rounding only), per tensor or per channel (the library's ``Clip`` module supports per-tensor only).
+* The bias of a quantized conv/linear is rounded to the int32 accumulator grid ``s_x · s_w`` (STE), because that is
+  what the INT8 runtime adds: ONNX Runtime's ``QLinearConv``/QDQ kernels take an int32 bias at that scale. Without
+  it the fake-quant model and ONNX Runtime disagree on ~0.5 % of top-1 decisions (measured on digits: 2 of 359,
+  2.2 output steps of logit error); with it they agree on 100 % within 0.4 output steps. See :func:`int32_bias`.
 * ``dynamic`` quantizers (used for weights) take ``amax = max|w|`` (per channel or tensor) of the current tensor at
   every forward and keep the last value in ``_amax``; export (``onnx_export_mode``) reads the stored value.
 
@@ -27,6 +31,7 @@ import math
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from pytorch_quantization import calib as _pq_calib
 from pytorch_quantization import nn as _pq_nn
 from pytorch_quantization.calib.histogram import (
@@ -47,6 +52,7 @@ __all__ = [
     "HistogramCalibrator",
     "NotCalibratedError",
     "make_quantizer",
+    "int32_bias",
     "onnx_export_mode",
     "fake_tensor_quant",
     "pq_compute_amax_entropy",
@@ -224,8 +230,41 @@ def make_quantizer(num_bits: int, axis: int | None = None, calibrator: str = "ma
     return q
 
 
+def _active(q: nn.Module) -> bool:
+    return isinstance(q, _PQTensorQuantizer) and not q._disabled and q._if_quant
+
+
+def int32_bias(bias: Tensor | None, input_quantizer: nn.Module, weight_quantizer: nn.Module) -> Tensor | None:
+    """``bias`` rounded to the int32 grid ``s_x · s_w`` (per output channel) with a straight-through gradient.
+
+    Call after both quantizers ran on this forward (a dynamic weight quantizer stores the ``amax`` it used). Returns
+    ``bias`` unchanged when there is none, when either quantizer is off (calibration, float layers) and during ONNX
+    export — the runtime rounds the float bias of a QDQ conv itself, to the same integers.
+    """
+    if bias is None or _PQTensorQuantizer.use_fb_fake_quant:
+        return bias
+    if not (_active(input_quantizer) and _active(weight_quantizer)):
+        return bias
+    qx = _bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)[1]
+    qw = _bounds(weight_quantizer._num_bits, weight_quantizer._unsigned, weight_quantizer._narrow_range)[1]
+    step = (input_quantizer._amax.detach().reshape(()) / qx) * (weight_quantizer._amax.detach().flatten() / qw)
+    step = step.clamp_min(torch.finfo(torch.float32).tiny)
+    return bias + (torch.round(bias.detach() / step) * step - bias.detach()).detach()
+
+
 class QuantConv2d(_pq_nn.QuantConv2d):
-    """pytorch-quantization's ``QuantConv2d`` (``_input_quantizer``, ``_weight_quantizer``) built from a float conv."""
+    """pytorch-quantization's ``QuantConv2d`` (``_input_quantizer``, ``_weight_quantizer``) built from a float conv.
+
+    The forward is the library's with the bias on the int32 accumulator grid (:func:`int32_bias`).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        quant_input, quant_weight = self._quant(input)
+        bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
+        if self.padding_mode != "zeros":
+            return F.conv2d(F.pad(quant_input, self._reversed_padding_repeated_twice, mode=self.padding_mode),
+                            quant_weight, bias, self.stride, (0, 0), self.dilation, self.groups)
+        return F.conv2d(quant_input, quant_weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, input_quantizer: TensorQuantizer,
@@ -243,7 +282,12 @@ class QuantConv2d(_pq_nn.QuantConv2d):
 
 
 class QuantLinear(_pq_nn.QuantLinear):
-    """pytorch-quantization's ``QuantLinear`` built from a float ``nn.Linear``."""
+    """pytorch-quantization's ``QuantLinear`` built from a float ``nn.Linear`` (bias on the int32 grid)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        quant_input = self._input_quantizer(input)
+        quant_weight = self._weight_quantizer(self.weight)
+        return F.linear(quant_input, quant_weight, int32_bias(self.bias, self._input_quantizer, self._weight_quantizer))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, input_quantizer: TensorQuantizer,

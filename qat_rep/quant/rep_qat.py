@@ -18,6 +18,9 @@ batch statistics would cost the two extra convs this path exists to save. This i
 (torchvision/torchao freeze BN statistics early in QAT, which fine-tunes a converged model); the BN affine
 parameters (γ, β) keep training through the kernel. Statistics keep updating while a block is in ``float``.
 
+The bias is added on the int32 accumulator grid ``s_x · s_w`` (:func:`~.backend.int32_bias`, STE), as the INT8
+runtime adds it — wherever it is the deployed bias: always without a post-BN, in evaluation with one.
+
 QARepVGG's post-sum BN (``block.bn``) stays a real BN (batch statistics in training) through QAT. Its scale
 ``t = γ / sqrt(running_var + eps)`` is folded into the kernel *before* weight quantization and divided out after the
 conv (the torch.ao ``ConvBn`` QAT scheme): ``y = conv(Q(x), Q(K·t)) / t + b`` then ``bn(y)``. In eval mode this is
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import RepBlock
-from .backend import TensorQuantizer
+from .backend import TensorQuantizer, int32_bias
 
 __all__ = ["RepQuant", "PHASES", "folded_kernel_bias"]
 
@@ -103,15 +106,28 @@ class RepQuant(nn.Module):
                 self._input_quantizer(x)  # calibration observes the input in every phase
             return block.branches(x)
         xq = self._input_quantizer(x)
+        bn = getattr(block, "bn", None)
+        deploy_bn = bn is not None and not bn.training
         with torch.no_grad() if self._phase == "frozen" else contextlib.nullcontext():
-            if self._folds_post_bn(block):
+            if deploy_bn or self._folds_post_bn(block):
                 kernel, bias, t = folded_kernel_bias(block)
             else:
                 (kernel, bias), t = block.equivalent_kernel_bias(), None
-        if t is None:  # the same op as the converted QuantConv2d
-            return block.conv(xq, self._weight_quantizer(kernel), bias)
-        y = block.conv(xq, self._weight_quantizer(kernel), None)
-        return y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+        wq = self._weight_quantizer(kernel)
+        if t is None:  # the same op as the converted QuantConv2d (a training post-BN still moves the bias)
+            if bn is None:
+                bias = int32_bias(bias, self._input_quantizer, self._weight_quantizer)
+            return block.conv(xq, wq, bias)
+        y = block.conv(xq, wq, None)
+        t = t.reshape(1, -1, 1, 1)
+        if deploy_bn:
+            # evaluation: exactly the folded deploy conv — bias (b − μ)·t + β on the int32 grid — expressed before
+            # the post-BN, which maps it back: bn((y + B − β)/t + μ) = y + B
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(bias)
+            deploy_bias = (bias - bn.running_mean) * t.flatten() + beta
+            deploy_bias = int32_bias(deploy_bias, self._input_quantizer, self._weight_quantizer)
+            return (y + (deploy_bias - beta).reshape(1, -1, 1, 1)) / t + bn.running_mean.reshape(1, -1, 1, 1)
+        return y / t + bias.reshape(1, -1, 1, 1)
 
     def _folds_post_bn(self, block: RepBlock) -> bool:
         """Fold the post-BN scale into the kernel before quantization? Needed for per-tensor (and learned) weight
