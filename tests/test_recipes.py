@@ -89,6 +89,25 @@ def test_qat_b0_fast_artifacts_load_and_match_the_report(qat_b0_run: Path) -> No
     assert methods == {"FP32", "PTQ-minmax", "QAT fake-quant", "ORT INT8"}
 
 
+def _artifact_set(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.endswith(".log")}
+
+
+def test_qat_b0_ddp_two_processes_writes_the_same_artifacts(qat_b0_run: Path, tmp_path: Path) -> None:
+    from qat_rep.export import load_quantized, verify_onnx
+
+    out = tmp_path / "ddp"
+    run_recipe("qat_b0.py", "--fast", "--devices", "2", "--strategy", "ddp", "--out", str(out))
+    assert _artifact_set(out) == _artifact_set(qat_b0_run)
+    results = json.loads((out / "results.json").read_text())
+    dm = common.ImageDataModule("digits", 32, 64, 0, limit=128, val_limit=128)
+    deployed = load_quantized(out / "deploy_w8a8")
+    acc = common.evaluate_accuracy(deployed, dm.val_dataloader())
+    assert acc == pytest.approx(results["qat"]["w8a8"]["deploy_acc"], abs=1e-9)
+    ver = verify_onnx(out / "model_w8a8.onnx", deployed, dm.val_dataloader())
+    assert ver.agreement >= 0.995
+
+
 @pytest.mark.parametrize("script,main_method,bits", [("ptq_cfws.py", "cfws", 8), ("ptq_mrecg.py", "mrecg", 8)])
 def test_ptq_recipes_on_a_trained_checkpoint(qat_b0_run: Path, tmp_path: Path, script: str, main_method: str,
                                              bits: int) -> None:
