@@ -1,12 +1,16 @@
 """The "improved KL" activation calibrator of CFWS and the input histograms it needs.
 
-Both metrics expand each quantized chunk back over the *non-empty* bins of the float histogram ``P`` (TensorRT's
-construction of ``Q``). They differ where ``Q`` is empty but ``P`` is not — the last bin of a candidate threshold
-that falls in a gap of the histogram, which holds the clipped tail: TensorRT's calibrator (pytorch-quantization's
-``compute_amax("entropy")``) declares the divergence infinite there and never clips into a gap, so a few isolated
-outliers keep the range wide; CFWS's improved metric (FACTS.md §5) takes the KL only over the bins where both
-histograms are non-zero, so such a threshold is judged by the body of the distribution and isolated outliers get
-clipped.
+Both metrics compare the clipped float histogram ``P`` (the tail beyond a candidate threshold folded into its last
+bin) with ``Q``, the unclipped body averaged per quantization level and spread back over the level's bins
+(TensorRT's construction). TensorRT (pytorch-quantization's ``compute_amax("entropy")``) spreads over the non-empty
+bins of the unclipped histogram and declares the divergence infinite where ``P`` has mass and ``Q`` none — so it
+never puts a threshold in a gap of the histogram. CFWS's improved metric (FACTS.md §5) takes the KL only over the
+bins where both are non-zero. Done literally on TensorRT's ``Q`` that drops exactly the bin holding the clipped
+tail whenever it falls in a gap (and normalizing ``P`` over all bins but ``Q`` over its own made the sum negative),
+so the clipped mass stopped counting and ReLU outputs were cut to ~40 % of their range. Here ``Q`` is spread over
+``P``'s non-empty bins (the tail bin takes part whenever its level has mass; a candidate whose tail sits in an
+empty level is skipped), and both are normalized over the common support, so the divergence is a true KL ≥ 0.
+Networks inputs with a few discrete values (no density) keep their full range (:func:`_is_discrete`).
 """
 
 from __future__ import annotations
@@ -39,30 +43,40 @@ def improved_kl_amax(hist: Histogram, num_bits: int = 8, start_bin: int | None =
                      tensorrt: bool = False) -> float:
     """The clipping threshold (an upper bin edge) that minimizes the improved KL divergence; see the module doc.
 
-    For each candidate ``i`` (``start_bin`` … ``bins``, default start: the number of quantization levels), the float
-    histogram ``P`` is the first ``i`` bins with everything beyond folded into the last; ``Q`` is the first ``i``
-    bins (without the folded tail, as in TensorRT) averaged over ``2^(b-1)`` equal chunks and spread back over each
-    chunk's non-empty bins — the quantized, dequantized histogram. Returns ``edges[i*]``.
+    For each candidate ``i`` (``start_bin`` … ``bins``; default start: ``bins / 16`` as TensorRT's 128 of 2048, and
+    at least the number of quantization levels), ``P`` is the first ``i`` bins with everything beyond folded into
+    the last (the clipped float histogram); ``Q`` is the first ``i`` bins without the folded tail (as in TensorRT),
+    summed over ``2^(b-1)`` equal chunks (one per quantization level) and spread back over each chunk's bins where
+    ``P`` is non-empty. The divergence is taken over the bins where both ``P`` and ``Q`` are non-zero, each
+    normalized over exactly those bins. A candidate whose clipped tail falls in a level with no mass of its own
+    (``P > 0 = Q`` there) is skipped: restricted to the common support its KL would ignore the clipped mass
+    altogether. Ties go to the smallest threshold. Returns ``edges[i*]``.
 
-    ``tensorrt=True`` computes TensorRT's entropy calibration instead (a candidate whose ``P`` has mass where ``Q``
-    has none is rejected) — the same algorithm as pytorch-quantization's ``entropy``, vectorized per candidate
-    (the library's pure-Python loop takes about a minute per layer at 2048 bins).
+    ``tensorrt=True`` computes TensorRT's entropy calibration instead (``Q`` spread over the non-empty bins of the
+    unclipped histogram, a candidate whose ``P`` has mass where ``Q`` has none is rejected, both normalized over
+    all bins; ties go to the largest threshold) — the same algorithm as pytorch-quantization's ``entropy``,
+    vectorized per candidate (the library's pure-Python loop takes about a minute per layer at 2048 bins).
     """
     counts = hist.counts.to(torch.float64).numpy().copy()
-    if counts.size > 1:
-        # as TensorRT/pytorch-quantization: the zero bin (ReLU's exact zeros, representable in any grid) must not
-        # dominate the divergence — otherwise the smallest threshold (one bin per level) always wins
-        counts[0] = counts[1]
-    nbins = counts.size
-    levels = qbound(num_bits) + 1
-    start = levels if start_bin is None else start_bin
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
+    nbins = counts.size
+    levels = qbound(num_bits) + 1
     if nbins < levels:
         raise ValueError(f"the histogram has {nbins} bins, fewer than the {levels} quantization levels of "
                          f"{num_bits} bits; collect it with more bins")
+    if nbins > 1 and (tensorrt or counts[0] > counts[1]):
+        # as TensorRT/pytorch-quantization: the zero bin (ReLU's exact zeros, representable in any grid) must not
+        # dominate the divergence — otherwise the smallest threshold (one bin per level) always wins. TensorRT
+        # does this unconditionally; the improved metric only flattens an actual spike (an input without exact
+        # zeros keeps its first bin as it is)
+        counts[0] = counts[1]
     if float(counts.sum()) <= 0:
         return hist.amax
+    if start_bin is None:
+        start = levels if tensorrt else max(levels, nbins // 16)
+    else:
+        start = start_bin
     start = min(max(start, levels), nbins)
     best_i, best_kl = nbins, float("inf")
     total = counts.sum()
@@ -72,16 +86,26 @@ def improved_kl_amax(hist: Histogram, num_bits: int = 8, start_bin: int | None =
         p[i - 1] += tail[i]
         chunk = (np.arange(i) * levels) // i
         chunk_sum = np.bincount(chunk, weights=counts[:i], minlength=levels)
-        nonempty = counts[:i] > 0
+        # TensorRT spreads over the unclipped histogram's non-empty bins; the improved metric over P's, so that the
+        # bin holding the clipped tail takes part whenever its level has any mass
+        nonempty = counts[:i] > 0 if tensorrt else p > 0
         chunk_len = np.bincount(chunk, weights=nonempty.astype(np.float64), minlength=levels)
         q = np.where(nonempty, chunk_sum[chunk] / np.maximum(chunk_len[chunk], 1), 0.0)
-        qsum = q.sum()
-        mask = (p > 0) & (q > 0)
-        if qsum <= 0 or not mask.any() or (tensorrt and bool(((p > 0) & (q <= 0)).any())):
-            continue
-        pn, qn = p[mask] / total, q[mask] / qsum
+        if bool(((p > 0) & (q <= 0)).any()):
+            continue  # TensorRT: infinite KL; improved: the clipped mass would drop out of the comparison
+        if tensorrt:
+            qsum = q.sum()
+            mask = p > 0
+            if qsum <= 0:
+                continue
+            pn, qn = p[mask] / total, q[mask] / qsum
+        else:
+            mask = (p > 0) & (q > 0)
+            if not mask.any():
+                continue
+            pn, qn = p[mask] / p[mask].sum(), q[mask] / q[mask].sum()  # both distributions on the same support
         kl = float(np.sum(pn * np.log(pn / qn)))
-        if kl < best_kl - 1e-12:
+        if (kl <= best_kl + 1e-12) if tensorrt else (kl < best_kl - 1e-12):
             best_kl, best_i = kl, i
     return float(hist.edges[best_i])
 
@@ -142,6 +166,19 @@ def _coarsen(hist: Histogram, num_bits: int, min_mean_count: float = 16.0) -> Hi
     return Histogram(counts, edges)
 
 
+def _is_discrete(hist: Histogram, min_occupancy: float = 0.5) -> bool:
+    """True when fewer than ``min_occupancy`` of the bins up to the last non-empty one hold any value although the
+    histogram has enough counts (after :func:`_coarsen`): the values sit on a sparse set of points (a network
+    input with a few grey levels), not on a density. A KL search then only compares how the chunk averaging of
+    ``Q`` mixes spikes of different heights — it clips the digits' strokes onto the background level — so the
+    improved-KL calibrator keeps the full range there (every value is then represented)."""
+    nz = torch.nonzero(hist.counts > 0).flatten()
+    if nz.numel() == 0:
+        return False
+    span = int(nz[-1]) + 1
+    return nz.numel() < min_occupancy * span
+
+
 HIST_METHODS = ("max", "percentile", "entropy", "mse", "improved_kl")
 
 
@@ -160,8 +197,13 @@ def amax_from_histogram(hist: Histogram, method: str, num_bits: int = 8, percent
         return max(hist.amax, 0.0)
     if method == "max":
         return hist.amax
-    if method in ("improved_kl", "entropy"):
-        return improved_kl_amax(_coarsen(hist, num_bits), num_bits, tensorrt=method == "entropy")
+    if method == "entropy":
+        return improved_kl_amax(_coarsen(hist, num_bits), num_bits, tensorrt=True)
+    if method == "improved_kl":
+        coarse = _coarsen(hist, num_bits)
+        if _is_discrete(coarse):
+            return hist.amax
+        return improved_kl_amax(coarse, num_bits)
     counts, edges = hist.counts.numpy().copy(), hist.edges.numpy().copy()
     if method == "percentile":
         return float(backend.pq_compute_amax_percentile(counts, edges, percentile))

@@ -62,6 +62,9 @@ class SimQuantLayer(nn.Module):
         self.register_buffer("w_amax", channel_amax(self.weight, per_channel).clone())
         self.act_amax: Tensor | nn.Parameter = nn.Parameter(torch.tensor(float("nan")), requires_grad=False)
         self.alpha: nn.Parameter | None = None
+        self._ada_floor: Tensor | None = None
+        self._ada_scale: Tensor | None = None
+        self.last_h: Tensor | None = None
         self.quant_weight = True
         self.quant_act = True
         self.soft = False
@@ -77,6 +80,9 @@ class SimQuantLayer(nn.Module):
         rest = w - torch.floor(w)
         alpha = -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)
         self.alpha = nn.Parameter(alpha)
+        # weight and scale are frozen while the rounding is learned: floor(W / s) and s once, not every iteration
+        self._ada_floor, self._ada_scale = torch.floor(w), self._w_scale()
+        self.last_h: Tensor | None = None
 
     def h(self) -> Tensor:
         """AdaRound's rectified sigmoid ``clip(sigmoid(α)·(ζ−γ) + γ, 0, 1)``."""
@@ -99,16 +105,20 @@ class SimQuantLayer(nn.Module):
         if self.alpha is None:
             return fake_quant(self.weight, self.w_amax, self.w_bits)
         b = qbound(self.w_bits)
-        up = self.h() if self.soft else (self.alpha >= 0).to(self.weight.dtype)
-        return torch.clamp(torch.floor(self._w_grid()) + up, -b, b) * self._w_scale()
+        if self.soft:
+            up = self.last_h = self.h()  # kept for the rounding regularizer of the same step (one h per step)
+        else:
+            up = (self.alpha >= 0).to(self.weight.dtype)
+        return torch.clamp(self._ada_floor + up, -b, b) * self._ada_scale
 
     @torch.no_grad()
     def harden(self) -> None:
         """Bake the current rounding into ``weight`` (so nearest rounding reproduces it) and drop ``alpha``."""
+        self.soft = False
         if self.alpha is not None:
             self.weight.copy_(self.quantized_weight() if self.quant_weight else self.weight)
             self.alpha = None
-        self.soft = False
+            self._ada_floor = self._ada_scale = self.last_h = None
 
     # ------------------------------------------------------------------------------------------ activations
     def set_act_amax(self, amax: float | Tensor, learn: bool = False) -> None:
