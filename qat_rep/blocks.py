@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fuse import avgpool_kernel, fuse_bn_module, identity_kernel, pad_1x1_to_3x3
+from .fuse import add_centre, avgpool_kernel, fuse_bn_module, identity_centre
 
 __all__ = ["ConvBN", "SEBlock", "RepBlock", "RepVGGBlock", "QARepVGGBlock", "QARepVGGBlockV2", "BLOCK_TYPES", "get_block_type"]
 
@@ -223,14 +223,16 @@ class RepVGGBlock(RepBlock):
         return y
 
     def _branch_kernel_bias(self) -> tuple[Tensor, Tensor]:
-        k3, b3 = fuse_bn_module(self.rbr_dense.conv.weight, self.rbr_dense.bn)
-        k1, b1 = fuse_bn_module(self.rbr_1x1.conv.weight, self.rbr_1x1.bn)
-        kernel, bias = k3 + pad_1x1_to_3x3(k1), b3 + b1
+        # the 1×1 and identity branches only touch the centre tap: sum them there, then add once into the fresh
+        # 3×3 fold (add_centre) — this runs at every QAT step
+        kernel, b3 = fuse_bn_module(self.rbr_dense.conv.weight, self.rbr_dense.bn)
+        centre, b1 = fuse_bn_module(self.rbr_1x1.conv.weight, self.rbr_1x1.bn)
+        bias = b3 + b1
         if self.rbr_identity is not None:
-            eye = identity_kernel(self.in_channels, self.groups, dtype=k3.dtype, device=k3.device)
-            kid, bid = fuse_bn_module(eye, self.rbr_identity)
-            kernel, bias = kernel + kid, bias + bid
-        return kernel, bias
+            eye = identity_centre(self.in_channels, self.groups, dtype=kernel.dtype, device=kernel.device)
+            kid, bid = fuse_bn_module(eye[:, :, None, None], self.rbr_identity)
+            centre, bias = centre + kid, bias + bid
+        return add_centre(kernel, centre), bias
 
     def _drop_branches(self) -> None:
         self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
@@ -272,10 +274,11 @@ class QARepVGGBlock(RepBlock):
 
     def _branch_kernel_bias(self) -> tuple[Tensor, Tensor]:
         kernel, bias = fuse_bn_module(self.rbr_dense.conv.weight, self.rbr_dense.bn)
-        kernel = kernel + pad_1x1_to_3x3(self.rbr_1x1.weight)
+        centre = self.rbr_1x1.weight
         if self.rbr_identity is not None:
-            kernel = kernel + identity_kernel(self.in_channels, self.groups, dtype=kernel.dtype, device=kernel.device)
-        return kernel, bias
+            centre = centre + identity_centre(self.in_channels, self.groups, dtype=kernel.dtype,
+                                              device=kernel.device)[:, :, None, None]
+        return add_centre(kernel, centre), bias
 
     def _drop_branches(self) -> None:
         self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None

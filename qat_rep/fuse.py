@@ -15,6 +15,8 @@ __all__ = [
     "fuse_conv_bn",
     "fuse_bn_module",
     "pad_1x1_to_3x3",
+    "add_centre",
+    "identity_centre",
     "identity_kernel",
     "avgpool_kernel",
 ]
@@ -55,15 +57,34 @@ def pad_1x1_to_3x3(kernel: Tensor) -> Tensor:
     return F.pad(kernel, [1, 1, 1, 1])
 
 
+def add_centre(kernel: Tensor, centre: Tensor) -> Tensor:
+    """``kernel + pad_1x1_to_3x3(centre)`` — a 1×1 kernel (``[O, I]`` or ``[O, I, 1, 1]``) added to the centre tap
+    of a 3×3 one — without materializing the padded kernel.
+
+    Writes into ``kernel`` and returns it: pass a tensor the caller owns (the fresh output of a BN fold), not a
+    parameter. Autograd tracks the in-place add; this saves two full passes over the 3×3 kernel per call, which
+    matters in equivalent-kernel QAT where the kernel is rebuilt at every training step.
+    """
+    kernel[:, :, 1, 1] += centre.reshape(kernel.shape[0], kernel.shape[1])
+    return kernel
+
+
+def identity_centre(
+    channels: int, groups: int = 1, *, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> Tensor:
+    """The centre tap ``[channels, channels/groups]`` of the identity kernel: ``C[i, i % (channels/groups)] = 1``."""
+    per_group = channels // groups
+    c = torch.zeros(channels, per_group, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=device)
+    c[idx, idx % per_group] = 1.0
+    return c
+
+
 def identity_kernel(
     channels: int, groups: int = 1, *, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> Tensor:
     """The 3×3 (grouped) kernel of the identity map: ``K[i, i % (channels/groups), 1, 1] = 1``."""
-    per_group = channels // groups
-    k = torch.zeros(channels, per_group, 3, 3, dtype=dtype, device=device)
-    idx = torch.arange(channels, device=device)
-    k[idx, idx % per_group, 1, 1] = 1.0
-    return k
+    return pad_1x1_to_3x3(identity_centre(channels, groups, dtype=dtype, device=device)[:, :, None, None])
 
 
 def avgpool_kernel(

@@ -102,16 +102,20 @@ def _explicit_forward(block, x, x_amax, w_bits, a_bits, per_channel, train_post_
     else:
         k1, b1 = fold(block.rbr_1x1.conv.weight, block.rbr_1x1.bn)
         b = b + b1
-    k = k3 + F.pad(k1, [1, 1, 1, 1])
+    # the 1x1 and identity branches live on the centre tap: summed there first, then added to the 3x3 kernel.
+    # (The same order as the implementation: rounding is discontinuous, so a one-ulp difference in K from another
+    # summation order can move a quantized weight or bias by one step and the ReLU mask with it.)
+    centre = k1
     if block.rbr_identity is not None:
-        eye = torch.zeros_like(k)
+        eye = torch.zeros_like(k1)
         for i in range(block.out_channels):
-            eye[i, i % (block.in_channels // block.groups), 1, 1] = 1.0
+            eye[i, i % (block.in_channels // block.groups), 0, 0] = 1.0
         if isinstance(block, QARepVGGBlock):
-            k = k + eye
+            centre = centre + eye
         else:
             kid, bid = fold(eye, block.rbr_identity)
-            k, b = k + kid, b + bid
+            centre, b = centre + kid, b + bid
+    k = k3 + F.pad(centre, [1, 1, 1, 1])
     if isinstance(block, QARepVGGBlock) and per_channel:
         # Q(K·t) = t·Q(K) for per-channel amax: quantize K, then the real post-BN
         amax = k.detach().abs().amax(dim=(1, 2, 3), keepdim=True)

@@ -88,6 +88,24 @@ def _bounds(num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[int, int
     return qmin, qmax
 
 
+class _RoundSTE(torch.autograd.Function):
+    """``clamp(round(x / s), qmin, qmax) · s`` with the identity gradient, computed in place on one buffer.
+
+    For weights quantized with their own ``max|w|`` (nothing is clipped, so the straight-through gradient is the
+    identity): four passes over the kernel instead of the seven of the out-of-place STE expression, and ~3× faster
+    on CPU than ``fake_quantize_per_channel_affine``, with the same numbers. Runs at every QAT step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        q = x.detach() / scale
+        return q.round_().clamp_(qmin, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        return grad, None, None, None
+
+
 class TensorQuantizer(_PQTensorQuantizer):
     """pytorch-quantization's ``TensorQuantizer`` with a fixed-shape ``_amax`` (NaN = not calibrated).
 
@@ -148,8 +166,12 @@ class TensorQuantizer(_PQTensorQuantizer):
         """``max|x|`` over every dimension except ``axis``, in ``_amax``'s shape (no gradient)."""
         x = x.detach()
         if self._axis is None:
-            return x.abs().amax().reshape(self._amax.shape)
+            return torch.maximum(x.amax(), -x.amin()).reshape(self._amax.shape)
         axes = self._axis if isinstance(self._axis, (list, tuple)) else (self._axis,)
+        if len(axes) == 1:
+            # max and -min of the rows of a [C, rest] view: no |x| copy, ~7x faster on CPU than abs().amax(dims)
+            rows = x.movedim(axes[0], 0).reshape(x.shape[axes[0]], -1)
+            return torch.maximum(rows.amax(1), -rows.amin(1)).reshape(self._amax.shape)
         dims = [d for d in range(x.dim()) if d not in axes]
         return x.abs().amax(dim=dims, keepdim=True).reshape(self._amax.shape)
 
@@ -182,10 +204,8 @@ class TensorQuantizer(_PQTensorQuantizer):
             zero = torch.zeros((), dtype=torch.int32, device=inputs.device)
             return torch.fake_quantize_per_tensor_affine(inputs, scale.reshape(()), zero, qmin, qmax)
         if self._dynamic:
-            # amax = max|w| per channel: nothing is clipped, so the STE is the identity. Plain ops are ~3x faster
-            # on CPU than fake_quantize_per_channel_affine and give the same numbers.
-            q = torch.clamp(torch.round(inputs.detach() / scale), qmin, qmax) * scale
-            return inputs + (q - inputs.detach())
+            # amax = max|w| per channel: nothing is clipped, so the STE is the identity
+            return _RoundSTE.apply(inputs, scale, qmin, qmax)
         axis = self._axis if not isinstance(self._axis, (list, tuple)) else self._axis[0]
         zeros = torch.zeros(scale.numel(), dtype=torch.int32, device=inputs.device)
         return torch.fake_quantize_per_channel_affine(inputs, scale.flatten(), zeros, axis, qmin, qmax)
