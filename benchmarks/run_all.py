@@ -33,6 +33,12 @@ BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 START = "<!-- qat-rep:results:start -->"
 END = "<!-- qat-rep:results:end -->"
+#: the README's opening "problem" table (RepVGG vs QARepVGG under plain PTQ), built from ptq_accuracy.json
+PROBLEM_START = "<!-- qat-rep:problem:start -->"
+PROBLEM_END = "<!-- qat-rep:problem:end -->"
+PROBLEM_COLUMNS = {("FP32", "fp32"): "FP32", ("W8A8", "minmax"): "W8A8 min-max",
+                   ("W6A6-pt", "minmax"): "W6A6 per-tensor min-max", ("W4A8", "minmax"): "W4A8 min-max",
+                   ("W8A8", "cfws"): "W8A8 CFWS", ("W6A6-pt", "cfws"): "W6A6 per-tensor CFWS"}
 #: README order and headings; benchmarks not listed here follow in alphabetical order under their file name
 ORDER = {
     "qat_accuracy": "RepVGG vs QARepVGG: FP32, plain PTQ and equivalent-kernel QAT (embedded digits)",
@@ -112,18 +118,45 @@ def results_section(results_dir: Path = RESULTS) -> str:
     return "\n".join(parts)
 
 
-def rewrite_readme(readme: Path, section: str) -> bool:
-    """Replace the text between the markers (inclusive) with ``section``; append a Results section if absent.
-    Returns True when the markers were found."""
+def problem_table(results_dir: Path = RESULTS) -> str | None:
+    """The README's opening table — plain PTQ of RepVGG vs QARepVGG — from ``ptq_accuracy.json`` (None if absent)."""
+    path = results_dir / "ptq_accuracy.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    cell = {(s["model"], s["bits"], s["method"]): s for s in data["summary"]}
+    a = data["meta"]["args"]
+    seeds = sorted({r["seed"] for r in data["rows"]})
+    names = {"repvgg_a0": "RepVGG-A0", "qarepvgg_a0": "QARepVGG-A0"}
+    head = list(PROBLEM_COLUMNS.values())
+    lines = [PROBLEM_START,
+             f"The problem, from our own benchmark (`python benchmarks/ptq_accuracy.py`: A0 models trained "
+             f"{a['epochs']} epochs on the embedded digits at {a['image_size']}×{a['image_size']}, top-1 % on the "
+             f"validation split, mean of seeds {', '.join(map(str, seeds))}; CFWS is the fix for plain PTQ):", "",
+             "| top-1 % | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+    for model in ("repvgg_a0", "qarepvgg_a0"):
+        vals = []
+        for b, m in PROBLEM_COLUMNS:
+            s = cell.get((model, b, m))
+            vals.append("n/a" if s is None else f"{s['acc_mean']:.2f}")
+        lines.append(f"| {names[model]} | " + " | ".join(vals) + " |")
+    lines.append(PROBLEM_END)
+    return "\n".join(lines)
+
+
+def rewrite_readme(readme: Path, section: str, start: str = START, end: str = END, append: bool = True) -> bool:
+    """Replace the text between the markers (inclusive) with ``section``; append a Results section if absent (and
+    ``append``). Returns True when the markers were found."""
     text = readme.read_text(encoding="utf-8") if readme.exists() else ""
-    if START in text and END in text:
-        if text.index(START) > text.index(END):
-            raise ValueError(f"{readme}: {END!r} comes before {START!r}; fix the README markers")
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
+    if start in text and end in text:
+        if text.index(start) > text.index(end):
+            raise ValueError(f"{readme}: {end!r} comes before {start!r}; fix the README markers")
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
         _atomic_write(readme, head + section + tail)
         return True
-    _atomic_write(readme, text.rstrip() + "\n\n## Results\n\n" + section + "\n")
+    if append:
+        _atomic_write(readme, text.rstrip() + "\n\n## Results\n\n" + section + "\n")
     return False
 
 
@@ -155,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.error("%s", e)
                 failed.append(name)
     found = rewrite_readme(args.readme, results_section())
+    problem = problem_table()
+    if problem is not None:
+        rewrite_readme(args.readme, problem, PROBLEM_START, PROBLEM_END, append=False)
     if times or failed:
         from rich.console import Console
         from rich.table import Table

@@ -84,3 +84,31 @@ def test_recipe_results_are_collected_with_table_json_and_plot(tmp_path: Path, m
     assert "| FP32 | FP32 |" in md and "## Files" not in md and "wall time 12 s, CPU time 20 s" in md
     assert (tmp_path / "results" / "qat_b0.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "results" / "qat_b0.json").read_text())["seconds"]["cpu"] == 20.0
+
+
+def test_problem_table_is_built_from_ptq_accuracy_json(tmp_path: Path) -> None:
+    d = tmp_path / "results"
+    d.mkdir()
+    assert run_all.problem_table(d) is None  # no PTQ results yet: the README keeps its placeholder
+    summary = [dict(model=m, bits=b, method=k, acc_mean=acc) for m, b, k, acc in [
+        ("repvgg_a0", "FP32", "fp32", 99.1), ("repvgg_a0", "W8A8", "minmax", 98.2),
+        ("repvgg_a0", "W6A6-pt", "minmax", 12.3), ("qarepvgg_a0", "FP32", "fp32", 98.7),
+        ("qarepvgg_a0", "W6A6-pt", "minmax", 97.4)]]
+    (d / "ptq_accuracy.json").write_text(json.dumps(dict(
+        meta=dict(args=dict(epochs=6, image_size=16)), rows=[dict(seed=0), dict(seed=2)], summary=summary)))
+    table = run_all.problem_table(d)
+    lines = table.splitlines()
+    assert lines[0] == run_all.PROBLEM_START and lines[-1] == run_all.PROBLEM_END
+    assert "seeds 0, 2" in table and "6 epochs" in table and "16×16" in table
+    rep = next(line for line in lines if line.startswith("| RepVGG-A0"))
+    assert rep.split(" | ")[1:4] == ["99.10", "98.20", "12.30"] and rep.count("n/a") == 3
+    qa = next(line for line in lines if line.startswith("| QARepVGG-A0"))
+    assert qa.split(" | ")[1:4] == ["98.70", "n/a", "97.40"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\n{run_all.PROBLEM_START}\nold\n{run_all.PROBLEM_END}\n\nrest\n")
+    assert run_all.rewrite_readme(readme, table, run_all.PROBLEM_START, run_all.PROBLEM_END, append=False)
+    assert "old" not in readme.read_text() and readme.read_text().endswith("\n\nrest\n") and "12.30" in readme.read_text()
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    assert not run_all.rewrite_readme(plain, table, run_all.PROBLEM_START, run_all.PROBLEM_END, append=False)
+    assert plain.read_text() == "# no markers\n"
