@@ -14,6 +14,7 @@ from torch import Tensor, nn
 __all__ = [
     "fuse_conv_bn",
     "fuse_bn_module",
+    "fold_bn_into_conv_",
     "pad_1x1_to_3x3",
     "add_centre",
     "identity_centre",
@@ -50,6 +51,18 @@ def fuse_bn_module(kernel: Tensor, bn: nn.BatchNorm2d, conv_bias: Tensor | None 
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"{bn!r} tracks no running statistics (track_running_stats=False); it cannot be fused")
     return fuse_conv_bn(kernel, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv_bias)
+
+
+@torch.no_grad()
+def fold_bn_into_conv_(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
+    """Fold ``bn`` (which follows ``conv``) into ``conv.weight``/``conv.bias`` in place, creating the bias when the
+    conv has none. The caller removes ``bn`` from the network (e.g. replaces it by ``nn.Identity``)."""
+    kernel, bias = fuse_bn_module(conv.weight, bn, conv.bias)
+    conv.weight.copy_(kernel)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(bias.detach().clone())
+    else:
+        conv.bias.copy_(bias)
 
 
 def pad_1x1_to_3x3(kernel: Tensor) -> Tensor:

@@ -55,15 +55,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_common_args(args, parser)
-    if args.model is None:
-        args.model = "a0" if args.fast else "b0"
-    if args.fast:
-        args.epochs = min(args.epochs, 1)
-        args.qat_epochs = min(args.qat_epochs, 1)
-        args.calib_batches = min(args.calib_batches, 2)
-    args.out = args.out.format(block=args.block)
-    if args.calib_batches < 1:
-        parser.error(f"--calib-batches must be >= 1, got {args.calib_batches}")
     return args
 
 

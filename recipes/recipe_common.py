@@ -224,7 +224,8 @@ def base_parser(description: str, *, epochs: int, qat_epochs: int | None, out: s
 
 
 def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Reject impossible values with the flag's name (argparse exits with code 2 and a message)."""
+    """Reject impossible values with the flag's name (argparse exits with code 2 and a message), then fill the
+    defaults that depend on other flags (``--model`` by ``--fast``, the ``--fast`` sizes, ``--out``'s ``{block}``)."""
     for flag in ("epochs", "qat_epochs"):
         if getattr(args, flag, 0) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -234,6 +235,18 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(f"--ckpt {args.ckpt!r} is not a file")
     if args.epochs == 0 and args.ckpt is None:
         parser.error("--epochs 0 needs --ckpt (a trained FP32 model to start from)")
+    if getattr(args, "calib_batches", 1) < 1:
+        parser.error(f"--calib-batches must be >= 1, got {args.calib_batches}")
+    if getattr(args, "model", "") is None:
+        args.model = "a0" if args.fast else "b0"
+    if args.fast:  # the smoke-test sizes every recipe shares
+        args.epochs = min(args.epochs, 1)
+        if hasattr(args, "qat_epochs"):
+            args.qat_epochs = min(args.qat_epochs, 1)
+        if hasattr(args, "calib_batches"):
+            args.calib_batches = min(args.calib_batches, 2)
+    if hasattr(args, "block"):
+        args.out = args.out.format(block=args.block)
 
 
 def prepare_run(args: argparse.Namespace) -> Path:

@@ -59,14 +59,6 @@ def ptq_parser(description: str, *, out: str, bits: str, block: str) -> argparse
 def parse_ptq_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_common_args(args, parser)
-    if args.model is None:
-        args.model = "a0" if args.fast else "b0"
-    if args.fast:
-        args.epochs = min(args.epochs, 1)
-        args.calib_batches = min(args.calib_batches, 2)
-    if args.calib_batches < 1:
-        parser.error(f"--calib-batches must be >= 1, got {args.calib_batches}")
-    args.out = args.out.format(block=args.block)
     return args
 
 

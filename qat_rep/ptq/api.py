@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..fuse import fuse_bn_module
+from ..fuse import fold_bn_into_conv_
 from ..quant.insert import bn_after
 from ..quant import QuantConfig
 from ..quant.calibrate import default_forward
@@ -132,12 +132,7 @@ def _fold_plain_bn(model: nn.Module) -> int:
             if found is None or found[1].num_features != conv.out_channels:
                 continue
             bn_name, bn = found
-            kernel, bias = fuse_bn_module(conv.weight, bn, conv.bias)
-            conv.weight.copy_(kernel)
-            if conv.bias is None:
-                conv.bias = nn.Parameter(bias.detach().clone())
-            else:
-                conv.bias.copy_(bias)
+            fold_bn_into_conv_(conv, bn)
             setattr(parent, bn_name, nn.Identity())
             n += 1
     return n

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..blocks import RepBlock
-from ..fuse import fuse_bn_module
+from ..fuse import fold_bn_into_conv_
 from .backend import QuantConv2d, QuantLinear, TensorQuantizer, make_quantizer
 from .config import QuantConfig
 from .rep_qat import RepQuant, folded_kernel_bias
@@ -269,12 +269,7 @@ def convert(model: nn.Module) -> nn.Module:
         if found is None or found[1].num_features != layer.out_channels:
             continue
         bn_name, bn = found
-        kernel, bias = fuse_bn_module(layer.weight, bn, layer.bias)
-        layer.weight.copy_(kernel)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(bias.detach().clone())
-        else:
-            layer.bias.copy_(bias)
+        fold_bn_into_conv_(layer, bn)
         wq = layer._weight_quantizer
         if not wq.learn_amax:
             wq.set_amax(wq.reduce_amax(layer.weight))
