@@ -259,7 +259,7 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, m
     _atomic_write(out.with_suffix(".json"), json.dumps(dict(meta=meta, rows=rows, summary=summary,
                                                             targets=targets), indent=1))
     seeds = sorted({r["seed"] for r in rows})
-    md = [f"# PTQ accuracy on embedded digits ({a.image_size}x{a.image_size}), seeds {seeds}, "
+    md = [f"PTQ accuracy on embedded digits ({a.image_size}x{a.image_size}), seeds {seeds}, "
           f"{a.epochs} training epochs, reconstruction {a.iters} iters/unit on {a.num_samples} samples, "
           f"{a.threads} threads, {meta['total_seconds'] / 60:.1f} min in total", "",
           "| model | bits | method | seeds | top-1 % (mean ± std) | drop vs FP32 | time s |",

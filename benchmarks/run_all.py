@@ -43,6 +43,7 @@ PROBLEM_COLUMNS = {("FP32", "fp32"): "FP32", ("W8A8", "minmax"): "W8A8 min-max",
 ORDER = {
     "qat_accuracy": "RepVGG vs QARepVGG: FP32, plain PTQ and equivalent-kernel QAT (embedded digits)",
     "qat_b0": "`python recipes/qat_b0.py` with defaults",
+    "ptq_accuracy": "Post-training quantization: every method vs ONNX Runtime's quantize_static (embedded digits)",
     "qat_speed": "QAT step time: equivalent-kernel QAT vs multi-branch fake-quant",
     "fuse_speed": "Multi-branch vs fused FP32 latency (PyTorch)",
     "deploy_speed": "INT8 deploy latency in ONNX Runtime (CPU)",
