@@ -38,11 +38,11 @@ PTQ_BITS = (8, 6, 4)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.base_parser(__doc__.split("\n\n")[0], epochs=6, qat_epochs=2, out="out/qat_b0-{block}")
+    p = common.base_parser(__doc__.split("\n\n")[0], epochs=10, qat_epochs=2, out="out/qat_b0-{block}")
     p.add_argument("--model", default=None,
                    help="model variant of the RepVGG family (a0, a1, a2, b0, b1, …); default b0 (a0 with --fast)")
-    p.add_argument("--lr", type=float, default=3e-3, help="FP32 peak learning rate (AdamW, cosine)")
-    p.add_argument("--qat-lr", type=float, default=1e-4,
+    p.add_argument("--lr", type=float, default=1e-3, help="FP32 peak learning rate (AdamW, cosine)")
+    p.add_argument("--qat-lr", type=float, default=3e-5,
                    help="QAT peak learning rate (a few %% of the FP32 rate, cosine to 1%% of that)")
     p.add_argument("--calibrator", default="max", choices=["max", "percentile", "entropy", "mse"],
                    help="activation calibrator for QAT initialisation")
