@@ -67,7 +67,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 "weight amax min..max"):
         table.add_column(col, justify="left" if col in ("layer", "kind", "weights") else "right")
     for r in rows:
-        table.add_row(r.name, r.kind, "x".join(map(str, r.weight_shape)), str(r.w_bits), str(r.a_bits),
+        table.add_row(r.name, r.kind, "x".join(map(str, r.weight_shape)), str(r.w_bits),
+                      f"{r.a_bits}{'u' if r.a_unsigned else ''}",
                       r.granularity, f"{r.input_amax:.4g}", f"{r.input_scale:.4g}",
                       f"{r.weight_amax_min:.4g}..{r.weight_amax_max:.4g}")
     console.print(table)

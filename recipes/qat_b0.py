@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrator", default="max", choices=["max", "percentile", "entropy", "mse"],
                    help="activation calibrator for QAT initialisation")
     p.add_argument("--calib-batches", type=int, default=4, help="batches read to calibrate activation ranges")
+    p.add_argument("--deploy-target", default="tensorrt", choices=["tensorrt", "onnxruntime"],
+                   help="QAT numerics: tensorrt = signed INT8 activations (QuantConfig()); onnxruntime = "
+                        "QuantConfig.for_onnxruntime() (UINT8 after ReLU, quantized global pool: integer from conv to "
+                        "conv in ONNX Runtime, not loadable by TensorRT)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size per process")
     return p
 
@@ -75,7 +79,8 @@ def run_qat(args: argparse.Namespace, fp32: ImageClassifier, dm: ImageDataModule
     # a fresh module with the FP32 weights (a deepcopy would also copy the FP32 run's Trainer reference)
     module = ImageClassifier(**{**fp32.hparams, "lr": args.qat_lr, "final_lr_ratio": 0.01})
     module.load_state_dict(fp32.state_dict())
-    cfg = QuantConfig(w_bits=bits, a_bits=bits, calibrator=args.calibrator, calib_batches=args.calib_batches)
+    make = QuantConfig.for_onnxruntime if args.deploy_target == "onnxruntime" else QuantConfig
+    cfg = make(w_bits=bits, a_bits=bits, calibrator=args.calibrator, calib_batches=args.calib_batches)
     callback = RepQATCallback(config=cfg, schedule=Schedule.all_at_once())
     trainer = make_trainer(args, out, max_epochs=args.qat_epochs, callbacks=[callback], name=f"qat_w{bits}a{bits}",
                            limit_batches=limit_batches)

@@ -42,9 +42,10 @@ def _rehash(directory: Path) -> None:
     (directory / META_FILE).write_text(json.dumps(meta))
 
 
-def test_round_trip_in_a_fresh_process(tmp_path):
-    model = converted_copy()  # model → QAT (fixture) → convert → save
-    x = qat_digits()["val_x"][:64]
+@pytest.mark.parametrize("preset", ["tensorrt", "onnxruntime"])
+def test_round_trip_in_a_fresh_process(tmp_path, preset):
+    model = converted_copy(preset)  # model → QAT (fixture) → convert → save
+    x = qat_digits(preset)["val_x"][:64]
     with torch.no_grad():
         before = model(x)
     save_quantized(model, tmp_path / "art", input_shape=(1, 3, SIZE, SIZE))
@@ -70,7 +71,7 @@ def test_round_trip_in_a_fresh_process(tmp_path):
     assert float((after - before).abs().max()) <= 1e-6
     # ... and the QAT-form model it came from predicts the same classes.
     with torch.no_grad():
-        qat = qat_digits()["model"](x)
+        qat = qat_digits(preset)["model"](x)
     assert float((qat.argmax(1) == after.argmax(1)).float().mean()) >= 0.98
 
 

@@ -37,9 +37,19 @@ from qat_rep.quant.backend import TensorQuantizer
 SIZE = 8
 
 
-@functools.lru_cache(maxsize=1)
-def qat_digits() -> dict:
-    """QAT-form QARepVGG-A0 on digits 8×8 plus its data (built once; callers must deep-copy before mutating)."""
+PRESETS = {"tensorrt": QuantConfig, "onnxruntime": QuantConfig.for_onnxruntime}
+
+
+def qat_digits(preset: str = "tensorrt") -> dict:
+    """QAT-form QARepVGG-A0 on digits 8×8 plus its data, quantized with the ``preset`` config (``tensorrt``: the
+    default ``QuantConfig()``; ``onnxruntime``: ``QuantConfig.for_onnxruntime()``). Built once per preset; callers
+    must deep-copy before mutating."""
+    with torch.enable_grad():  # a first call may come from inside a caller's no_grad block
+        return _qat_digits(preset)
+
+
+@functools.lru_cache(maxsize=None)
+def _qat_digits(preset: str) -> dict:
     torch.manual_seed(0)
     train, val, _ = load_dataset(DataSpec(image_size=SIZE))
     xs, ys = train.tensors
@@ -61,7 +71,7 @@ def qat_digits() -> dict:
         for i in range(0, 512, 128):
             model(xs[i:i + 128])
     model.eval()
-    prepare(model, QuantConfig())
+    prepare(model, PRESETS[preset]())
     calibrate(model, [(xs[i:i + 64], ys[i:i + 64]) for i in range(0, 256, 64)])
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     # A few QAT steps (equivalent-kernel fake quant, STE gradients to every branch), BN statistics frozen.
@@ -77,8 +87,8 @@ def qat_digits() -> dict:
     return {"model": model, "val": loader, "val_x": vx, "val_y": vy, "acc": acc}
 
 
-def converted_copy() -> torch.nn.Module:
-    m = copy.deepcopy(qat_digits()["model"])
+def converted_copy(preset: str = "tensorrt") -> torch.nn.Module:
+    m = copy.deepcopy(qat_digits(preset)["model"])
     convert(m)
     return m.eval()
 
@@ -140,23 +150,81 @@ def test_ort_agreement_on_digits_validation(tmp_path):
     assert qat.agreement >= 0.995
 
 
+def _reference_run(path, x: np.ndarray) -> np.ndarray:
+    """ONNX Runtime with every graph optimization off: the graph's own arithmetic, no integer kernels."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
 def test_onnxruntime_layout_runs_integer_convs_and_is_exact_rewrite(tmp_path):
+    from qat_rep.export.onnx_export import _int32_biases
+
     model = converted_copy()
     ours = export_onnx(model, tmp_path / "ort.onnx", example(), target="onnxruntime").path
     trt = export_onnx(model, tmp_path / "trt.onnx", example(), target="tensorrt").path
     ops = ort_op_counts(ours, threads=1)
     assert ops.get("QLinearConv", 0) >= 21  # every block conv but at most the first runs as an integer kernel
+    assert ops.get("QGemm", 0) == 1  # the classifier too: its bias is an INT32 DequantizeLinear
     assert "QLinearConv" not in ort_op_counts(trt, threads=1)
-    # Reference (unoptimized) execution of both layouts gives identical numbers: the rewrite is exact.
-    import onnxruntime as ort
-
+    # Reference (unoptimized) execution: the ORT layout computes exactly what the TensorRT layout computes once its
+    # float biases are put on the int32 grid s_x·s_w (TensorRT adds a float bias; ORT and the fake-quant model an
+    # int32 one), so the weight folding and the ReLU rewrite are exact.
+    trt_int32 = onnx.load(str(trt))
+    assert _int32_biases(trt_int32.graph) == 23
+    onnx.save(trt_int32, str(tmp_path / "trt_int32.onnx"))
     x = qat_digits()["val_x"][:32].numpy()
-    outs = []
-    for p in (ours, trt):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        outs.append(ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0])
-    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_reference_run(ours, x), _reference_run(tmp_path / "trt_int32.onnx", x), rtol=0,
+                               atol=1e-5)
+
+
+def test_int32_biases_are_the_fake_quant_models_integers(tmp_path):
+    from qat_rep.quant.backend import int32_bias
+
+    model = converted_copy()
+    path = export_onnx(model, tmp_path / "ort.onnx", example(), target="onnxruntime").path
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    biases = [n.input[2] for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(biases) == 23 and all(b in dq for b in biases)
+    with torch.no_grad():
+        model(torch.from_numpy(qat_digits()["val_x"][:2].numpy()))  # dynamic weight quantizers store their amax
+        expected = [int32_bias(layer.bias, layer._input_quantizer, layer._weight_quantizer)
+                    for _, layer in quant_layers(model)]
+    for b, ref in zip(biases, expected):
+        node = dq[b]
+        assert inits[node.input[0]].dtype == np.int32
+        value = inits[node.input[0]].astype(np.float64) * inits[node.input[1]].astype(np.float64)
+        np.testing.assert_allclose(value, ref.double().numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_onnxruntime_preset_is_integer_from_conv_to_conv_and_exact(tmp_path):
+    d = qat_digits("onnxruntime")
+    model = converted_copy("onnxruntime")
+    unsigned = {n: q.unsigned for n, q in model.named_modules() if isinstance(q, TensorQuantizer)
+                and getattr(q, "qat_rep_role", "") == "input"}
+    assert len(unsigned) == 24  # 22 blocks, the global pool, the classifier
+    stem_nonneg = bool((d["val_x"] >= 0).all())
+    assert unsigned.pop("stage0.rbr_reparam._input_quantizer") is stem_nonneg  # the image: signed if normalized
+    assert all(unsigned.values())  # every ReLU output: UINT8
+    rep = export_onnx(model, tmp_path / "ort.onnx", example())
+    graph = onnx.load(str(rep.path)).graph
+    assert "Relu" not in Counter(n.op_type for n in graph.node)  # folded into the UINT8 quantizers
+    inits = {i.name: i for i in graph.initializer}
+    zps = [inits[n.input[2]].data_type for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zps.count(TensorProto.UINT8) == 23
+    ops = ort_op_counts(rep.path, threads=1)
+    assert ops.get("QLinearConv") == 22 and ops.get("QGemm") == 1  # every conv and the classifier in integers
+    assert not {"Conv", "FusedConv", "Relu", "Gemm"} & set(ops)
+    result = verify_onnx(rep.path, model, d["val"])
+    assert result.agreement == 1.0 and result.max_diff_steps <= 1.0
+    assert result.torch_accuracy > 0.8
+    with pytest.raises(ValueError, match="UINT8.*target='onnxruntime'"):
+        export_onnx(model, tmp_path / "trt.onnx", example(), target="tensorrt")
+    assert not (tmp_path / "trt.onnx").exists()
 
 
 def test_fp32_export_matches_fused_float_model(tmp_path):

@@ -248,3 +248,94 @@ def test_compute_amax_rejects_unknown_method():
     q._calibrator.collect(torch.randn(10))
     with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
         compute_amax(q, "kl")
+
+
+# ------------------------------------------------------------------------------------------------ unsigned activations
+def test_unsigned_activations_are_decided_by_the_data_and_quantize_to_0_255():
+    model = _small_model()
+    prepare(model, QuantConfig(unsigned_activations=True))
+    x = torch.randn(8, 3, 16, 16)
+    calibrate(model, [x])
+    flags = {n: q.unsigned for n, q in quantizers(model, "input")}
+    assert flags == {"0.rep_quant._input_quantizer": False,  # the signed image
+                     "1.rep_quant._input_quantizer": True,  # ReLU outputs
+                     "3._input_quantizer": True}
+    q = model[1].rep_quant.input_quantizer
+    amax = float(q.amax)
+    y = torch.linspace(-0.5 * amax, 1.5 * amax, 1001)
+    step = amax / 255  # the unsigned 8-bit grid: twice as fine as the signed one
+    expected = torch.clamp(torch.round(y / step), 0, 255) * step
+    assert torch.allclose(q(y), expected, rtol=0, atol=1e-6 * amax)
+    # the same input calibrated without the option: the signed TensorRT range
+    signed = _small_model()
+    prepare(signed, QuantConfig())
+    calibrate(signed, [x])
+    assert not any(q.unsigned for _, q in quantizers(signed, "input"))
+    assert [float(q.amax) for _, q in quantizers(signed, "input")] == \
+        [float(q.amax) for _, q in quantizers(model, "input")]  # max calibration: the same amax either way
+
+
+def test_nonnegative_image_is_unsigned_and_negative_data_turns_a_flag_back():
+    model = _small_model()
+    prepare(model, QuantConfig(unsigned_activations=True))
+    calibrate(model, [torch.rand(8, 3, 16, 16)])  # images in [0, 1]
+    assert all(q.unsigned for _, q in quantizers(model, "input"))
+    calibrate(model, [torch.randn(8, 3, 16, 16)])  # recalibration on signed data
+    assert not model[0].rep_quant.input_quantizer.unsigned
+
+
+def test_unsigned_flag_travels_with_the_state_dict_and_entropy_uses_it():
+    model = _small_model()
+    prepare(model, QuantConfig(unsigned_activations=True, calibrator="entropy"))
+    torch.manual_seed(3)
+    x = torch.randn(16, 3, 16, 16) ** 3  # heavy tails: the entropy threshold is not simply the max
+    calibrate(model, [x])
+    keys = [k for k in model.state_dict() if k.endswith("_unsigned_flag")]
+    assert len(keys) == 3
+    fresh = _small_model(seed=1)
+    prepare(fresh, QuantConfig(unsigned_activations=True, calibrator="entropy"))
+    fresh.load_state_dict(model.state_dict())
+    assert [q.unsigned for _, q in quantizers(fresh, "input")] == [False, True, True]
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+    # entropy calibration searched 256 unsigned levels for the ReLU outputs, not 128 signed ones
+    q = model[1].rep_quant.input_quantizer
+    assert q.unsigned and q.num_bits == 8
+    signed = _small_model()
+    prepare(signed, QuantConfig(calibrator="entropy"))
+    calibrate(signed, [x])
+    assert float(q.amax) == pytest.approx(14.2547, abs=1e-3)  # measured: 14.25 unsigned, 15.12 signed
+    assert float(signed[1].rep_quant.input_quantizer.amax) == pytest.approx(15.1236, abs=1e-3)
+
+
+def test_set_unsigned_needs_the_option():
+    model = _small_model()
+    prepare(model, QuantConfig())
+    q = model[1].rep_quant.input_quantizer
+    assert not q.auto_unsigned
+    with pytest.raises(ValueError, match="unsigned_activations"):
+        q.set_unsigned(True)
+    assert not any(k.endswith("_unsigned_flag") for k in model.state_dict())  # keys unchanged by default
+
+
+def test_quantize_pools_wraps_average_pools_and_calibrates_them():
+    from qat_rep.quant.backend import QuantAvgPool
+
+    model = create_model("repvgg_a0", num_classes=10, small_input=True)
+    report = prepare(model, QuantConfig.for_onnxruntime(a_bits=4))
+    assert isinstance(model.gap, QuantAvgPool) and report.pools == {"gap": 8}  # feeds the 8-bit classifier
+    assert "gap: pool input A8" in str(report)
+    calibrate(model, [torch.randn(4, 3, 32, 32)])
+    q = model.gap._input_quantizer
+    assert q.is_calibrated and q.unsigned
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        step = float(q.amax) / 255
+        expected = (torch.clamp(torch.round(feats / step), 0, 255) * step).mean(dim=(2, 3), keepdim=True)
+        assert torch.allclose(model.gap(feats), expected, atol=1e-6)  # pool of the UINT8-quantized features
+        assert not torch.allclose(model.gap(feats), feats.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+    skipped = create_model("repvgg_a0", num_classes=10, small_input=True)
+    report = prepare(skipped, QuantConfig(quantize_pools=True, skip=("gap",)))
+    assert report.pools == {} and "gap" in report.skipped and type(skipped.gap) is nn.AdaptiveAvgPool2d

@@ -22,9 +22,20 @@ from qat_rep.quant.backend import (
 
 def test_config_round_trips_through_json():
     cfg = QuantConfig(w_bits=4, a_bits=6, w_granularity="per_tensor", calibrator="entropy", percentile=99.9,
-                      calib_batches=2, skip=("linear", "stage4.*"), learn_amax=True, first_last_8bit=False)
+                      calib_batches=2, skip=("linear", "stage4.*"), learn_amax=True, first_last_8bit=False,
+                      unsigned_activations=True, quantize_pools=True)
     back = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg and isinstance(back.skip, tuple)
+    # an artifact written before the two ONNX Runtime options existed loads with them off
+    old = {k: v for k, v in QuantConfig().to_dict().items() if k not in ("unsigned_activations", "quantize_pools")}
+    assert QuantConfig.from_dict(old) == QuantConfig()
+
+
+def test_onnxruntime_preset():
+    cfg = QuantConfig.for_onnxruntime(w_bits=4)
+    assert cfg.unsigned_activations and cfg.quantize_pools and cfg.w_bits == 4
+    assert not QuantConfig().unsigned_activations and not QuantConfig().quantize_pools  # TensorRT-style default
+    assert QuantConfig.for_onnxruntime(quantize_pools=False).quantize_pools is False
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -48,6 +59,8 @@ def test_config_type_errors_and_unknown_keys():
         QuantConfig(skip=("linear", 3))
     with pytest.raises(TypeError, match="learn_amax must be a bool"):
         QuantConfig(learn_amax="yes")
+    with pytest.raises(TypeError, match="unsigned_activations must be a bool"):
+        QuantConfig(unsigned_activations=1)
     with pytest.raises(ValueError, match=r"unknown QuantConfig key\(s\) \['bits'\]"):
         QuantConfig.from_dict({"bits": 8})
     with pytest.raises(TypeError, match="expects a mapping"):

@@ -1,4 +1,5 @@
-"""Calibration across 2 real processes (gloo): every rank ends with identical amax, the max over ranks."""
+"""Calibration across 2 real processes (gloo): every rank ends with identical amax, the max over ranks, and
+identical signed/unsigned decisions (``unsigned_activations``), the min of the input over ranks."""
 
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def _amax(model: nn.Module) -> dict[str, float]:
     return {n: float(q.amax) for n, q in quantizers(model, "input")}
 
 
+def _unsigned_batches(rank: int) -> list[torch.Tensor]:
+    # rank 0 sees only non-negative images, rank 1 signed ones: the first layer must end signed on both
+    return [b.abs() if rank == 0 else b for b in _batches(rank)]
+
+
+def _signs(model: nn.Module) -> dict[str, bool]:
+    return {n: q.unsigned for n, q in quantizers(model, "input")}
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -39,6 +49,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             prepare(model, QuantConfig(calibrator=method, calib_batches=2))
             report = calibrate(model, _batches(rank))
             result[method] = (_amax(model), report.world_size)
+        model = _model()
+        prepare(model, QuantConfig(calib_batches=2, unsigned_activations=True))
+        calibrate(model, _unsigned_batches(rank))
+        result["unsigned"] = _signs(model)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -65,3 +79,10 @@ def test_two_process_calibration_gives_identical_amax(tmp_path):
     prepare(m, QuantConfig(calibrator="max", calib_batches=4))
     calibrate(m, _batches(0) + _batches(1))
     assert _amax(m) == r0["max"][0]
+    # unsigned decisions: the same on both ranks, and what one process seeing all the data decides
+    assert r0["unsigned"] == r1["unsigned"] == {"0.rep_quant._input_quantizer": False,
+                                                 "1.rep_quant._input_quantizer": True, "3._input_quantizer": True}
+    alone = _model()
+    prepare(alone, QuantConfig(calib_batches=2, unsigned_activations=True))
+    calibrate(alone, _unsigned_batches(0))
+    assert _signs(alone)["0.rep_quant._input_quantizer"] is True  # rank 0 alone would have chosen UINT8

@@ -108,6 +108,24 @@ def test_qat_b0_ddp_two_processes_writes_the_same_artifacts(qat_b0_run: Path, tm
     assert ver.agreement >= 0.995
 
 
+def test_qat_b0_onnxruntime_target_is_integer_from_conv_to_conv(tmp_path: Path) -> None:
+    import onnx
+
+    from qat_rep.export import load_quantized, ort_op_counts, verify_onnx
+
+    out = tmp_path / "ort"
+    run_recipe("qat_b0.py", "--fast", "--deploy-target", "onnxruntime", "--out", str(out))
+    deployed = load_quantized(out / "deploy_w8a8")
+    assert deployed.qat_rep_artifact["quant_config"]["unsigned_activations"] is True
+    graph = onnx.load(str(out / "model_w8a8.onnx")).graph
+    assert not any(n.op_type == "Relu" for n in graph.node)  # folded into UINT8 quantizers
+    ops = ort_op_counts(out / "model_w8a8.onnx", threads=1)
+    assert ops.get("QLinearConv") == 22 and ops.get("QGemm") == 1 and "Relu" not in ops
+    dm = common.ImageDataModule("digits", 32, 64, 0, limit=128, val_limit=128)
+    ver = verify_onnx(out / "model_w8a8.onnx", deployed, dm.val_dataloader())
+    assert ver.agreement >= 0.995 and ver.max_diff_steps <= 1.0
+
+
 @pytest.mark.parametrize("script,main_method,bits", [("ptq_cfws.py", "cfws", 8), ("ptq_mrecg.py", "mrecg", 8)])
 def test_ptq_recipes_on_a_trained_checkpoint(qat_b0_run: Path, tmp_path: Path, script: str, main_method: str,
                                              bits: int) -> None:
@@ -170,7 +188,7 @@ def test_qat_yolov6_backbone_fast(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------- in-process
 @pytest.mark.parametrize("module_name,flags", [
     ("qat_b0", ("--epochs", "--qat-epochs", "--bits", "--data", "--devices", "--strategy", "--out", "--ckpt",
-                "--fast", "--seed", "--block", "--model", "--lr", "--qat-lr", "--calibrator")),
+                "--fast", "--seed", "--block", "--model", "--lr", "--qat-lr", "--calibrator", "--deploy-target")),
     ("qat_yolov6_backbone", ("--epochs", "--qat-epochs", "--bits", "--data", "--devices", "--strategy", "--out",
                              "--ckpt", "--fast", "--seed", "--block", "--size")),
 ])

@@ -241,10 +241,11 @@ class LayerInfo:
     input_amax: float
     weight_amax_min: float
     weight_amax_max: float
+    a_unsigned: bool = False  # the input uses [0, 2^a_bits - 1] (QuantConfig.unsigned_activations)
 
     @property
     def input_scale(self) -> float:
-        return self.input_amax / ((1 << (self.a_bits - 1)) - 1)
+        return self.input_amax / ((1 << (self.a_bits - 1 + int(self.a_unsigned))) - 1)
 
 
 def artifact_layers(model: nn.Module) -> list[LayerInfo]:
@@ -267,5 +268,6 @@ def artifact_layers(model: nn.Module) -> list[LayerInfo]:
             input_amax=float(i_amax.max()) if i_amax.numel() else float("nan"),
             weight_amax_min=float(w_amax.min()) if w_amax.numel() else float("nan"),
             weight_amax_max=float(w_amax.max()) if w_amax.numel() else float("nan"),
+            a_unsigned=bool(iq.unsigned),
         ))
     return rows

@@ -14,7 +14,12 @@ Two graph layouts carry the same numbers:
   applied offline, round-half-even like ``QuantizeLinear``), and every ``Relu → Q(s, 0)`` becomes
   ``Q(s, 0) → DQ → Relu → Q(s, 0)``. That rewrite is exact because ReLU commutes with a symmetric quantizer
   (``Q(relu(y)) = max(Q(y), 0)`` when the zero point is 0); without it ORT finds ``Conv → Relu`` where it needs
-  ``Conv → Q`` and runs every conv in float (measured in ``benchmarks/deploy_speed.py``).
+  ``Conv → Q`` and runs every conv in float (measured in ``benchmarks/deploy_speed.py``). A UINT8 quantizer
+  (``QuantConfig.unsigned_activations``) clamps at 0 itself, so ``Relu → Q_u8(s, 0)`` becomes ``Q_u8(s, 0)``: no
+  float op is left between two integer convs. Biases are stored as INT32 on the accumulator grid ``s_x · s_w``
+  behind a DequantizeLinear — the integers the fake-quant model adds (:func:`qat_rep.quant.backend.int32_bias`)
+  and the form ORT needs to run the classifier ``DQ → Gemm`` as an integer ``QGemm``. A conv whose output is not
+  quantized (the last conv before a global pool, unless ``QuantConfig.quantize_pools``) runs in float in ORT.
 
 Shared scales: TensorRT re-quantizes the inputs of an ``Add``/``Concat`` whose inputs carry different scales.
 :func:`shared_scale_violations` lists such nodes; the fused RepVGG/QARepVGG chains contain no ``Add`` at all, and
@@ -201,13 +206,26 @@ def _fold_weight_quantizers(graph) -> int:
     return folded
 
 
-def _int_zero(graph, name: str) -> bool:
+def _zero_point(graph, name: str) -> np.ndarray | None:
     from onnx import numpy_helper
 
     for i in graph.initializer:
         if i.name == name:
-            return bool((numpy_helper.to_array(i) == 0).all())
-    return False
+            return numpy_helper.to_array(i)
+    return None
+
+
+def _int_zero(graph, name: str) -> bool:
+    zp = _zero_point(graph, name)
+    return zp is not None and bool((zp == 0).all())
+
+
+def _consumers(graph) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
 
 
 def _relu_through_quantizers(graph) -> int:
@@ -215,12 +233,9 @@ def _relu_through_quantizers(graph) -> int:
     from onnx import helper
 
     producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
-    added, count = [], 0
+    added, dropped, count = [], [], 0
     for node in list(graph.node):
         if node.op_type != "QuantizeLinear" or len(node.input) < 3:
             continue
@@ -230,6 +245,11 @@ def _relu_through_quantizers(graph) -> int:
         if len(consumers.get(relu.output[0], [])) != 1 or not _int_zero(graph, node.input[2]):
             continue
         pre = relu.input[0]
+        if _zero_point(graph, node.input[2]).dtype == np.uint8:  # Q_u8(relu(y)) = Q_u8(y): drop the Relu
+            node.input[0] = pre
+            dropped.append(relu)
+            count += 1
+            continue
         if producer.get(pre) is None or producer[pre].op_type not in _QUANT_OPS:
             continue
         q_name, dq_name = f"{pre}__q", f"{pre}__dq"
@@ -238,6 +258,52 @@ def _relu_through_quantizers(graph) -> int:
         added.append(helper.make_node("DequantizeLinear", [q_name, node.input[1], node.input[2]], [dq_name],
                                       name=f"{relu.name or pre}/pre_dequant"))
         relu.input[0] = dq_name
+        count += 1
+    for relu in dropped:
+        graph.node.remove(relu)
+    graph.node.extend(added)
+    _toposort(graph)
+    return count
+
+
+def _int32_biases(graph) -> int:
+    """The float bias of ``DQ(x), DQ(W) → Conv/Gemm`` ⇒ ``DQ(round(b / (s_x·s_w)) as INT32, s_x·s_w, 0)``."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = _consumers(graph)
+    added, count = [], 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if any(d is None or d.op_type != "DequantizeLinear" or d.input[1] not in inits for d in (dq_x, dq_w)):
+            continue
+        if len(consumers.get(node.input[2], [])) != 1:
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        s_x = numpy_helper.to_array(inits[dq_x.input[1]]).astype(np.float32)
+        s_w = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float32)
+        if s_x.size != 1 or bias.ndim != 1 or s_w.size not in (1, bias.size):
+            continue
+        if s_w.size > 1:  # per output channel: Conv's axis 0, Gemm's axis 0 (transB=1) or 1 (transB=0)
+            w_dims = len(inits[dq_w.input[0]].dims) if dq_w.input[0] in inits else 2
+            out_axis = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
+            if _attr(dq_w, "axis", 1) % max(w_dims, 1) != out_axis:
+                continue
+        scale = (s_x.reshape(()) * s_w.reshape(-1)).astype(np.float32)
+        scale = np.broadcast_to(scale, bias.shape).copy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint(bias / np.where(scale > 0, scale, 1.0))
+        q = np.clip(q, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+        base = node.input[2]
+        names = (f"{base}__int32", f"{base}__int32_scale", f"{base}__int32_zero", f"{base}__int32_dq")
+        graph.initializer.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale, names[1]),
+                                  numpy_helper.from_array(np.zeros(bias.shape, np.int32), names[2])])
+        added.append(helper.make_node("DequantizeLinear", list(names[:3]), [names[3]], name=f"{base}/int32_bias",
+                                      axis=0))
+        node.input[2] = names[3]
         count += 1
     graph.node.extend(added)
     _toposort(graph)
@@ -353,6 +419,16 @@ def export_onnx(
                 f"cannot export before calibration: {len(missing)} quantizer(s) have no amax ({shown}); run "
                 "qat_rep.quant.calibrate(model, batches) (or load a calibrated checkpoint) first"
             )
+    if quantized and target == "tensorrt":
+        unsigned = [n for n, q in model.named_modules() if isinstance(q, _tensor_quantizer_cls())
+                    and not q._disabled and q.unsigned]
+        if unsigned:
+            raise ValueError(
+                f"{len(unsigned)} activation quantizer(s) use the unsigned range (e.g. {unsigned[0]}): the model was "
+                "prepared with QuantConfig(unsigned_activations=True), an ONNX Runtime setting — TensorRT has no "
+                "UINT8 activations. Export with target='onnxruntime', or prepare and train with "
+                "unsigned_activations=False for TensorRT"
+            )
     work = _fuse_for_export(model, quantized)
     example = example_input.detach().to(dtype=torch.float32, device="cpu")
     with torch.no_grad():
@@ -387,6 +463,7 @@ def export_onnx(
         if quantized and target == "onnxruntime":
             _fold_weight_quantizers(proto.graph)
             _relu_through_quantizers(proto.graph)
+            _int32_biases(proto.graph)
         _drop_unused_initializers(proto.graph)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))

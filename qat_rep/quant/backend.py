@@ -17,6 +17,10 @@ Why subclasses instead of the library's classes as they are (FACTS.md §3, STYLE
   what the INT8 runtime adds: ONNX Runtime's ``QLinearConv``/QDQ kernels take an int32 bias at that scale. Without
   it the fake-quant model and ONNX Runtime disagree on ~0.5 % of top-1 decisions (measured on digits: 2 of 359,
   2.2 output steps of logit error); with it 100 %, within 0.02 output steps. See :func:`int32_bias`.
+* ``auto_unsigned`` input quantizers (``QuantConfig.unsigned_activations``) carry a ``_unsigned_flag`` buffer that
+  calibration sets when the quantizer's input was never negative (a ReLU output): the unsigned range
+  ``[0, 2^b - 1]`` — UINT8 in ONNX Runtime, where the ReLU folds into the quantizer. The flag travels with the state
+  dict, so a resumed checkpoint or a deploy artifact quantizes exactly as the trained model did.
 * ``dynamic`` quantizers (used for weights) take ``amax = max|w|`` (per channel or tensor) of the current tensor at
   every forward and keep the last value in ``_amax``; export (``onnx_export_mode``) reads the stored value.
 
@@ -48,6 +52,7 @@ __all__ = [
     "QuantDescriptor",
     "QuantConv2d",
     "QuantLinear",
+    "QuantAvgPool",
     "MaxCalibrator",
     "HistogramCalibrator",
     "NotCalibratedError",
@@ -114,11 +119,14 @@ class TensorQuantizer(_PQTensorQuantizer):
         amax_shape: shape of ``_amax``: ``()`` per tensor, ``(C, 1, 1, 1)`` for a conv weight per channel.
         dynamic: take ``amax`` from the current input at every forward (weights); stored in ``_amax``.
         learn_amax: ``_amax`` is an ``nn.Parameter`` trained LSQ-style (gradient through the scale).
+        auto_unsigned: register the ``_unsigned_flag`` buffer (signed until :meth:`set_unsigned` or a state dict
+            says otherwise); calibration decides it from the data.
     """
 
     def __init__(self, quant_desc: QuantDescriptor = QuantDescriptor(), disabled: bool = False,
                  if_quant: bool = True, if_clip: bool = False, if_calib: bool = False, *,
-                 amax_shape: Sequence[int] = (), dynamic: bool = False, learn_amax: bool = False):
+                 amax_shape: Sequence[int] = (), dynamic: bool = False, learn_amax: bool = False,
+                 auto_unsigned: bool = False):
         if quant_desc.learn_amax:
             raise ValueError("pass learn_amax=True to qat_rep's TensorQuantizer, not in the QuantDescriptor "
                              "(the library's Clip-based amax learning is per-tensor only)")
@@ -137,6 +145,10 @@ class TensorQuantizer(_PQTensorQuantizer):
             self.register_buffer("_amax", init)
         self._lsq = bool(learn_amax)
         self._dynamic = bool(dynamic)
+        if auto_unsigned:
+            if self._axis is not None or quant_desc.unsigned:
+                raise ValueError("auto_unsigned is for per-tensor activation quantizers built signed")
+            self.register_buffer("_unsigned_flag", torch.zeros((), dtype=torch.bool))
         self.qat_rep_name = ""  # set by qat_rep.quant.prepare: the layer name used in error messages
 
     # ------------------------------------------------------------------------------------------ state
@@ -152,6 +164,20 @@ class TensorQuantizer(_PQTensorQuantizer):
     def is_calibrated(self) -> bool:
         """True when ``_amax`` holds finite values (set by calibration, a dynamic forward or a state dict)."""
         return bool(torch.isfinite(self._amax).all())
+
+    @property
+    def auto_unsigned(self) -> bool:
+        """True when calibration may switch this quantizer to the unsigned range (it has ``_unsigned_flag``)."""
+        return "_unsigned_flag" in self._buffers
+
+    @torch.no_grad()
+    def set_unsigned(self, value: bool) -> None:
+        """Use the unsigned range ``[0, 2^b - 1]`` (``True``) or the signed one; only for ``auto_unsigned``."""
+        if not self.auto_unsigned:
+            raise ValueError(f"{self.qat_rep_name or 'this quantizer'} was not built with auto_unsigned=True "
+                             "(QuantConfig.unsigned_activations)")
+        self._unsigned_flag.fill_(bool(value))
+        self._unsigned = bool(value)
 
     @torch.no_grad()
     def set_amax(self, value: Tensor | float) -> None:
@@ -213,6 +239,8 @@ class TensorQuantizer(_PQTensorQuantizer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
         # Skip the library's override: it moves a loaded amax to CUDA and logs a warning per quantizer.
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+        if self.auto_unsigned:
+            self._unsigned = bool(self._unsigned_flag)
 
     def _short_amax(self, fmt: str = ".4f") -> str:
         if not self.is_calibrated:
@@ -226,11 +254,12 @@ class TensorQuantizer(_PQTensorQuantizer):
 
 def make_quantizer(num_bits: int, axis: int | None = None, calibrator: str = "max", learn_amax: bool = False, *,
                    amax_shape: Sequence[int] | None = None, dynamic: bool = False, unsigned: bool = False,
-                   name: str = "") -> TensorQuantizer:
+                   auto_unsigned: bool = False, name: str = "") -> TensorQuantizer:
     """Build a symmetric (TensorRT-style) fake quantizer.
 
     ``axis=None`` is per tensor; ``axis=0`` with ``amax_shape=(C, 1, 1, 1)`` is per output channel of a conv weight.
     ``calibrator`` is ``max`` or a histogram method (``percentile``/``entropy``/``mse``; histograms are per tensor).
+    ``auto_unsigned`` lets calibration pick the unsigned range for a never-negative input (see the module docstring).
     """
     if not isinstance(num_bits, int) or not 2 <= num_bits <= 8:
         raise ValueError(f"num_bits must be an integer in 2..8, got {num_bits!r}")
@@ -245,7 +274,8 @@ def make_quantizer(num_bits: int, axis: int | None = None, calibrator: str = "ma
             raise ValueError("a per-channel quantizer needs amax_shape, e.g. (out_channels, 1, 1, 1)")
         amax_shape = ()
     desc = QuantDescriptor(num_bits=num_bits, axis=axis, calib_method=method, unsigned=unsigned)
-    q = TensorQuantizer(desc, amax_shape=amax_shape, dynamic=dynamic, learn_amax=learn_amax)
+    q = TensorQuantizer(desc, amax_shape=amax_shape, dynamic=dynamic, learn_amax=learn_amax,
+                        auto_unsigned=auto_unsigned)
     q.qat_rep_name = name
     return q
 
@@ -318,6 +348,26 @@ class QuantLinear(_pq_nn.QuantLinear):
         q._input_quantizer = input_quantizer
         q._weight_quantizer = weight_quantizer
         return q.to(device=linear.weight.device)
+
+
+class QuantAvgPool(nn.Module):
+    """An average pool (``nn.AdaptiveAvgPool2d``/``nn.AvgPool2d``) with an input quantizer.
+
+    The role of pytorch-quantization's ``QuantAdaptiveAvgPool2d``: with the pool's input quantized, the conv before
+    it ends in a quantizer too, so INT8 runtimes run that conv as an integer kernel (in ONNX Runtime the last conv
+    of a RepVGG otherwise runs in float with its weights dequantized at every call). Holds the original pool as
+    ``pool``; no parameters.
+    """
+
+    def __init__(self, pool: nn.Module, input_quantizer: TensorQuantizer):
+        super().__init__()
+        if not isinstance(pool, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+            raise TypeError(f"QuantAvgPool wraps nn.AdaptiveAvgPool2d or nn.AvgPool2d, got {type(pool).__name__}")
+        self.pool = pool
+        self._input_quantizer = input_quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self._input_quantizer(x))
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
 :func:`calibrate` replaces the library's enable/disable dance: it puts the model in eval mode, lets every input
 quantizer collect statistics on float activations for ``config.calib_batches`` batches, computes ``amax`` with the
 configured method, reduces it (max) across ranks when ``torch.distributed`` is initialised — so every rank ends
-with identical quantizer state — and sets the weight ``amax`` from the current kernels. The model's mode and
+with identical quantizer state — and sets the weight ``amax`` from the current kernels. With
+``QuantConfig.unsigned_activations`` it also records each input's minimum (reduced with min across ranks) and
+switches a quantizer whose input was never negative to the unsigned range before its ``amax`` is computed. The model's mode and
 the quantizers' flags are restored even when a batch fails.
 
 pytorch-quantization's ``mse`` method moves the histogram to CUDA; :func:`histogram_mse_amax` is the same search
@@ -165,23 +167,29 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | No
     flags = [(q._if_quant, q._if_calib) for _, q in inputs]
     handles = []
 
-    def _check(name: str):
+    mins: dict[int, Tensor] = {}  # index into inputs → smallest input value seen (auto_unsigned quantizers)
+
+    def _check(name: str, index: int, track_min: bool):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if not torch.isfinite(x).all():
                 raise ValueError(f"non-finite activation (NaN or inf) at the input of layer {name!r} during "
                                  "calibration; check the data and the float model on this batch")
+            if track_min:
+                low = x.detach().amin().float().cpu()
+                mins[index] = torch.minimum(mins[index], low) if index in mins else low
         return hook
 
     n = 0
     try:
-        for name, q in inputs:
+        for i, (name, q) in enumerate(inputs):
             if q._calibrator is None:
                 raise ValueError(f"quantizer {name} has no calibrator")
             q._calibrator.reset()
             q.disable_quant()
             q.enable_calib()
-            handles.append(q.register_forward_pre_hook(_check(name.rpartition("._input_quantizer")[0] or name)))
+            layer = name.rpartition("._input_quantizer")[0] or name
+            handles.append(q.register_forward_pre_hook(_check(layer, i, q.auto_unsigned)))
         for _, q in quantizers(model, "weight"):
             q.disable_quant()
         model.eval()
@@ -190,12 +198,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | No
             n += 1
         if n == 0:
             raise ValueError("calibration got no batches: the iterable is empty (check the data loader / dataset)")
+        dist, world = _world()
+        _decide_unsigned(inputs, mins, dist and world > 1, model)
         values = []
         for name, q in inputs:
             amax = compute_amax(q, method, config.percentile)
             values.append(torch.full((), float("nan")) if amax is None else amax.reshape(()).float().cpu())
         amaxes = torch.stack(values)
-        dist, world = _world()
         if dist and world > 1:
             device = next((b.device for b in model.buffers()), torch.device("cpu"))
             t = torch.nan_to_num(amaxes, nan=-1.0).to(device)
@@ -219,6 +228,23 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | No
         model.train(was_training)
     refresh_weight_amax(model)
     return report
+
+
+def _decide_unsigned(inputs: list[tuple[str, TensorQuantizer]], mins: dict[int, Tensor], distributed: bool,
+                     model: nn.Module) -> None:
+    """Unsigned range for every ``auto_unsigned`` quantizer whose input minimum (over all ranks) is ``>= 0``."""
+    tracked = [i for i, (_, q) in enumerate(inputs) if q.auto_unsigned]
+    if not tracked:
+        return
+    low = torch.stack([mins.get(i, torch.tensor(float("inf"))) for i in tracked])
+    if distributed:
+        device = next((b.device for b in model.buffers()), torch.device("cpu"))
+        t = low.to(device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        low = t.cpu()
+    for i, m in zip(tracked, low.tolist()):
+        if i in mins or math.isfinite(m):  # a layer no rank ran keeps its flag (and stays uncalibrated)
+            inputs[i][1].set_unsigned(m >= 0)
 
 
 def is_calibrated(model: nn.Module) -> bool:

@@ -32,6 +32,15 @@ class QuantConfig:
             first and the last quantized layer (module order: the stem block and the classifier) keep 8 bits, the
             common practice of low-bit QAT recipes (BRECQ, QDrop, LSQ). Set ``False`` to quantize them at the
             requested bits too, or list them in ``skip`` to keep them in floating point.
+        unsigned_activations: an activation quantizer whose calibration input is never negative (every ReLU
+            output) uses the unsigned range ``[0, 2^a_bits - 1]``: one more bit of resolution, and in ONNX Runtime
+            UINT8 tensors with the ReLU folded into the quantizer, integer from conv to conv. TensorRT has no UINT8
+            activations: keep ``False`` (the default) for a TensorRT deployment.
+        quantize_pools: put an input quantizer on every ``nn.AdaptiveAvgPool2d``/``nn.AvgPool2d`` (as
+            pytorch-quantization's automatic mode does), so the conv before the global pool also runs in INT8
+            (``8`` bits under ``first_last_8bit``, since it feeds the classifier).
+
+    :meth:`for_onnxruntime` is the preset for an ONNX Runtime (CPU) deployment: both options on.
     """
 
     w_bits: int = 8
@@ -43,6 +52,8 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     learn_amax: bool = False
     first_last_8bit: bool = True
+    unsigned_activations: bool = False
+    quantize_pools: bool = False
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -65,9 +76,15 @@ class QuantConfig:
         if not all(isinstance(s, str) and s for s in skip):
             raise TypeError(f"skip must be a sequence of non-empty layer names or globs, got {self.skip!r}")
         self.skip = skip
-        for name in ("learn_amax", "first_last_8bit"):
+        for name in ("learn_amax", "first_last_8bit", "unsigned_activations", "quantize_pools"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @classmethod
+    def for_onnxruntime(cls, **overrides: Any) -> "QuantConfig":
+        """The preset for ONNX Runtime: ``unsigned_activations`` and ``quantize_pools`` on; ``overrides`` as in
+        the constructor. Measured in ``benchmarks/deploy_speed.py`` against the TensorRT-style default."""
+        return cls(**{"unsigned_activations": True, "quantize_pools": True, **overrides})
 
     @property
     def per_channel(self) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..blocks import RepBlock
 from ..fuse import fold_bn_into_conv_
-from .backend import QuantConv2d, QuantLinear, TensorQuantizer, make_quantizer
+from .backend import QuantAvgPool, QuantConv2d, QuantLinear, TensorQuantizer, make_quantizer
 from .config import QuantConfig
 from .rep_qat import RepQuant, folded_kernel_bias
 
@@ -29,10 +29,12 @@ CONFIG_ATTR = "qat_rep_quant_config"
 
 @dataclass
 class PrepareReport:
-    """What :func:`prepare` did: quantized rep blocks and plain layers (name → ``(w_bits, a_bits)``), skipped names."""
+    """What :func:`prepare` did: quantized rep blocks and plain layers (name → ``(w_bits, a_bits)``), pools with an
+    input quantizer (name → ``a_bits``), skipped names."""
 
     rep_blocks: dict[str, tuple[int, int]] = field(default_factory=dict)
     plain: dict[str, tuple[int, int]] = field(default_factory=dict)
+    pools: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     unmatched_skip: list[str] = field(default_factory=list)
 
@@ -40,10 +42,12 @@ class PrepareReport:
         return len(self.rep_blocks) + len(self.plain)
 
     def __str__(self) -> str:
-        lines = [f"prepared {len(self.rep_blocks)} rep block(s) and {len(self.plain)} plain layer(s); "
+        pools = f", {len(self.pools)} pool(s)" if self.pools else ""
+        lines = [f"prepared {len(self.rep_blocks)} rep block(s) and {len(self.plain)} plain layer(s){pools}; "
                  f"{len(self.skipped)} skipped"]
         for kind, d in (("rep", self.rep_blocks), ("plain", self.plain)):
             lines += [f"  {n or '<root>'}: {kind} W{w}A{a}" for n, (w, a) in d.items()]
+        lines += [f"  {n}: pool input A{a}" for n, a in self.pools.items()]
         lines += [f"  {n}: skipped (float)" for n in self.skipped]
         return "\n".join(lines)
 
@@ -75,9 +79,16 @@ def _units(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return units
 
 
+def _pools(model: nn.Module, units: list[tuple[str, nn.Module, str]]) -> list[tuple[str, nn.Module]]:
+    """Average pools outside rep blocks, in module order (``QuantConfig.quantize_pools``)."""
+    inside = [f"{n}." for n, _, kind in units if kind == "rep"]
+    return [(n, m) for n, m in model.named_modules()
+            if type(m) in (nn.AdaptiveAvgPool2d, nn.AvgPool2d) and n and not any(n.startswith(p) for p in inside)]
+
+
 def is_prepared(model: nn.Module) -> bool:
-    """True when ``model`` holds any quantized layer (a ``RepQuant``, ``QuantConv2d`` or ``QuantLinear``)."""
-    return any(isinstance(m, (RepQuant, QuantConv2d, QuantLinear)) for m in model.modules())
+    """True when ``model`` holds any quantized layer (a ``RepQuant``, ``QuantConv2d``, ``QuantLinear`` or pool)."""
+    return any(isinstance(m, (RepQuant, QuantConv2d, QuantLinear, QuantAvgPool)) for m in model.modules())
 
 
 def get_config(model: nn.Module) -> QuantConfig:
@@ -107,7 +118,8 @@ def _weight_quantizer(cfg: QuantConfig, bits: int, weight_shape: torch.Size, nam
 
 
 def _input_quantizer(cfg: QuantConfig, bits: int, name: str) -> TensorQuantizer:
-    q = make_quantizer(bits, axis=None, calibrator=cfg.calibrator, learn_amax=cfg.learn_amax, name=name)
+    q = make_quantizer(bits, axis=None, calibrator=cfg.calibrator, learn_amax=cfg.learn_amax,
+                       auto_unsigned=cfg.unsigned_activations, name=name)
     q.qat_rep_role = "input"
     return q
 
@@ -140,6 +152,14 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
             report.skipped.append(name)
         else:
             active.append((name, m, kind))
+    pools: list[tuple[str, nn.Module]] = []
+    for name, m in _pools(model, units) if config.quantize_pools else []:
+        hit = [p for p in config.skip if _matches(name, p)]
+        used.update(hit)
+        if hit:
+            report.skipped.append(name)
+        else:
+            pools.append((name, m))
     report.unmatched_skip = [p for p in config.skip if p not in used]
     for p in report.unmatched_skip:
         warnings.warn(f"QuantConfig.skip pattern {p!r} matches no quantizable layer of {type(model).__name__}; "
@@ -162,6 +182,12 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
             q.train(m.training)
             _set_child(model, name, q)
             report.plain[name] = (w_bits, a_bits)
+    pool_bits = 8 if config.first_last_8bit else config.a_bits  # the pool feeds the (8-bit) classifier
+    for name, m in pools:
+        iq = _input_quantizer(config, pool_bits, f"{name}._input_quantizer")
+        device = next((b.device for b in model.buffers()), None)
+        _set_child(model, name, QuantAvgPool(m, iq.to(device=device) if device is not None else iq))
+        report.pools[name] = pool_bits
     setattr(model, CONFIG_ATTR, config)
     return report
 
