@@ -7,7 +7,11 @@ Modes, all on ``qarepvgg_a0`` (one training step = forward + backward + SGD step
 * ``branch_fq``   — what a generic tool does: a fake quantizer on every conv, including each branch conv
   (stock pytorch-quantization ``QuantConv2d``/``QuantLinear``, its own fake-quant functions);
 * ``branch_fq_fused`` — the same per-branch insertion with qat-rep's fused fake-quant kernels (a lower bound
-  for any per-branch tool).
+  for any per-branch tool);
+* ``eqk_float``   — the equivalent-kernel path with its quantizers disabled: what assembling the kernel from the
+  branches costs by itself;
+* ``fused_fp32``  — the re-parameterized plain network (one conv + post-BN per block, no branches, no quantization):
+  the floor for any one-conv-per-block training step.
 
 Modes are interleaved step by step (round robin) so that load on the shared machine hits them alike; the table
 shows medians and ratios to ``fp32`` from the same run. Single intra-op thread by default (``--threads``).
@@ -32,9 +36,16 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qat_rep import create_model  # noqa: E402
+from qat_rep import create_model, reparameterize  # noqa: E402
 from qat_rep.quant import QuantConfig, calibrate, prepare  # noqa: E402
-from qat_rep.quant.backend import PQQuantConv2d, PQQuantLinear, QuantConv2d, QuantLinear, make_quantizer  # noqa: E402
+from qat_rep.quant.backend import (  # noqa: E402
+    PQQuantConv2d,
+    PQQuantLinear,
+    QuantConv2d,
+    QuantLinear,
+    TensorQuantizer,
+    make_quantizer,
+)
 from qat_rep.export.atomic import write_text_atomic as _atomic_write  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -99,9 +110,15 @@ def branch_fq_fused(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def build(mode: str, x: torch.Tensor) -> nn.Module:
     torch.manual_seed(0)
     model = create_model("qarepvgg_a0", num_classes=10, small_input=x.shape[-1] <= 64)
-    if mode == "eqk_qat":
+    if mode in ("eqk_qat", "eqk_float"):
         prepare(model, QuantConfig())
         calibrate(model, [x])
+        if mode == "eqk_float":
+            for m in model.modules():
+                if isinstance(m, TensorQuantizer):
+                    m.disable()
+    elif mode == "fused_fp32":
+        reparameterize(model)
     elif mode == "branch_fq":
         branch_fq_stock(model, x)
     elif mode == "branch_fq_fused":
@@ -140,11 +157,11 @@ def run(sizes: list[tuple[int, int]], steps: int, warmup: int, modes: list[str])
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", default="32x32,224x8", help="comma list of <image size>x<batch>")
-    ap.add_argument("--modes", default="fp32,eqk_qat,branch_fq,branch_fq_fused")
+    ap.add_argument("--modes", default="fp32,eqk_qat,branch_fq,branch_fq_fused,eqk_float,fused_fp32")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
