@@ -218,7 +218,8 @@ def test_onnxruntime_preset_is_integer_from_conv_to_conv_and_exact(tmp_path):
     assert zps.count(TensorProto.UINT8) == 23
     ops = ort_op_counts(rep.path, threads=1)
     assert ops.get("QLinearConv") == 22 and ops.get("QGemm") == 1  # every conv and the classifier in integers
-    assert not {"Conv", "FusedConv", "Relu", "Gemm"} & set(ops)
+    assert ops.get("QLinearGlobalAveragePool") == 1  # the pool too (its quantizer moved before the Flatten)
+    assert not {"Conv", "FusedConv", "Relu", "Gemm", "GlobalAveragePool"} & set(ops)
     result = verify_onnx(rep.path, model, d["val"])
     assert result.agreement == 1.0 and result.max_diff_steps <= 1.0
     assert result.torch_accuracy > 0.8

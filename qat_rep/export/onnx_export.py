@@ -20,6 +20,8 @@ Two graph layouts carry the same numbers:
   behind a DequantizeLinear — the integers the fake-quant model adds (:func:`qat_rep.quant.backend.int32_bias`)
   and the form ORT needs to run the classifier ``DQ → Gemm`` as an integer ``QGemm``. A conv whose output is not
   quantized (the last conv before a global pool, unless ``QuantConfig.quantize_pools``) runs in float in ORT.
+  ``Flatten → Q`` becomes ``Q → Flatten`` (exact: a per-tensor quantizer is elementwise), so ORT sees
+  ``DQ → GlobalAveragePool → Q`` and runs the pool as ``QLinearGlobalAveragePool``.
 
 Shared scales: TensorRT re-quantizes the inputs of an ``Add``/``Concat`` whose inputs carry different scales.
 :func:`shared_scale_violations` lists such nodes; the fused RepVGG/QARepVGG chains contain no ``Add`` at all, and
@@ -266,6 +268,41 @@ def _relu_through_quantizers(graph) -> int:
     return count
 
 
+def _quantize_before_flatten(graph) -> int:
+    """``DQ → GlobalAveragePool → Flatten → Q`` (per tensor) ⇒ ``DQ → GlobalAveragePool → Q → Flatten``.
+
+    The same integers (a per-tensor quantizer is elementwise), and ORT then fuses ``DQ → GlobalAveragePool → Q``
+    into ``QLinearGlobalAveragePool``. Only with a quantized pool input: otherwise ORT's own Q/DQ propagation
+    keeps the classifier from fusing into ``QGemm`` (measured).
+    """
+    from onnx import numpy_helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    inits = {i.name: i for i in graph.initializer}
+    count = 0
+    for q in list(graph.node):
+        if q.op_type != "QuantizeLinear" or q.input[1] not in inits:
+            continue
+        flat = producer.get(q.input[0])
+        if flat is None or flat.op_type != "Flatten" or flat.output[0] in outputs:
+            continue
+        pool = producer.get(flat.input[0])
+        if pool is None or pool.op_type != "GlobalAveragePool" or \
+                getattr(producer.get(pool.input[0]), "op_type", None) != "DequantizeLinear":
+            continue
+        if len(consumers.get(flat.output[0], [])) != 1 or numpy_helper.to_array(inits[q.input[1]]).size != 1:
+            continue
+        source, flat_out, q_out = flat.input[0], flat.output[0], q.output[0]
+        q.input[0], q.output[0] = source, flat_out  # Q now reads the pool's output ...
+        flat.input[0], flat.output[0] = flat_out, q_out  # ... and Flatten reshapes the integers
+        count += 1
+    if count:
+        _toposort(graph)
+    return count
+
+
 def _int32_biases(graph) -> int:
     """The float bias of ``DQ(x), DQ(W) → Conv/Gemm`` ⇒ ``DQ(round(b / (s_x·s_w)) as INT32, s_x·s_w, 0)``."""
     from onnx import helper, numpy_helper
@@ -464,6 +501,7 @@ def export_onnx(
             _fold_weight_quantizers(proto.graph)
             _relu_through_quantizers(proto.graph)
             _int32_biases(proto.graph)
+            _quantize_before_flatten(proto.graph)
         _drop_unused_initializers(proto.graph)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
