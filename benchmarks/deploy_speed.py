@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     logging.getLogger("root").setLevel(logging.ERROR)
