@@ -99,6 +99,10 @@ def test_bad_input_is_refused() -> None:
         quantize_ptq(tiny(), data(), keep_float=-1)
     with pytest.raises(ValueError, match="w_bits must be an integer between 2 and 8"):
         quantize_ptq(tiny(), data(), QuantConfig(w_bits=9))
+    with pytest.raises(ValueError, match="unsigned_activations and quantize_pools is a QAT option"):
+        quantize_ptq(tiny(), data(), QuantConfig.for_onnxruntime())
+    with pytest.raises(ValueError, match="quantize_pools is a QAT option"):
+        sensitivity_report(tiny(), data(), QuantConfig(quantize_pools=True))
     with pytest.raises(ValueError, match="capacity must be 'data_free' or 'data_dependent'"):
         quantize_ptq(tiny(), data(), QuantConfig(w_bits=4, a_bits=4), method="mrecg", capacity="x", iters=1,
                      batch_size=16)

@@ -185,6 +185,7 @@ def quantize_ptq(
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a qat_rep.quant.QuantConfig, got {type(config).__name__}")
+    _check_ptq_config(config)
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise ValueError(f"keep_float must be a non-negative integer, got {keep_float!r}")
     _check_options(method, method_options)
@@ -280,6 +281,17 @@ def quantize_ptq(
     return model, report
 
 
+def _check_ptq_config(config: QuantConfig) -> None:
+    """PTQ simulates TensorRT-style signed activations and float pools: refuse the QAT-only ONNX Runtime options."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a qat_rep.quant.QuantConfig, got {type(config).__name__}")
+    on = [n for n in ("unsigned_activations", "quantize_pools") if getattr(config, n)]
+    if on:
+        raise ValueError(f"QuantConfig.{' and '.join(on)} is a QAT option (qat_rep.quant.prepare / RepQATCallback); "
+                         "post-training quantization simulates signed activations and float pools — pass a config "
+                         "with both off, e.g. QuantConfig(w_bits=..., a_bits=...)")
+
+
 def sensitivity_report(model: nn.Module, calib_loader: Iterable[Any], config: QuantConfig | None = None, *,
                        calibrator: str | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
                        bins: int = 2048) -> list[LayerSensitivity]:
@@ -289,6 +301,7 @@ def sensitivity_report(model: nn.Module, calib_loader: Iterable[Any], config: Qu
     ``QuantConfig.skip`` to keep it float — the QAT callback and :func:`quantize_ptq` both accept that).
     """
     config = QuantConfig() if config is None else config
+    _check_ptq_config(config)
     fwd = forward or default_forward
     batches, _ = _gather(calib_loader, config.calib_batches, None)
     if not batches:
