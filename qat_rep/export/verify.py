@@ -69,7 +69,7 @@ def ort_session(path: str | Path, threads: int | None = None, optimized_model_pa
     U8S8 kernels add pairs of ``u8·s8`` products in saturating 16-bit arithmetic, which overflows with the
     full-range (±127) per-channel weights TensorRT-style QAT produces and moves logits by many quantization steps
     (measured: ``tests/test_export_onnx.py``). CPUs with VNNI (AVX512-VNNI/AVX-VNNI) compute exactly without it
-    (measured: 100 % agreement either way), and there it only costs time (1.3–2x on qarepvgg_a0,
+    (measured: 100 % agreement either way), and there it only costs time (1.9–2.4x for INT8 qarepvgg_a0,
     ``benchmarks/deploy_speed.py``). It has no effect on float graphs.
     """
     import onnxruntime as ort
