@@ -13,7 +13,8 @@ What it does, in one run (so the ratios share the machine's load):
    (the same fused network, ``quantized=False``), ``int8_quantize_static.onnx`` (ONNX Runtime's
    ``quantize_static`` applied to ``fp32.onnx`` with its defaults — QDQ, per-tensor, MinMax — calibrated on the
    same batches, after ORT's recommended ``quant_pre_process``), and for reference the TensorRT-style model in
-   the ONNX Runtime layout (``int8_ours_trt_numerics``) and in the TensorRT layout (``int8_ours_trt_layout``);
+   the ONNX Runtime layout (``int8_ours_trt_numerics``) and in the TensorRT layout (``int8_ours_trt_layout``), and
+   the preset with per-tensor weights (``int8_ours_per_tensor``, the granularity ``quantize_static`` uses);
 3. times every file interleaved (:func:`qat_rep.export.ort_latency`), at batch 1 and 16, with ORT's precise INT8
    mode on (needed for correct results on CPUs without VNNI) and off, and records which kernels ORT runs after graph
    optimization (``QLinearConv`` = integer conv; ``Conv``/``FusedConv`` = float);
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(1)
     calib = [torch.randn(4, 3, args.size, args.size, generator=g) for _ in range(4)]
     models = {}
-    for label, config in (("ort", QuantConfig.for_onnxruntime()), ("trt", QuantConfig())):
+    for label, config in (("ort", QuantConfig.for_onnxruntime()), ("trt", QuantConfig()),
+                          ("ort_pt", QuantConfig.for_onnxruntime(w_granularity="per_tensor"))):
         model = qat_rep.create_model(args.model, num_classes=1000).eval()
         _randomize_bn(model, 0)
         prepare(model, config)
@@ -116,11 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
             "int8_ours": tmp / "int8_ours.onnx",
             "int8_quantize_static": tmp / "int8_quantize_static.onnx",
             "int8_ours_trt_numerics": tmp / "int8_ours_trt_numerics.onnx",
+            "int8_ours_per_tensor": tmp / "int8_ours_per_tensor.onnx",
             "int8_ours_trt_layout": tmp / "int8_ours_trt.onnx",
         }
         export_onnx(model, files["fp32"], example, quantized=False)
         export_onnx(model, files["int8_ours"], example, target="onnxruntime")
         export_onnx(models["trt"], files["int8_ours_trt_numerics"], example, target="onnxruntime")
+        export_onnx(models["ort_pt"], files["int8_ours_per_tensor"], example, target="onnxruntime")
         export_onnx(models["trt"], files["int8_ours_trt_layout"], example, target="tensorrt")
         console.log("exported ours (ONNX Runtime preset; TensorRT-style numerics in both layouts) and FP32")
         qs_note = _quantize_static(files["fp32"], files["int8_quantize_static"], calib, tmp)
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "ours/quantize_static": v["int8_ours"] / v["int8_quantize_static"],
                 "quantize_static/fp32": v["int8_quantize_static"] / v["fp32"],
                 "trt_numerics/fp32": v["int8_ours_trt_numerics"] / v["fp32"],
+                "per_tensor/quantize_static": v["int8_ours_per_tensor"] / v["int8_quantize_static"],
                 "trt_layout/fp32": v["int8_ours_trt_layout"] / v["fp32"],
             }
             for b, v in per_b.items()
@@ -172,17 +177,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     out_table = Table(title=f"{args.model} {args.size}x{args.size}, ORT CPU, {args.threads} threads, median ms")
     for col in ("session", "batch", "fp32", "int8 ours", "quantize_static", "TRT numerics", "TRT layout",
-                "ours/fp32", "ours/qs"):
+                "per-tensor", "ours/fp32", "ours/qs", "per-tensor/qs"):
         out_table.add_column(col, justify="right")
     md = ["| session | batch | FP32 ms | INT8 ours (ORT preset) ms | quantize_static ms | ours, TensorRT numerics ms "
-          "| ours, TensorRT layout ms | ours/FP32 | ours/quantize_static |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| ours, TensorRT layout ms | ours, per-tensor weights ms | ours/FP32 | ours/quantize_static | "
+          "per-tensor/quantize_static |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, per_b in table.items():
         for b, v in per_b.items():
             r = ratios[mode][b]
             cells = [mode, str(b), f"{v['fp32']:.1f}", f"{v['int8_ours']:.1f}", f"{v['int8_quantize_static']:.1f}",
                      f"{v['int8_ours_trt_numerics']:.1f}", f"{v['int8_ours_trt_layout']:.1f}",
-                     f"{r['ours/fp32']:.2f}", f"{r['ours/quantize_static']:.2f}"]
+                     f"{v['int8_ours_per_tensor']:.1f}", f"{r['ours/fp32']:.2f}", f"{r['ours/quantize_static']:.2f}",
+                     f"{r['per_tensor/quantize_static']:.2f}"]
             out_table.add_row(*cells)
             md.append("| " + " | ".join(cells) + " |")
     console.print(out_table)
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
            for k, t in result["targets"].items()}
     result["targets_met"] = met
     result["targets_session"] = "default_session"
-    md += ["", f"quantize_static: {qs_note}. Ours: `QuantConfig.for_onnxruntime()`; TensorRT numerics: "
+    md += ["", f"quantize_static: {qs_note}. Ours: `QuantConfig.for_onnxruntime()` (per-channel weights, the "
+           "default); per-tensor: the same preset with `w_granularity=\"per_tensor\"`; TensorRT numerics: "
            "`QuantConfig()` (signed activations, float global pool). Load average during the run: "
            f"{result['machine']['load_avg']}. This CPU {'has' if vnni else 'lacks'} VNNI: the precise-INT8 session "
            f"{'is not needed for exact results here (it only costs time)' if vnni else 'is needed for exact results'}"
