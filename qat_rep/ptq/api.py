@@ -183,8 +183,6 @@ def quantize_ptq(
     if method not in METHODS:
         raise ValueError(f"unknown PTQ method {method!r}; valid: {', '.join(METHODS)}")
     config = QuantConfig() if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a qat_rep.quant.QuantConfig, got {type(config).__name__}")
     _check_ptq_config(config)
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise ValueError(f"keep_float must be a non-negative integer, got {keep_float!r}")

@@ -145,21 +145,16 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
     report = PrepareReport()
     used = set()
     active: list[tuple[str, nn.Module, str]] = []
-    for name, m, kind in units:
+    pools = [(n, m, "pool") for n, m in _pools(model, units)] if config.quantize_pools else []
+    for name, m, kind in units + pools:
         hit = [p for p in config.skip if _matches(name, p)]
         used.update(hit)
         if hit:
             report.skipped.append(name)
         else:
             active.append((name, m, kind))
-    pools: list[tuple[str, nn.Module]] = []
-    for name, m in _pools(model, units) if config.quantize_pools else []:
-        hit = [p for p in config.skip if _matches(name, p)]
-        used.update(hit)
-        if hit:
-            report.skipped.append(name)
-        else:
-            pools.append((name, m))
+    pools = [(n, m) for n, m, kind in active if kind == "pool"]
+    active = [u for u in active if u[2] != "pool"]
     report.unmatched_skip = [p for p in config.skip if p not in used]
     for p in report.unmatched_skip:
         warnings.warn(f"QuantConfig.skip pattern {p!r} matches no quantizable layer of {type(model).__name__}; "
@@ -183,9 +178,9 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
             _set_child(model, name, q)
             report.plain[name] = (w_bits, a_bits)
     pool_bits = 8 if config.first_last_8bit else config.a_bits  # the pool feeds the (8-bit) classifier
+    device = next((b.device for b in model.buffers()), None)
     for name, m in pools:
         iq = _input_quantizer(config, pool_bits, f"{name}._input_quantizer")
-        device = next((b.device for b in model.buffers()), None)
         _set_child(model, name, QuantAvgPool(m, iq.to(device=device) if device is not None else iq))
         report.pools[name] = pool_bits
     setattr(model, CONFIG_ATTR, config)
