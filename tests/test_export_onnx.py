@@ -290,6 +290,18 @@ def test_export_before_calibration_is_refused(tmp_path):
         export_onnx(qat_rep.create_model("qarepvgg_a0", num_classes=10), tmp_path / "m.onnx", example())
 
 
+def test_export_below_8_bits_is_refused_before_tracing(tmp_path):
+    # opset-13 QuantizeLinear holds int8/uint8: a 4-bit model must not be traced into a file of another network
+    # (torch's exporter fails deep in tracing with "ONNX allows only (0, 127), (0, 255) and (-128, 127)")
+    model = qat_rep.create_model("qarepvgg_a0", num_classes=10, small_input=True).eval()
+    prepare(model, QuantConfig(w_bits=4, a_bits=6))
+    calibrate(model, [torch.randn(4, 3, SIZE, SIZE)])
+    with pytest.raises(ValueError, match=r"quantizer\(s\) with 4/6 bits .* carry 8-bit integers only"):
+        export_onnx(model, tmp_path / "m.onnx", example())
+    assert list(tmp_path.iterdir()) == []
+    export_onnx(model, tmp_path / "fp32.onnx", example(), quantized=False)  # the float export still works
+
+
 def test_bad_example_input_and_options(tmp_path):
     model = converted_copy()
     with pytest.raises(ValueError, match="4-D"):

@@ -37,3 +37,28 @@ def test_source_tree_import_from_repo_root():
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str((ROOT / "callbacks" / "__init__.py").resolve())
+
+
+def test_import_leaves_log_lines_single_and_export_quiet(tmp_path):
+    # pytorch-quantization puts absl's handler on the root logger at import: Lightning (which propagates to a
+    # configured root logger) then printed every INFO line twice, the second in absl's format
+    code = f"""
+import logging
+import torch
+import qat_rep
+import lightning.pytorch
+from qat_rep.quant import QuantConfig, calibrate, prepare
+logging.getLogger("lightning.pytorch.custom").info("lightning-info-line")
+logging.getLogger("user").warning("user-warning-line")
+print([type(h).__name__ for h in logging.root.handlers])
+model = qat_rep.create_model("qarepvgg_a0", num_classes=10, small_input=True).eval()
+prepare(model, QuantConfig())
+calibrate(model, [torch.randn(2, 3, 16, 16)])
+qat_rep.export_onnx(model, {str(tmp_path / "m.onnx")!r}, torch.randn(1, 3, 16, 16))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("lightning-info-line") == 1, out.stderr
+    assert out.stderr.count("user-warning-line") == 1, out.stderr  # warnings still reach stderr
+    assert "ABSLHandler" not in out.stdout and "Logging before flag parsing" not in out.stderr
+    assert "experimental" not in out.stderr  # the library's notice about the ops every export uses

@@ -108,6 +108,13 @@ def _uncalibrated(model: nn.Module) -> list[str]:
     return bad
 
 
+def _not_8bit(model: nn.Module) -> list[tuple[str, int]]:
+    """Active quantizers whose bit width is not 8 (opset-13 QuantizeLinear holds int8/uint8 only)."""
+    tq = _tensor_quantizer_cls()
+    return [(name, int(m.num_bits)) for name, m in model.named_modules()
+            if isinstance(m, tq) and not m._disabled and int(m.num_bits) != 8]
+
+
 def _fuse_for_export(model: nn.Module, quantized: bool) -> nn.Module:
     """A deep copy of ``model`` in deployable fused form (quantizers disabled when ``quantized=False``)."""
     from ..reparam import reparameterize
@@ -455,6 +462,15 @@ def export_onnx(
             raise ValueError(
                 f"cannot export before calibration: {len(missing)} quantizer(s) have no amax ({shown}); run "
                 "qat_rep.quant.calibrate(model, batches) (or load a calibrated checkpoint) first"
+            )
+        narrow = _not_8bit(model)
+        if narrow:
+            bits = sorted({b for _, b in narrow})
+            raise ValueError(
+                f"cannot export {len(narrow)} quantizer(s) with {'/'.join(map(str, bits))} bits (e.g. {narrow[0][0]}) "
+                "to ONNX: QuantizeLinear/DequantizeLinear (opset 13) carry 8-bit integers only, so the file would run "
+                "a different network. Export a W8A8 model; a lower bit width stays simulated — keep it with "
+                "qat_rep.save_quantized, which stores any width"
             )
     if quantized and target == "tensorrt":
         unsigned = [n for n, q in model.named_modules() if isinstance(q, _tensor_quantizer_cls())
