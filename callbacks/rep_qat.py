@@ -22,11 +22,16 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from torch import Tensor, nn
 
 from qat_rep import __version__ as _QAT_REP_VERSION
 from qat_rep.blocks import RepBlock
+from qat_rep.export import TARGETS as ONNX_TARGETS
+from qat_rep.export import export_onnx, save_quantized, verify_onnx
+from qat_rep.export.atomic import write_text_atomic
 from qat_rep.quant import (
     NotCalibratedError,
     QuantConfig,
@@ -44,13 +49,18 @@ from ._compat import CALLBACK_BASES, is_instance_of_any
 from .distill import DistillConfig, Distiller, _get_submodule
 from .metrics import SideBySideAccuracy, is_logits_output, quantizers_disabled
 
-__all__ = ["RepQATCallback", "STATE_KEY", "config_mismatch", "read_callback_state"]
+__all__ = ["RepQATCallback", "STATE_KEY", "ONNX_FILE", "VERIFY_FILE", "config_mismatch", "read_callback_state"]
 
 log = logging.getLogger(__name__)
 
 #: the key of this callback's state in a Lightning checkpoint's ``"callbacks"`` dict (one per Trainer)
 STATE_KEY = "RepQATCallback"
 _STATE_VERSION = 1
+#: the QDQ ONNX file and its ONNX Runtime verification, written into ``export_dir`` at fit end
+ONNX_FILE = "model_int8.onnx"
+VERIFY_FILE = "onnx_verify.json"
+#: below this top-1 agreement with PyTorch the fit-end verification warns (the #5 acceptance bar)
+_MIN_AGREEMENT = 0.995
 
 
 def config_mismatch(saved: Mapping[str, Any], current: QuantConfig) -> dict[str, tuple[Any, Any]]:
@@ -80,6 +90,25 @@ def _check_same_config(saved: Mapping[str, Any], current: QuantConfig, where: st
             "config — RepQATCallback(config=QuantConfig.from_dict(checkpoint['callbacks']['RepQATCallback']"
             "['config'])) — or start a new QAT run without ckpt_path"
         )
+
+
+def _first_input(loader: Iterable[Any]) -> Tensor | None:
+    """One sample of the first batch's input (``batch`` or ``batch[0]``) on the CPU, to trace the ONNX export with;
+    ``None`` when the batch holds no floating-point tensor there."""
+    batch = next(iter(loader), None)
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
+        return None
+    return x[:1].detach().cpu().float()
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first loader of what Lightning holds (one loader, a list or a dict of them); ``None`` for none."""
+    if isinstance(loaders, Mapping):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, Sequence) and not isinstance(loaders, (str, bytes)):
+        return loaders[0] if loaders else None
+    return loaders
 
 
 @contextlib.contextmanager
@@ -114,6 +143,8 @@ class _RepQATImpl:
         export_module: str = "auto",
         compare_fp32: bool = True,
         progress: bool = True,
+        onnx: str | None = "onnxruntime",
+        verify_batches: int = 8,
     ) -> None:
         if config is None:
             config = QuantConfig()
@@ -154,6 +185,15 @@ class _RepQATImpl:
         for name, value in (("compare_fp32", compare_fp32), ("progress", progress)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
+        if onnx is not None and onnx not in ONNX_TARGETS:
+            raise ValueError(f"onnx must be one of {', '.join(map(repr, ONNX_TARGETS))} (the QDQ layout of the "
+                             f"fit-end ONNX file) or None for no ONNX file, got {onnx!r}")
+        if onnx == "tensorrt" and config.unsigned_activations:
+            raise ValueError("onnx='tensorrt' cannot carry QuantConfig(unsigned_activations=True): TensorRT has no "
+                             "UINT8 activations. Use onnx='onnxruntime', or a config without unsigned_activations")
+        if isinstance(verify_batches, bool) or not isinstance(verify_batches, int) or verify_batches < 0:
+            raise ValueError(f"verify_batches must be an integer >= 0 (0: do not run the ONNX file in ONNX Runtime), "
+                             f"got {verify_batches!r}")
 
         self.config: QuantConfig = config
         self.schedule: Schedule = schedule
@@ -164,6 +204,8 @@ class _RepQATImpl:
         self.export_module = export_module
         self.compare_fp32 = compare_fp32
         self.progress = progress
+        self.onnx = onnx
+        self.verify_batches = verify_batches
 
         # run state (not constructor arguments)
         self.position: tuple[int, int] = (0, 0)  # (epoch, global step) of the last applied schedule
@@ -173,6 +215,8 @@ class _RepQATImpl:
         self.calib_report: Any = None
         self.metrics: dict[str, float] = {}
         self.export_path: Path | None = None
+        self.onnx_path: Path | None = None
+        self.verify_result: Any = None  # qat_rep.export.VerifyResult of the fit-end ONNX file
         self._distiller: Distiller | None = None
         self._accuracy = SideBySideAccuracy()
         self._record_handle: Any = None
@@ -493,15 +537,35 @@ class _RepQATImpl:
     def _export(self, trainer: Any, pl_module: nn.Module) -> Path:
         target = self._export_target(pl_module)
         directory = Path(self.export_dir)
-        try:
-            from qat_rep.export import save_quantized
-        except ImportError:  # pragma: no cover - the export package ships with qat_rep
-            save_quantized = None
-        if save_quantized is not None and isinstance(getattr(target, "qat_rep_spec", None), dict):
-            path = save_quantized(target, directory)
+        loader, source = self._verify_loader(trainer)
+        example = _first_input(loader) if loader is not None else None
+        if isinstance(getattr(target, "qat_rep_spec", None), dict):
+            shape = tuple(example.shape) if example is not None and example.dim() == 4 else None
+            path = save_quantized(target, directory, input_shape=shape)
             self._log(trainer, f"RepQATCallback: deploy checkpoint written to {path}")
-            return Path(path)
-        # a model qat_rep cannot rebuild by name: write the fused (converted) state dict and the config
+        else:
+            path = self._export_fused_state(trainer, target, directory)
+        if self.onnx is not None:
+            self._export_onnx(trainer, target, directory, example, loader, source)
+        if self.progress and trainer.is_global_zero:
+            Console().print(self._export_table(Path(path), source))
+        return Path(path)
+
+    def _export_table(self, path: Path, source: str) -> Table:
+        """The fit-end report: what was written, and how the ONNX file ran in ONNX Runtime."""
+        table = Table(title="RepQATCallback: INT8 artifacts", show_header=False)
+        table.add_column("item", style="bold")
+        table.add_column("value")
+        table.add_row("deploy checkpoint", str(path))
+        table.add_row("QDQ ONNX", f"{self.onnx_path} ({self.onnx} layout)" if self.onnx_path else "not written")
+        if self.verify_result is not None:
+            table.add_row("ONNX Runtime check", f"{source} data, precise INT8 session")
+            for name, value in self.verify_result.rows():
+                table.add_row(name, value)
+        return table
+
+    def _export_fused_state(self, trainer: Any, target: nn.Module, directory: Path) -> Path:
+        """A model qat_rep cannot rebuild by name: write the fused (converted) state dict and the config."""
         from safetensors.torch import save_file
 
         work = copy.deepcopy(target).cpu().eval()
@@ -514,15 +578,70 @@ class _RepQATImpl:
         tmp = weights.with_name(weights.name + ".tmp")
         save_file(state, str(tmp), metadata={"qat_rep_quant_config": json.dumps(get_config(work).to_dict())})
         os.replace(tmp, weights)
-        meta = directory / "qat_rep_callback.json"
-        tmp_meta = meta.with_name(meta.name + ".tmp")
-        tmp_meta.write_text(json.dumps({"quant_config": self.config.to_dict(), "form": "converted",
-                                        "module": type(target).__name__, "qat_rep_version": _QAT_REP_VERSION},
-                                       indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp_meta, meta)
+        write_text_atomic(directory / "qat_rep_callback.json", json.dumps(
+            {"quant_config": self.config.to_dict(), "form": "converted", "module": type(target).__name__,
+             "qat_rep_version": _QAT_REP_VERSION}, indent=2) + "\n")
         self._log(trainer, f"RepQATCallback: {type(target).__name__} has no qat_rep_spec, so it cannot be saved as a "
                            f"deploy artifact; wrote its fused state dict to {weights}")
         return weights
+
+    def _verify_loader(self, trainer: Any) -> tuple[Any, str]:
+        """The first validation loader (else the training loader) and which one it is."""
+        val = _first_loader(getattr(trainer, "val_dataloaders", None))
+        if val is not None:
+            return val, "validation"
+        return _first_loader(self._calib_loader(trainer)), "training"
+
+    def _export_onnx(self, trainer: Any, target: nn.Module, directory: Path, example: Tensor | None, loader: Any,
+                     source: str) -> None:
+        """Write the QDQ ONNX file of ``target`` and run it in ONNX Runtime next to the fake-quant model.
+
+        Failures here warn instead of raising: training has finished and the deploy checkpoint is written."""
+        bits = (self.config.w_bits, self.config.a_bits)
+        if bits != (8, 8):
+            self._log(trainer, f"RepQATCallback: no ONNX file for W{bits[0]}A{bits[1]}: QuantizeLinear (opset 13) "
+                               "carries 8-bit integers only; the deploy checkpoint keeps the simulated network")
+            return
+        if example is None:
+            warnings.warn(
+                f"RepQATCallback: no ONNX file: the first {source} batch holds no floating-point input tensor "
+                "(a tensor, or a tuple/list starting with one) to trace the model with. Export it yourself with "
+                "qat_rep.export_onnx(model, path, example_input), or pass onnx=None", UserWarning, stacklevel=2)
+            return
+        path = directory / ONNX_FILE
+        try:
+            export_onnx(target, path, example, target=self.onnx)
+        except Exception as e:  # noqa: BLE001 - reported, and the deploy checkpoint is already written
+            warnings.warn(f"RepQATCallback: the ONNX export failed ({type(e).__name__}: {e}); the deploy checkpoint "
+                          "is written. Pass onnx=None to skip the ONNX file", UserWarning, stacklevel=2)
+            return
+        self.onnx_path = path
+        self._log(trainer, f"RepQATCallback: QDQ ONNX ({self.onnx} layout) written to {path}")
+        if self.verify_batches == 0:
+            return
+        try:
+            result = verify_onnx(path, target, loader, max_batches=self.verify_batches)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"RepQATCallback: could not run {path.name} in ONNX Runtime on the {source} data "
+                          f"({type(e).__name__}: {e}); pass verify_batches=0 to skip the check", UserWarning,
+                          stacklevel=2)
+            return
+        self.verify_result = result
+        write_text_atomic(directory / VERIFY_FILE, json.dumps(
+            {"onnx": ONNX_FILE, "layout": self.onnx, "data": source, "max_batches": self.verify_batches,
+             **result.to_dict()}, indent=2) + "\n")
+        self._log(trainer, f"RepQATCallback: ONNX Runtime vs PyTorch on {result.samples} {source} samples: {result}")
+        metrics = {"qat/onnx_max_diff_steps": result.max_diff_steps}
+        if result.agreement is not None:
+            metrics["qat/onnx_agreement"] = result.agreement
+        for logger in getattr(trainer, "loggers", []) or []:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if result.agreement is not None and result.agreement < _MIN_AGREEMENT:
+            warnings.warn(
+                f"RepQATCallback: ONNX Runtime agrees with the PyTorch model on only {100 * result.agreement:.2f}% "
+                f"of {result.samples} {source} samples (max logit difference {result.max_diff_steps:.2f} output "
+                f"steps): {path.name} does not run the network that was trained. See {VERIFY_FILE}", UserWarning,
+                stacklevel=2)
 
 
 class RepQATCallback(_RepQATImpl, *CALLBACK_BASES):  # type: ignore[misc]
@@ -542,19 +661,31 @@ class RepQATCallback(_RepQATImpl, *CALLBACK_BASES):  # type: ignore[misc]
         teacher: an FP32 model for distillation (not a submodule of the LightningModule); called with the same
             arguments as the student.
         distill: :class:`~qat_rep.callbacks.DistillConfig` (temperature, weights, feature pairs, student name).
-        export_dir: where ``on_fit_end`` (global rank 0) writes the deploy checkpoint (``save_quantized``); a model
-            without ``qat_rep_spec`` gets ``fused_state_dict.safetensors`` + ``qat_rep_callback.json`` instead.
+        export_dir: where ``on_fit_end`` (global rank 0) writes the deploy checkpoint (``save_quantized``, with the
+            input shape of one sample); a model without ``qat_rep_spec`` gets ``fused_state_dict.safetensors`` +
+            ``qat_rep_callback.json`` instead. Beside it, for a W8A8 config, the QDQ ONNX file ``model_int8.onnx``
+            and its ONNX Runtime check ``onnx_verify.json`` (see ``onnx``).
         export_module: the submodule to export: ``"auto"`` (the one submodule built by ``qat_rep.create_model``,
             else the LightningModule), a module name, or ``""`` for the LightningModule.
         compare_fp32: in validation/test, also measure the FP32-equivalent accuracy (one extra forward per batch).
-        progress: show a rich progress bar while calibrating (global rank 0).
+        progress: rich console output on global rank 0: a progress bar while calibrating and the fit-end report
+            of the artifacts (paths and the ONNX Runtime check).
+        onnx: the QDQ layout of the fit-end ONNX file — ``"onnxruntime"`` (default; the file is verified in ONNX
+            Runtime) or ``"tensorrt"`` (pytorch-quantization's layout, for ``trtexec``) — or ``None`` for no ONNX file.
+            Traced with one sample of the first validation batch (``batch`` or ``batch[0]``); skipped below 8 bits,
+            which opset-13 QDQ cannot carry. An export failure warns; the deploy checkpoint is written regardless.
+        verify_batches: validation batches (training batches without a validation loader) run through the ONNX
+            file in ONNX Runtime and through the fake-quant model (:func:`qat_rep.verify_onnx`): top-1 agreement,
+            max logit difference in output quantization steps and accuracy are logged (``qat/onnx_agreement``,
+            ``qat/onnx_max_diff_steps``), kept in :attr:`verify_result` and written to ``onnx_verify.json``; below
+            99.5 % agreement the callback warns. ``0`` skips the check.
 
     Lifecycle: ``setup`` (every stage) inserts the quantizers; ``on_fit_start`` sets the schedule phases and
     attaches the teacher; ``on_train_start`` calibrates on the first ``calib_batches`` training batches on every
     rank (ranges max-reduced across ranks; skipped when the model or the checkpoint is already calibrated; the RNG
     state is restored afterwards); every training batch re-applies the schedule at ``(epoch, global_step)``;
-    ``on_fit_end`` exports on global rank 0. A sanity check, which Lightning runs before the training batches are
-    loaded, validates an uncalibrated model in floating point.
+    ``on_fit_end`` exports on global rank 0 (deploy checkpoint, ONNX file, ONNX Runtime check). A sanity check,
+    which Lightning runs before the training batches are loaded, validates an uncalibrated model in floating point.
 
     Checkpoint policy: the Lightning checkpoint keeps the QAT form (branch weights + quantizer ``amax``) and this
     callback's state (``config``, ``schedule``, schedule position, ``calibrated``) under ``"RepQATCallback"``.

@@ -303,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             console.print(f"[yellow]{len(missing)} head tensors were not in {start}; they start random")
         teacher = copy.deepcopy(module.net).eval()
         cfg = QuantConfig(w_bits=args.bits[0], a_bits=args.bits[0], calib_batches=2 if args.fast else 4)
-        callback = RepQATCallback(config=cfg, export_dir=str(out / "deploy"), export_module="net")
+        # onnx=None: this recipe writes and checks its ONNX files itself below (with mIoU and latency)
+        callback = RepQATCallback(config=cfg, export_dir=str(out / "deploy"), export_module="net", onnx=None)
         trainer = make_trainer(args, out, max_epochs=args.qat_epochs, callbacks=[callback], name="qat",
                                limit_batches=limit)
         trainer.fit(module, datamodule=dm)

@@ -44,6 +44,11 @@ def test_works_as_a_callback_of_both_flavors():
     (dict(export_module=None), TypeError, "export_module must be a module name"),
     (dict(compare_fp32="yes"), TypeError, "compare_fp32 must be a bool"),
     (dict(progress=1), TypeError, "progress must be a bool"),
+    (dict(onnx="onnx"), ValueError, "onnx must be one of 'onnxruntime', 'tensorrt'"),
+    (dict(onnx=True), ValueError, "or None for no ONNX file, got True"),
+    (dict(onnx="tensorrt", config=QuantConfig.for_onnxruntime()), ValueError, "TensorRT has no UINT8 activations"),
+    (dict(verify_batches=-1), ValueError, "verify_batches must be an integer >= 0"),
+    (dict(verify_batches=2.5), ValueError, "verify_batches must be an integer >= 0"),
 ])
 def test_bad_arguments_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -279,6 +279,67 @@ def test_fit_end_writes_a_fused_state_dict_for_models_without_spec(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
+@pytest.mark.parametrize("layout", ["onnxruntime", "tensorrt"])
+def test_fit_end_writes_a_verified_qdq_onnx_file(tmp_path, layout):
+    import onnx
+    from pytorch_lightning.loggers import CSVLogger
+
+    from qat_rep.export import quantized_node_names, read_metadata, verify_onnx
+    from qat_rep.quant import quant_layers
+
+    torch.manual_seed(0)
+    train, val = M.loaders(n_train=16, n_val=32)
+    module = M.ClassifierPL(arch="qarepvgg_a0")
+    cb = RepQATCallback(calib_batches=1, export_dir=tmp_path / "deploy", onnx=layout, verify_batches=1)
+    _fit("pytorch_lightning", module, [cb], train, val, limit_train_batches=1,
+         logger=CSVLogger(str(tmp_path / "logs"), name="run"))
+    path = tmp_path / "deploy" / "model_int8.onnx"
+    assert cb.onnx_path == path and path.is_file()
+    assert read_metadata(tmp_path / "deploy")["input_shape"] == [1, 3, M.IMAGE, M.IMAGE]  # one validation sample
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    names = quantized_node_names(path)
+    layers = quant_layers(module.model)
+    assert len(names) == len(layers) and all(w and x for w, x in names.values())  # Q/DQ on weights and inputs
+    int32_biases = any(t.data_type == onnx.TensorProto.INT32 for t in graph.initializer)
+    assert int32_biases == (layout == "onnxruntime")  # the layout asked for: ORT's holds INT32 biases
+    # the check ran on the first validation batch (verify_batches=1) against the trained fake-quant model (the
+    # exactness bound itself is measured on a trained model in test_export_onnx.py; this one trained one step)
+    r = cb.verify_result
+    assert r == verify_onnx(path, module.model, val, max_batches=1)
+    assert r.samples == 16 and r.agreement >= 0.995
+    saved = json.loads((tmp_path / "deploy" / "onnx_verify.json").read_text())
+    assert saved["layout"] == layout and saved["data"] == "validation" and saved["agreement"] == r.agreement
+    metrics = (tmp_path / "logs" / "run" / "version_0" / "metrics.csv").read_text()
+    assert "qat/onnx_agreement" in metrics and "qat/onnx_max_diff_steps" in metrics
+
+
+def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
+    train, val = M.loaders(n_train=16, n_val=16)
+    off = RepQATCallback(calib_batches=1, export_dir=tmp_path / "off", onnx=None)
+    _fit("pytorch_lightning", M.ClassifierPL(), [off], train, val, limit_train_batches=1)
+    w4 = RepQATCallback(QuantConfig(w_bits=4, a_bits=4), calib_batches=1, export_dir=tmp_path / "w4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # skipping 4-bit ONNX is expected: no warning
+        warnings.filterwarnings("ignore", message=r".*(does not have many workers|sync_dist|LeafSpec).*")
+        _fit("pytorch_lightning", M.ClassifierPL(), [w4], train, val, limit_train_batches=1)
+    for cb, d in ((off, "off"), (w4, "w4")):
+        assert cb.onnx_path is None and cb.verify_result is None
+        assert (tmp_path / d / "fused_state_dict.safetensors").is_file()
+        assert not (tmp_path / d / "model_int8.onnx").exists() and not (tmp_path / d / "onnx_verify.json").exists()
+
+
+def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path):
+    # forward(image, aux): one traced input cannot run it — the fit still finishes and says why there is no ONNX
+    train, val = M.loaders(n_train=16, n_val=16, multi_input=True)
+    cb = RepQATCallback(calib_batches=1, calib_forward=M.multi_input_forward, export_dir=tmp_path / "out")
+    with pytest.warns(UserWarning, match="the ONNX export failed .*; the deploy checkpoint is written"):
+        _fit("pytorch_lightning", M.MultiInputPL(), [cb], train, val, limit_train_batches=1)
+    assert (tmp_path / "out" / "fused_state_dict.safetensors").is_file()
+    assert not (tmp_path / "out" / "model_int8.onnx").exists() and cb.onnx_path is None
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
 def test_export_module_that_does_not_exist_is_refused_at_setup(tmp_path):
     train, _ = M.loaders(n_train=16)
     cb = RepQATCallback(export_dir=tmp_path, export_module="backbone")
