@@ -1,7 +1,8 @@
 """Standalone ``strategy="ddp"`` QAT fit on 2 CPU processes, run by tests/test_callback_ddp.py.
 
 Lightning's ``ddp`` launcher re-runs this script for rank 1, so it must be a file (not a pytest function).
-Every rank writes its final state to ``OUT_DIR/rank<k>.pt``; the test compares them. Blocks freeze at epoch 1, so
+Every rank writes its final state to ``OUT_DIR/rank<k>.pt``; the test compares them. Global rank 0 writes the
+fit-end artifacts (deploy checkpoint, ONNX, ONNX Runtime check) to ``OUT_DIR/deploy``. Blocks freeze at epoch 1, so
 DDP needs ``find_unused_parameters=True`` (frozen branch parameters receive no gradient).
 
 Usage: python tests/scripts/ddp_fit.py OUT_DIR
@@ -29,7 +30,8 @@ def main() -> None:
     M.pl.seed_everything(0)
     train, val = M.loaders(batch_size=8, n_train=32, n_val=16)
     strategy = M.pl.strategies.DDPStrategy(find_unused_parameters=True, process_group_backend="gloo")
-    cb = RepQATCallback(calib_batches=2, schedule=Schedule.all_at_once(freeze_at=1))
+    cb = RepQATCallback(calib_batches=2, schedule=Schedule.all_at_once(freeze_at=1),
+                        export_dir=os.path.join(out_dir, "deploy"), progress=False)
     trainer = M.pl.Trainer(max_epochs=2, callbacks=[cb, M.DumpState(out_dir)],
                            **M.trainer_kwargs(devices=2, strategy=strategy, enable_checkpointing=False))
     trainer.fit(M.ClassifierPL(), train, val)
