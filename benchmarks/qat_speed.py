@@ -10,8 +10,10 @@ Modes, all on ``qarepvgg_a0`` (one training step = forward + backward + SGD step
   for any per-branch tool);
 * ``eqk_float``   — the equivalent-kernel path with its quantizers disabled: what assembling the kernel from the
   branches costs by itself;
-* ``fused_fp32``  — the re-parameterized plain network (one conv + post-BN per block, no branches, no quantization):
-  the floor for any one-conv-per-block training step.
+* ``fused_fp32``  — the re-parameterized plain network (one conv per block, post-BN folded, no quantization): the
+  floor for any one-conv-per-block training step;
+* ``fused_bn_fp32`` — the same with QARepVGG's post-sum BN kept as a training BatchNorm (batch statistics), as
+  equivalent-kernel QAT keeps it: the floor for ``eqk_qat`` on QARep blocks.
 
 Modes are interleaved step by step (round robin) so that load on the shared machine hits them alike; the table
 shows medians and ratios to ``fp32`` from the same run. Single intra-op thread by default (``--threads``).
@@ -119,6 +121,8 @@ def build(mode: str, x: torch.Tensor) -> nn.Module:
                     m.disable()
     elif mode == "fused_fp32":
         reparameterize(model)
+    elif mode == "fused_bn_fp32":
+        reparameterize(model, fold_post_bn=False)
     elif mode == "branch_fq":
         branch_fq_stock(model, x)
     elif mode == "branch_fq_fused":
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", default="32x32,224x8", help="comma list of <image size>x<batch>")
-    ap.add_argument("--modes", default="fp32,eqk_qat,branch_fq,branch_fq_fused,eqk_float,fused_fp32")
+    ap.add_argument("--modes", default="fp32,eqk_qat,branch_fq,branch_fq_fused,eqk_float,fused_fp32,fused_bn_fp32")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
