@@ -545,6 +545,8 @@ class _RepQATImpl:
             self._log(trainer, f"RepQATCallback: deploy checkpoint written to {path}")
         else:
             path = self._export_fused_state(trainer, target, directory)
+        for stale in (ONNX_FILE, VERIFY_FILE):  # a previous run's: must not sit beside these weights
+            (directory / stale).unlink(missing_ok=True)
         if self.onnx is not None:
             self._export_onnx(trainer, target, directory, example, loader, source)
         if self.progress and trainer.is_global_zero:
@@ -664,7 +666,7 @@ class RepQATCallback(_RepQATImpl, *CALLBACK_BASES):  # type: ignore[misc]
         export_dir: where ``on_fit_end`` (global rank 0) writes the deploy checkpoint (``save_quantized``, with the
             input shape of one sample); a model without ``qat_rep_spec`` gets ``fused_state_dict.safetensors`` +
             ``qat_rep_callback.json`` instead. Beside it, for a W8A8 config, the QDQ ONNX file ``model_int8.onnx``
-            and its ONNX Runtime check ``onnx_verify.json`` (see ``onnx``).
+            and its ONNX Runtime check ``onnx_verify.json`` (see ``onnx``); those of an earlier run are removed first.
         export_module: the submodule to export: ``"auto"`` (the one submodule built by ``qat_rep.create_model``,
             else the LightningModule), a module name, or ``""`` for the LightningModule.
         compare_fp32: in validation/test, also measure the FP32-equivalent accuracy (one extra forward per batch).

@@ -319,6 +319,8 @@ def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
     off = RepQATCallback(calib_batches=1, export_dir=tmp_path / "off", onnx=None)
     _fit("pytorch_lightning", M.ClassifierPL(), [off], train, val, limit_train_batches=1)
     w4 = RepQATCallback(QuantConfig(w_bits=4, a_bits=4), calib_batches=1, export_dir=tmp_path / "w4")
+    (tmp_path / "w4").mkdir()
+    (tmp_path / "w4" / "model_int8.onnx").write_text("an earlier run's file")  # must not survive beside new weights
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # skipping 4-bit ONNX is expected: no warning
         warnings.filterwarnings("ignore", message=r".*(does not have many workers|sync_dist|LeafSpec).*")
