@@ -537,6 +537,13 @@ class _RepQATImpl:
     def _export(self, trainer: Any, pl_module: nn.Module) -> Path:
         target = self._export_target(pl_module)
         directory = Path(self.export_dir)
+        still_float = sorted(n for n, phase in self.phases.items() if phase == "float")
+        if still_float:
+            warnings.warn(
+                f"RepQATCallback: {len(still_float)} rep block(s) were still float multi-branch when the fit ended "
+                f"(e.g. {still_float[0]}): the schedule never moved them to QAT, yet the deploy checkpoint and the "
+                "ONNX file quantize them, so expect lower INT8 accuracy than the fake-quant metrics show. Train until "
+                "every block has entered QAT (see the Schedule), then export", UserWarning, stacklevel=2)
         loader, source = self._verify_loader(trainer)
         example = _first_input(loader) if loader is not None else None
         if isinstance(getattr(target, "qat_rep_spec", None), dict):
@@ -667,6 +674,7 @@ class RepQATCallback(_RepQATImpl, *CALLBACK_BASES):  # type: ignore[misc]
             input shape of one sample); a model without ``qat_rep_spec`` gets ``fused_state_dict.safetensors`` +
             ``qat_rep_callback.json`` instead. Beside it, for a W8A8 config, the QDQ ONNX file ``model_int8.onnx``
             and its ONNX Runtime check ``onnx_verify.json`` (see ``onnx``); those of an earlier run are removed first.
+            Blocks still ``float`` at fit end (the schedule never reached them) are exported quantized, with a warning.
         export_module: the submodule to export: ``"auto"`` (the one submodule built by ``qat_rep.create_model``,
             else the LightningModule), a module name, or ``""`` for the LightningModule.
         compare_fp32: in validation/test, also measure the FP32-equivalent accuracy (one extra forward per batch).

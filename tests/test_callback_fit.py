@@ -331,6 +331,18 @@ def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
         assert not (tmp_path / d / "model_int8.onnx").exists() and not (tmp_path / d / "onnx_verify.json").exists()
 
 
+def test_export_warns_when_blocks_never_entered_qat(tmp_path):
+    from qat_rep.quant import Schedule
+
+    train, val = M.loaders(n_train=16, n_val=16)
+    cb = RepQATCallback(calib_batches=1, schedule=Schedule.all_at_once(qat_at=5), export_dir=tmp_path / "out",
+                        onnx=None)
+    with pytest.warns(UserWarning, match=r"4 rep block\(s\) were still float multi-branch .* never moved them to QAT"):
+        _fit("pytorch_lightning", M.ClassifierPL(), [cb], train, val, limit_train_batches=1)
+    assert set(cb.phases.values()) == {"float"}
+    assert (tmp_path / "out" / "fused_state_dict.safetensors").is_file()  # exported all the same, as documented
+
+
 def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path):
     # forward(image, aux): one traced input cannot run it — the fit still finishes and says why there is no ONNX
     train, val = M.loaders(n_train=16, n_val=16, multi_input=True)
