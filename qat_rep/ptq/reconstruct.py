@@ -284,13 +284,19 @@ def data_capacity(qmodel: nn.Module, fmodel: nn.Module, units: list[Unit], batch
 
 
 @torch.no_grad()
+def _links(fmodel: nn.Module, pairs: Sequence[tuple[str, str]], batch: Any, forward: ForwardFn) -> list[bool]:
+    """For each ``(a, b)``: module ``b`` consumes exactly what module ``a`` produces, so the pair can run as a chain
+    (checked on one float batch: one capture pass for all outputs, one for all inputs)."""
+    if not pairs:
+        return []
+    outs = capture(fmodel, sorted({a for a, _ in pairs}), [batch], forward, "output")
+    ins = capture(fmodel, sorted({b for _, b in pairs}), [batch], forward, "input")
+    return [a != b and outs[a].shape == ins[b].shape and torch.equal(outs[a], ins[b]) for a, b in pairs]
+
+
 def _connected(fmodel: nn.Module, a: str, b: str, batch: Any, forward: ForwardFn) -> bool:
     """True when module ``b`` consumes exactly what module ``a`` produces (so the pair can run as a chain)."""
-    if a == b:
-        return False
-    out = capture(fmodel, [a], [batch], forward, "output")[a]
-    inp = capture(fmodel, [b], [batch], forward, "input")[b]
-    return out.shape == inp.shape and torch.equal(out, inp)
+    return _links(fmodel, [(a, b)], batch, forward)[0]
 
 
 def mixed_units(units: list[Unit], capacities: list[float], k: int, connected: Callable[[str, str], bool]) -> tuple[
@@ -351,19 +357,9 @@ def _unit_sims(modules: list[nn.Module]) -> list[SimQuantLayer]:
 
 
 def _chain_links(fmodel: nn.Module, units: list[Unit], batch: Any, forward: ForwardFn) -> list[bool]:
-    """``links[k]``: unit ``k + 1`` consumes exactly what unit ``k`` produces (checked on one float batch, in one
-    pass), so its inputs can be computed by running unit ``k`` instead of the whole model again."""
-    if len(units) < 2:
-        return []
-    lasts = sorted({u.names[-1] for u in units[:-1]})
-    firsts = sorted({u.names[0] for u in units[1:]})
-    outs = capture(fmodel, lasts, [batch], forward, "output")
-    ins = capture(fmodel, firsts, [batch], forward, "input")
-    links = []
-    for u, v in zip(units[:-1], units[1:]):
-        o, i = outs[u.names[-1]], ins[v.names[0]]
-        links.append(u.names[-1] != v.names[0] and o.shape == i.shape and torch.equal(o, i))
-    return links
+    """``links[k]``: unit ``k + 1`` consumes exactly what unit ``k`` produces, so its inputs can be computed by
+    running unit ``k`` instead of the whole model again."""
+    return _links(fmodel, [(u.names[-1], v.names[0]) for u, v in zip(units[:-1], units[1:])], batch, forward)
 
 
 @torch.no_grad()
