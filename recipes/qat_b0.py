@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import recipe_common as common  # recipes/recipe_common.py (python puts this script's folder on sys.path)
-from recipe_common import (ImageClassifier, ImageDataModule, ResultRow, Stopwatch, atomic_write_json,
-    check_common_args, collect_batches, console, environment_markdown, evaluate_accuracy, finish_distributed,
-    make_trainer, plot_accuracy, prepare_run, results_markdown, results_table, train_or_load_fp32, write_report)
+from recipe_common import (ImageClassifier, ImageDataModule, ResultRow, Stopwatch, check_common_args,
+    collect_batches, console, evaluate_accuracy, finish_distributed, make_trainer, plot_accuracy, prepare_run,
+    results_markdown, results_table, train_or_load_fp32)
 
 import torch  # noqa: E402  (after recipe_common, which makes qat_rep importable)
 
@@ -163,18 +163,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     console.print(results_table(rows, title))
     plot_accuracy(rows, out / "accuracy.png", title)
     results["rows"] = [r.to_dict() for r in rows]
-    results["seconds"] = dict(sw.times, total=sw.total, cpu=common.cpu_seconds())
-    atomic_write_json(out / "results.json", results)
-    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    write_report(out / "report.md", f"qat_b0: {args.block}_{args.model} W/A {', '.join(map(str, args.bits))}", [
+    common.finish_run(out, results, f"qat_b0: {args.block}_{args.model} W/A {', '.join(map(str, args.bits))}", [
         ("Results", results_markdown(rows) + "\n\n![accuracy per bit-width and method](accuracy.png)"),
         ("What was run", "FP32 training → PTQ baseline (max calibration) → RepQATCallback fine-tuning "
                          f"({args.qat_epochs} epoch(s), lr {args.qat_lr}) → deploy artifact → QDQ ONNX → "
                          "ONNX Runtime (CPU) on the validation set."),
-        ("Files", "\n".join(f"- `{f}`" for f in files)),
-        ("Environment and time", environment_markdown(args, sw.times)),
-    ])
-    console.print(f"report: [bold]{out / 'report.md'}[/]  total {sw.total:.0f} s")
+    ], args, sw)
     return results
 
 

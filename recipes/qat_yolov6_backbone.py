@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import recipe_common as common
-from recipe_common import (ResultRow, Stopwatch, atomic_write_json, check_common_args, console, environment_markdown,
-    finish_distributed, make_trainer, plot_accuracy, prepare_run, results_markdown, results_table, write_report)
+from recipe_common import (ResultRow, Stopwatch, check_common_args, console, finish_distributed, make_trainer,
+    plot_accuracy, prepare_run, results_markdown, results_table)
 
 import numpy as np  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
@@ -337,17 +337,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     plot_accuracy(rows, out / "miou.png", title, metric="mean IoU (%)")
     results = {"recipe": "qat_yolov6_backbone", "size": args.size, "block": args.block, "fp32_miou": fp32_miou,
                "qat_miou": qat_miou, "ort_int8_miou": ort_miou, "ort_fp32_miou": ort_fp32_miou,
-               "ort_latency_ms_batch1": lat, "verify": ver.to_dict(), "rows": [r.to_dict() for r in rows],
-               "seconds": dict(sw.times, total=sw.total, cpu=common.cpu_seconds())}
-    atomic_write_json(out / "results.json", results)
-    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    write_report(out / "report.md", f"qat_yolov6_backbone: EfficientRep-{args.size} ({args.block}) {tag}", [
+               "ort_latency_ms_batch1": lat, "verify": ver.to_dict(), "rows": [r.to_dict() for r in rows]}
+    common.finish_run(out, results, f"qat_yolov6_backbone: EfficientRep-{args.size} ({args.block}) {tag}", [
         ("Results", results_markdown(rows, metric="mIoU %") + "\n\n![mIoU](miou.png)"),
         ("Task", __doc__.split("\n\n")[2] + "\n\n" + __doc__.split("\n\n")[3]),
-        ("Files", "\n".join(f"- `{f}`" for f in files)),
-        ("Environment and time", environment_markdown(args, sw.times)),
-    ])
-    console.print(f"report: [bold]{out / 'report.md'}[/]  total {sw.total:.0f} s")
+    ], args, sw)
     return results
 
 

@@ -53,7 +53,7 @@ console = Console(stderr=False, highlight=False)
 __all__ = [
     "ensure_qat_rep_importable", "ImageClassifier", "ImageDataModule", "base_parser", "parse_bits", "prepare_run",
     "make_trainer", "evaluate_accuracy", "collect_batches", "ResultRow", "results_table", "results_markdown",
-    "plot_accuracy", "write_report", "atomic_write_text", "atomic_write_json", "Stopwatch", "console",
+    "plot_accuracy", "write_report", "finish_run", "atomic_write_text", "atomic_write_json", "Stopwatch", "console",
 ]
 
 
@@ -446,6 +446,21 @@ def write_report(path: str | os.PathLike, title: str, sections: Sequence[tuple[s
     for heading, body in sections:
         parts += [f"## {heading}", "", body.rstrip(), ""]
     return atomic_write_text(path, "\n".join(parts))
+
+
+def finish_run(out: Path, results: dict[str, Any], title: str, sections: Sequence[tuple[str, str]],
+               args: argparse.Namespace, sw: "Stopwatch") -> None:
+    """The end every recipe shares: stage times into ``results``, ``results.json``, then ``report.md`` (``sections``
+    plus the list of files written and the environment), and the report's path on the console."""
+    results["seconds"] = dict(sw.times, total=sw.total, cpu=cpu_seconds())
+    atomic_write_json(out / "results.json", results)
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    write_report(out / "report.md", title, [
+        *sections,
+        ("Files", "\n".join(f"- `{f}`" for f in files)),
+        ("Environment and time", environment_markdown(args, sw.times)),
+    ])
+    console.print(f"report: [bold]{out / 'report.md'}[/]  total {sw.total:.0f} s")
 
 
 def cpu_seconds() -> float:

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import recipe_common as common
-from recipe_common import (ImageDataModule, ResultRow, Stopwatch, atomic_write_json, check_common_args, console,
-    environment_markdown, evaluate_accuracy, plot_accuracy, prepare_run, results_markdown, results_table,
-    train_or_load_fp32, write_report)
+from recipe_common import (ImageDataModule, ResultRow, Stopwatch, check_common_args, console, evaluate_accuracy,
+    plot_accuracy, prepare_run, results_markdown, results_table, train_or_load_fp32)
 
 import torch  # noqa: E402
 
@@ -127,16 +126,10 @@ def run_ptq_recipe(name: str, title: str, methods: Sequence[PTQMethod], main_met
     console.print(results_table(rows, table_title))
     plot_accuracy([r for r in rows if not r.method.startswith("ORT")], out / "accuracy.png", table_title)
     results["rows"] = [r.to_dict() for r in rows]
-    results["seconds"] = dict(sw.times, total=sw.total, cpu=common.cpu_seconds())
-    atomic_write_json(out / "results.json", results)
-    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     skipped = [b for b in to_export if b < 8]
     onnx_note = f"\n\nW{'/'.join(map(str, skipped))}: ONNX {ONNX_8BIT_ONLY}." if skipped else ""
-    write_report(out / "report.md", f"{name}: {title}", [
+    common.finish_run(out, results, f"{name}: {title}", [
         ("Results", results_markdown(rows) + "\n\n![accuracy per bit-width and method](accuracy.png)" + onnx_note),
         ("What was run", notes),
-        ("Files", "\n".join(f"- `{f}`" for f in files)),
-        ("Environment and time", environment_markdown(args, sw.times)),
-    ])
-    console.print(f"report: [bold]{out / 'report.md'}[/]  total {sw.total:.0f} s")
+    ], args, sw)
     return results
