@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from qat_rep import __version__ as _QAT_REP_VERSION
 from qat_rep.blocks import RepBlock
 from qat_rep.export import TARGETS as ONNX_TARGETS
-from qat_rep.export import export_onnx, save_quantized, verify_onnx
+from qat_rep.export import VerifyResult, export_onnx, save_quantized, verify_onnx
 from qat_rep.export.atomic import write_text_atomic
 from qat_rep.quant import (
     NotCalibratedError,
@@ -216,7 +216,7 @@ class _RepQATImpl:
         self.metrics: dict[str, float] = {}
         self.export_path: Path | None = None
         self.onnx_path: Path | None = None
-        self.verify_result: Any = None  # qat_rep.export.VerifyResult of the fit-end ONNX file
+        self.verify_result: VerifyResult | None = None  # the fit-end ONNX file in ONNX Runtime vs PyTorch
         self._distiller: Distiller | None = None
         self._accuracy = SideBySideAccuracy()
         self._record_handle: Any = None
