@@ -331,6 +331,45 @@ def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
         assert not (tmp_path / d / "model_int8.onnx").exists() and not (tmp_path / d / "onnx_verify.json").exists()
 
 
+class _MLP(M.pl.LightningModule):
+    """Linear → ReLU → Linear: under autocast the second layer's input arrives in bf16 (no BN or bias add between
+    them promotes it back to float32, as happens inside rep blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * M.IMAGE * M.IMAGE, 64),
+                                       torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_bf16_mixed_training_quantizes_on_the_float32_grid():
+    torch.manual_seed(0)
+    train, _ = M.loaders(n_train=32)
+    module, seen, hooks = _MLP(), [], []
+
+    class Watch(M.pl.Callback):  # after setup: hook the second layer's input quantizer in the live model
+        def on_train_start(self, trainer, pl_module):
+            hooks.append(pl_module.net[3]._input_quantizer.register_forward_hook(
+                lambda m, a, out: seen.append((m, a[0].detach(), out.detach()))))
+
+    _fit("pytorch_lightning", module, [RepQATCallback(calib_batches=1), Watch()], train, limit_train_batches=2,
+         precision="bf16-mixed")
+    hooks[0].remove()
+    assert len(seen) == 2
+    for q, x, out in seen:
+        assert x.dtype == out.dtype == torch.bfloat16  # autocast reached the quantizer
+        with torch.no_grad():
+            assert torch.equal(out, q(x.float()).to(torch.bfloat16))  # integers picked in float32
+
+
 def test_export_warns_when_blocks_never_entered_qat(tmp_path):
     from qat_rep.quant import Schedule
 

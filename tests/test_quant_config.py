@@ -87,6 +87,29 @@ def test_per_tensor_fake_quant_is_bit_exact_with_torch_forward_and_backward(qmin
         assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["activation", "learned", "weight"])
+def test_half_precision_inputs_are_quantized_on_the_float32_grid(dtype, kind):
+    # under AMP (precision="bf16-mixed"/"16-mixed") activations arrive in 16 bits; x / s computed there put 14 % of
+    # bf16 rounding decisions off the INT8 grid. The integers must be those float32 picks for the same values.
+    g = torch.Generator().manual_seed(0)
+    if kind == "weight":
+        q = make_quantizer(8, axis=0, amax_shape=(16, 1, 1, 1), dynamic=True)
+        x = torch.randn(16, 8, 3, 3, generator=g)
+    else:
+        q = make_quantizer(8, learn_amax=kind == "learned")
+        q.set_amax(6.0)
+        x = torch.rand(20000, generator=g) * 7.0 - 0.5  # some clipped
+    x = x.to(dtype).requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    out, ref = q(x), q(x32)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref.to(dtype))
+    grad = torch.randn(x.shape, generator=g)
+    assert torch.equal(torch.autograd.grad(out, x, grad.to(dtype))[0],
+                       torch.autograd.grad(ref, x32, grad.to(dtype).float())[0].to(dtype))
+
+
 def test_quantizer_matches_pytorch_quantization_fake_quant():
     x = torch.randn(1000) * 3
     for bits in (8, 5, 2):
