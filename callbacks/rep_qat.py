@@ -649,9 +649,8 @@ class _RepQATImpl:
             warnings.warn(
                 f"RepQATCallback: ONNX Runtime agrees with the PyTorch model on only {100 * result.agreement:.2f}% "
                 f"of {result.samples} {source} samples (max logit difference {result.max_diff_steps:.2f} output "
-                f"steps): {path.name} does not run the network that was trained. See {VERIFY_FILE}; "
-                "qat_rep.export.verify_layers (qat-rep verify --layers) names the first layer where they part",
-                UserWarning, stacklevel=2)
+                f"steps): {path.name} does not run the network that was trained. See {VERIFY_FILE}", UserWarning,
+                stacklevel=2)
 
 
 class RepQATCallback(_RepQATImpl, *CALLBACK_BASES):  # type: ignore[misc]

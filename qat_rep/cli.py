@@ -3,7 +3,6 @@
     qat-rep inspect  ART_DIR                          per-layer table of an artifact (bits, scales, shapes)
     qat-rep export   ART_DIR --out model.onnx         QDQ ONNX (and --fp32 PATH for the fused FP32 network)
     qat-rep verify   model.onnx --artifact ART_DIR    ONNX Runtime vs the PyTorch fake-quant model on a data set
-                     (--layers: integer agreement of every activation quantizer, to find where they part)
     qat-rep bench    ART_DIR                          ONNX Runtime CPU latency, INT8 vs FP32, one interleaved run
 
 Every sub-command has ``--help``. Errors in the input (a missing artifact, a corrupted file, a bad shape) print one
@@ -100,7 +99,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from .data import DataSpec, load_dataset
-    from .export import load_quantized, read_metadata, verify_layers, verify_onnx
+    from .export import load_quantized, read_metadata, verify_onnx
 
     meta = read_metadata(args.artifact)
     model = load_quantized(args.artifact)
@@ -118,17 +117,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for k, v in result.rows():
         table.add_row(k, v)
     _console().print(table)
-    if args.layers:
-        layers = verify_layers(args.onnx, model, loader, max_batches=1)
-        lt = Table(title="integers per activation quantizer, ONNX Runtime vs PyTorch (first batch, network order)")
-        for col in ("quantizer", "values", "differ", "differ %", "max steps"):
-            lt.add_column(col, justify="left" if col == "quantizer" else "right")
-        for r in layers:
-            lt.add_row(r.quantizer, str(r.values), str(r.differ), f"{100 * r.fraction:.3f}", str(r.max_steps))
-        _console().print(lt)
-        first = next((r for r in layers if r.differ), None)
-        _console().print("every quantizer agrees" if first is None else
-                         f"first difference at {first.quantizer}: {first.differ} of {first.values} integers")
     if args.min_agreement is not None and result.agreement is not None and result.agreement < args.min_agreement:
         _console().print(f"[red]agreement {result.agreement:.4f} is below --min-agreement {args.min_agreement}")
         return 1
@@ -217,9 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=None,
                    help="exit with status 1 when the top-1 agreement is below this fraction (e.g. 0.995)")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
-    p.add_argument("--layers", action="store_true",
-                   help="also compare the integers of every activation quantizer, ORT vs PyTorch, in network order "
-                        "(on the first batch): where the two runtimes part")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("bench", help="ONNX Runtime CPU latency of an artifact, INT8 vs FP32",

@@ -23,7 +23,7 @@ from .artifact import (
 from .atomic import ArtifactWriteError
 from .bench import LatencyResult, ort_latency, ort_op_counts
 from .onnx_export import TARGETS, ExportReport, export_onnx, quantized_node_names, shared_scale_violations
-from .verify import PRECISE_INT8_KEY, LayerAgreement, VerifyResult, ort_session, verify_layers, verify_onnx
+from .verify import PRECISE_INT8_KEY, VerifyResult, ort_session, verify_onnx
 
 __all__ = [
     "save_quantized",
@@ -43,8 +43,6 @@ __all__ = [
     "shared_scale_violations",
     "verify_onnx",
     "VerifyResult",
-    "verify_layers",
-    "LayerAgreement",
     "ort_session",
     "PRECISE_INT8_KEY",
     "ort_latency",

@@ -8,11 +8,6 @@ What :func:`verify_onnx` measures, on every batch of a loader:
   calibrated with ``max`` on these logits would have). ORT runs integer kernels with its own requantization
   rounding, so intermediate activations may land one step apart; this number says how far that moves the output;
 * **accuracy** of both runtimes when the loader yields labels.
-
-When they part, :func:`verify_layers` says where: it compares the integers every activation quantizer produces, ONNX
-Runtime (the ``QuantizeLinear`` outputs of the file) against PyTorch (the same quantizer of the model), layer by
-layer in network order. The first layer with differences is where the two runtimes' arithmetic parts — e.g. the
-saturating U8S8 kernels of CPUs without VNNI, or requantization rounding near ties, which then propagates.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VerifyResult", "LayerAgreement", "verify_onnx", "verify_layers", "ort_session", "PRECISE_INT8_KEY"]
+__all__ = ["VerifyResult", "verify_onnx", "ort_session", "PRECISE_INT8_KEY"]
 
 
 @dataclass(frozen=True)
@@ -173,119 +168,3 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
         ort_accuracy=(ort_ok / labelled) if labelled and not multi else None,
         torch_accuracy=(torch_ok / labelled) if labelled and not multi else None,
     )
-
-
-@dataclass(frozen=True)
-class LayerAgreement:
-    """The integers one activation quantizer produced in ONNX Runtime and in PyTorch (see :func:`verify_layers`)."""
-
-    quantizer: str  # module name of the quantizer in the fused model (= the ONNX node's scope)
-    values: int  # integers compared
-    differ: int  # how many differ
-    max_steps: int  # largest |ORT - PyTorch| in quantization steps
-
-    @property
-    def fraction(self) -> float:
-        return self.differ / self.values if self.values else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _activation_taps(proto: Any) -> dict[str, tuple[str, int, str | None]]:
-    """``QuantizeLinear`` output → (module name from the node's scope, integer element type, zero-point name), for
-    the activation quantizers the exporter wrote (``/a/b/_input_quantizer/QuantizeLinear``); nodes the layout rewrites
-    added (e.g. ``…/pre_quant``) have no PyTorch counterpart and are left out."""
-    from onnx import TensorProto
-
-    inits = {i.name: i for i in proto.graph.initializer}
-    taps = {}
-    for node in proto.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
-            continue
-        scope = node.name.strip("/")
-        if not scope.endswith("/QuantizeLinear"):
-            continue
-        zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        elem = inits[zp].data_type if zp in inits else TensorProto.UINT8
-        taps[node.output[0]] = (scope[: -len("/QuantizeLinear")].replace("/", "."), elem, zp)
-    return taps
-
-
-@torch.no_grad()
-def verify_layers(path: str | Path, model: nn.Module, loader: Iterable[Any], max_batches: int | None = 1,
-                  threads: int | None = None, precise_int8: bool = True) -> list[LayerAgreement]:
-    """Compare, quantizer by quantizer, the integers ONNX Runtime and PyTorch produce for ``path`` and ``model``.
-
-    ``model`` is the model the file was exported from (QAT form, converted, or a :func:`qat_rep.load_quantized`
-    artifact); a fused copy of it is run, so its module names are those of the file. Returns one
-    :class:`LayerAgreement` per activation quantizer in network order, over ``max_batches`` batches of ``loader``.
-    """
-    import tempfile
-
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from ..quant.backend import TensorQuantizer, _bounds
-    from .onnx_export import _fuse_for_export
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist; export it with qat_rep.export_onnx first")
-    proto = onnx.load(str(path))
-    work = _fuse_for_export(model, quantized=True)
-    modules = dict(work.named_modules())
-    taps = {o: t for o, t in _activation_taps(proto).items() if isinstance(modules.get(t[0]), TensorQuantizer)}
-    if not taps:
-        raise ValueError(f"no activation QuantizeLinear of {path.name} matches a quantizer of the model: pass the "
-                         "model the file was exported from")
-    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    for out, (_, elem, _) in taps.items():
-        proto.graph.output.append(helper.make_tensor_value_info(out, elem, None))
-
-    captured: dict[str, list[Tensor]] = {}
-
-    def hook(name: str):
-        def fn(q: TensorQuantizer, args: tuple, out: Tensor) -> None:
-            scale = q.amax.detach().double().reshape(()) / _bounds(q.num_bits, q.unsigned, q.narrow_range)[1]
-            captured.setdefault(name, []).append(torch.round(out.detach().double() / scale).long().cpu())
-        return fn
-
-    handles = [modules[m].register_forward_hook(hook(m)) for m, _, _ in taps.values()]
-    counts = {o: [0, 0, 0] for o in taps}
-    try:
-        with tempfile.TemporaryDirectory(prefix="qat_rep_layers_") as tmp:
-            probe = Path(tmp) / "probe.onnx"
-            onnx.save(proto, str(probe))
-            sess = ort_session(probe, threads, precise_int8=precise_int8)
-            in_name = sess.get_inputs()[0].name
-            names = [o.name for o in sess.get_outputs()]
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x, _ = _split_batch(batch)
-                captured.clear()
-                work(x.detach().cpu().float())
-                ort = dict(zip(names, sess.run(None, {in_name: x.detach().cpu().float().numpy()})))
-                for out, (module, _, zp) in taps.items():
-                    a = ort[out].astype(np.int64) - (int(inits[zp].reshape(-1)[0]) if zp in inits else 0)
-                    b = captured[module][0].numpy()
-                    if a.size != b.size:
-                        raise ValueError(f"{module}: ONNX Runtime produced {a.shape}, PyTorch {b.shape}; pass the "
-                                         "model the file was exported from")
-                    diff = np.abs(a.reshape(-1) - b.reshape(-1))
-                    c = counts[out]
-                    c[0] += diff.size
-                    c[1] += int((diff > 0).sum())
-                    c[2] = max(c[2], int(diff.max(initial=0)))
-    finally:
-        for h in handles:
-            h.remove()
-    if not any(c[0] for c in counts.values()):
-        raise ValueError("loader yielded no batches; pass a non-empty loader (e.g. the validation loader)")
-    return [LayerAgreement(taps[o][0], *counts[o]) for o in taps]
-
