@@ -106,8 +106,11 @@ def _first_loader(loaders: Any) -> Any:
     """The first loader of what Lightning holds (one loader, a list or a dict of them); ``None`` for none."""
     if isinstance(loaders, Mapping):
         return next(iter(loaders.values()), None)
-    if isinstance(loaders, Sequence) and not isinstance(loaders, (str, bytes)):
-        return loaders[0] if loaders else None
+    if isinstance(loaders, (list, tuple)) and not loaders:
+        return None
+    if isinstance(loaders, Sequence) and not isinstance(loaders[0], Tensor) and \
+            all(hasattr(x, "__iter__") for x in loaders):
+        return loaders[0]
     return loaders
 
 
@@ -467,13 +470,7 @@ class _RepQATImpl:
 
     def _calib_loader(self, trainer: Any) -> Iterable[Any]:
         """The train loader (Lightning's, with its distributed sampler); the first one of a collection of loaders."""
-        loader = trainer.train_dataloader
-        if isinstance(loader, Mapping):
-            loader = next(iter(loader.values()))
-        elif isinstance(loader, Sequence) and loader and not isinstance(loader[0], Tensor) and \
-                all(hasattr(x, "__iter__") for x in loader):
-            loader = loader[0]
-        return loader
+        return _first_loader(trainer.train_dataloader)
 
     def _calibrate(self, trainer: Any, pl_module: nn.Module) -> None:
         loader = self._calib_loader(trainer)
@@ -599,7 +596,7 @@ class _RepQATImpl:
         val = _first_loader(getattr(trainer, "val_dataloaders", None))
         if val is not None:
             return val, "validation"
-        return _first_loader(self._calib_loader(trainer)), "training"
+        return self._calib_loader(trainer), "training"
 
     def _export_onnx(self, trainer: Any, target: nn.Module, directory: Path, example: Tensor | None, loader: Any,
                      source: str) -> None:
