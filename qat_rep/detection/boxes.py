@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["make_anchors", "dist2bbox", "bbox2dist", "split_outputs", "decode_outputs", "box_iou", "pairwise_iou",
+__all__ = ["make_anchors", "dist2bbox", "bbox2dist", "split_outputs", "decode_outputs", "box_iou", "box_giou", "pairwise_iou",
            "batched_nms", "NMSConfig", "postprocess"]
 
 
@@ -81,6 +81,17 @@ def box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
     area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
     area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
     return inter / (area_a + area_b - inter + eps)
+
+
+def box_giou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+    """Element-wise generalized IoU of aligned boxes ``(..., 4)`` (Rezatofighi et al., CVPR 2019), in [-1, 1]."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1) + (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1) - inter
+    hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    iou = inter / (union + eps)
+    return iou - (hull - union) / (hull + eps)
 
 
 def pairwise_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
