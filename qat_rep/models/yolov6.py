@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import RepBlock, get_block_type
@@ -100,6 +101,18 @@ class RepBiFPANNeck(nn.Module):
         return [pan_out2, pan_out1, pan_out0]
 
 
+class _Projection(nn.Module):
+    """DFL's fixed projection (upstream's ``proj_conv``: a 1×1 conv, key ``weight``), not an ``nn.Conv2d`` so that
+    quantization leaves it alone — it has no learned weight and runs after the network when it runs at all."""
+
+    def __init__(self, bins: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, bins, 1, 1), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight)
+
+
 class EffiDeHead(nn.Module):
     """YOLOv6's efficient decoupled head (upstream class ``Detect``): per level a 1×1 ``stems`` conv, then a 3×3
     ``cls_convs`` → 1×1 ``cls_preds`` and a 3×3 ``reg_convs`` → 1×1 ``reg_preds`` branch (SiLU activations).
@@ -118,8 +131,7 @@ class EffiDeHead(nn.Module):
         self.cls_preds = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in in_channels)
         self.reg_preds = nn.ModuleList(nn.Conv2d(c, 4 * (reg_max + 1), 1) for c in in_channels)
         self.proj = nn.Parameter(torch.linspace(0, _PROJ_BINS - 1, _PROJ_BINS), requires_grad=False)
-        self.proj_conv = nn.Conv2d(_PROJ_BINS, 1, 1, bias=False)
-        self.proj_conv.weight.requires_grad_(False)
+        self.proj_conv = _Projection(_PROJ_BINS)
         self.initialize_biases(prior_prob)
 
     @torch.no_grad()

@@ -15,7 +15,8 @@ Typical use (framework-free)::
 from .backend import NotCalibratedError, onnx_export_mode
 from .calibrate import CalibReport, calibrate, histogram_mse_amax, is_calibrated
 from .config import QuantConfig
-from .insert import PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax
+from .insert import (PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax,
+                     share_input_scales)
 from .rep_qat import PHASES, RepQuant
 from .report import LayerReport, LayerRow, layer_report
 from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages
@@ -32,6 +33,7 @@ __all__ = [
     "quant_layers",
     "quantizers",
     "refresh_weight_amax",
+    "share_input_scales",
     "get_config",
     "RepQuant",
     "PHASES",
