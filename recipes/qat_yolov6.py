@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import recipe_common as common  # recipes/recipe_common.py (python puts this script's folder on sys.path)
 
-import lightning.pytorch as pl  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
