@@ -4,6 +4,7 @@ TensorRT-layout ONNX file needs no re-quantization (``shared_scale_violations ==
 from __future__ import annotations
 
 import onnx
+import pytest
 import torch
 from torch import nn
 
@@ -61,12 +62,11 @@ def test_untied_concat_is_a_violation_and_sharing_removes_it(tmp_path):
 
 
 def test_share_input_scales_refuses_unprepared_models():
-    import pytest
-
     with pytest.raises(ValueError, match="not prepared"):
         share_input_scales(_ConcatNet(), torch.randn(1, 3, 8, 8))
 
 
+@pytest.mark.slow
 def test_qat_detector_keeps_shared_scales_in_tensorrt_layout(tmp_path):
     torch.manual_seed(0)
     x = torch.rand(4, 3, 32, 32)
