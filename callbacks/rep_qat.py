@@ -300,7 +300,7 @@ class _RepQATImpl:
                 "the checkpoint was saved with a different QuantConfig: its quantizer state does not match this "
                 f"model's ({detail}); or it holds another form of the model (e.g. converted for deployment). "
                 "Build RepQATCallback with the checkpoint's config: QuantConfig.from_dict("
-                "torch.load(path, weights_only=False)['callbacks']['RepQATCallback']['config'])"
+                "torch.load(path, weights_only=True)['callbacks']['RepQATCallback']['config'])"
             )
 
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:

@@ -1,12 +1,12 @@
 """Embedded digits, image folders and CIFAR-10 batches on disk: shapes, normalization, fixed split, errors."""
 
-import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import PicklePayload
 from qat_rep.data import DataSpec, load_dataset, make_loaders
 
 
@@ -67,16 +67,6 @@ def test_cifar10_batches(tmp_path, protocol, key):
     assert train.tensors[0].shape[1:] == (3, 32, 32)
 
 
-class _Payload:
-    """Unpickling this runs ``os.system('touch <marker>')`` — what a crafted CIFAR batch would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.parametrize("victim", ["data_batch_1", "test_batch", "batches.meta", "in-array"])
 @pytest.mark.parametrize("entry", ["load_dataset", "make_loaders"])
 def test_cifar_payload_never_runs(tmp_path, victim, entry):
@@ -84,7 +74,7 @@ def test_cifar_payload_never_runs(tmp_path, victim, entry):
     data.mkdir()
     _cifar_folder(data)
     marker = tmp_path / "pwned"
-    payload = _Payload(marker)
+    payload = PicklePayload(marker)
     pickle.loads(pickle.dumps(payload))  # the payload works: plain unpickling creates the marker ...
     assert marker.exists()
     marker.unlink()
