@@ -155,7 +155,7 @@ def _onnx_case(kind: str, onnx_file: Path, tmp_path: Path) -> Path:
     ("onnx:empty", "is not a readable ONNX model"),
     ("onnx:text", "is not a readable ONNX model"),
     ("onnx:flipped", "is not a readable ONNX model"),
-    ("image-size", r"takes inputs of shape Nx3x16x16, the data gives 64x3x24x24; pass the image size"),
+    ("image-size", r"takes inputs of shape Nx3x8x8, the data gives 64x3x24x24; pass the image size"),
     ("edited-architecture", "was modified after it was written"),
     ("edited-granularity", "was modified after it was written"),
     ("forged-input-shape", "input_shape must be null or 4 integers"),

@@ -330,8 +330,8 @@ def _match_tensors(model: nn.Module, state: dict[str, torch.Tensor], weights: Pa
             for what, keys in (("missing", missing), ("unexpected", unexpected),
                                ("different shape or dtype", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                              for k in wrong])) if keys)
-        raise ValueError(f"the tensors in {str(weights)!r} do not fit the model described in {META_FILE} ({detail}); "
-                         "the artifact is inconsistent — re-export it")
+        raise ValueError(f"the tensors in {str(weights)!r} do not fit the model described in "
+                         f"{str(weights.with_name(META_FILE))!r} ({detail}); the artifact is inconsistent — re-export it")
 
 
 def load_quantized(directory: str | Path) -> nn.Module:
