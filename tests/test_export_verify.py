@@ -81,4 +81,4 @@ def test_wrong_input_shape_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"takes inputs of shape Nx3x4x4, the data gives 8x3x5x5"):
         verify_onnx(path, _net(), [torch.randn(8, 3, 5, 5)])
     with pytest.raises(ValueError, match="min_agreement must be a fraction"):
-        verify_onnx(path, _net(), _data(), min_agreement=2)
+        verify_onnx(path, _net(), _data(), min_agreement=-0.5)

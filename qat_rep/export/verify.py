@@ -148,8 +148,8 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not 0 <= min_agreement <= 1:
-        raise ValueError(f"min_agreement must be a fraction in [0, 1], got {min_agreement!r}")
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not min_agreement >= 0:
+        raise ValueError(f"min_agreement must be a fraction >= 0 (e.g. 0.995), got {min_agreement!r}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, float)) or not max_steps > 0:
         raise ValueError(f"max_steps must be a positive number of output steps, got {max_steps!r}")
     sess = ort_session(path, threads, precise_int8=precise_int8)
