@@ -57,7 +57,7 @@ def train(name: str, train_set, seed: int, epochs: int, batch_size: int, cache: 
     model = create_model(name, num_classes=10, small_input=True)
     ckpt = cache / f"{name}_s{seed}_e{epochs}_i{image_size}.pt" if cache is not None else None
     if ckpt is not None and ckpt.exists():
-        model.load_state_dict(torch.load(ckpt))
+        model.load_state_dict(torch.load(ckpt, weights_only=True))
         return model.eval()
     torch.manual_seed(seed)
     model = create_model(name, num_classes=10, small_input=True)

@@ -300,7 +300,7 @@ class _RepQATImpl:
                 "the checkpoint was saved with a different QuantConfig: its quantizer state does not match this "
                 f"model's ({detail}); or it holds another form of the model (e.g. converted for deployment). "
                 "Build RepQATCallback with the checkpoint's config: QuantConfig.from_dict("
-                "torch.load(path, weights_only=False)['callbacks']['RepQATCallback']['config'])"
+                "torch.load(path, weights_only=True)['callbacks']['RepQATCallback']['config'])"
             )
 
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
@@ -626,7 +626,7 @@ class _RepQATImpl:
         if self.verify_batches == 0:
             return
         try:
-            result = verify_onnx(path, target, loader, max_batches=self.verify_batches)
+            result = verify_onnx(path, target, loader, max_batches=self.verify_batches, min_agreement=_MIN_AGREEMENT)
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"RepQATCallback: could not run {path.name} in ONNX Runtime on the {source} data "
                           f"({type(e).__name__}: {e}); pass verify_batches=0 to skip the check", UserWarning,
@@ -642,12 +642,11 @@ class _RepQATImpl:
             metrics["qat/onnx_agreement"] = result.agreement
         for logger in getattr(trainer, "loggers", []) or []:
             logger.log_metrics(metrics, step=trainer.global_step)
-        if result.agreement is not None and result.agreement < _MIN_AGREEMENT:
+        if not result.ok:
             warnings.warn(
-                f"RepQATCallback: ONNX Runtime agrees with the PyTorch model on only {100 * result.agreement:.2f}% "
-                f"of {result.samples} {source} samples (max logit difference {result.max_diff_steps:.2f} output "
-                f"steps): {path.name} does not run the network that was trained. See {VERIFY_FILE}", UserWarning,
-                stacklevel=2)
+                f"RepQATCallback: the ONNX Runtime check of {path.name} on {result.samples} {source} samples failed: "
+                f"{' '.join(result.failures)} It may not run the network that was trained. See {VERIFY_FILE}",
+                UserWarning, stacklevel=2)
 
 
 class RepQATCallback(_RepQATImpl, *CALLBACK_BASES):  # type: ignore[misc]

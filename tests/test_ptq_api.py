@@ -8,7 +8,7 @@ from torch import nn
 
 from qat_rep.blocks import QARepVGGBlock, RepVGGBlock
 from qat_rep.ptq import CFWSConv2d, quantize_ptq, sensitivity_report
-from qat_rep.quant import QuantConfig, backend
+from qat_rep.quant import DegenerateCalibrationError, QuantConfig, backend
 
 
 def tiny(block: type = RepVGGBlock, seed: int = 0) -> nn.Sequential:
@@ -108,3 +108,28 @@ def test_bad_input_is_refused() -> None:
                      batch_size=16)
     with pytest.raises(ValueError, match="weight_init must be 'max' or 'mse'"):
         quantize_ptq(tiny(), data(), method="brecq", weight_init="lsq", iters=1, batch_size=16)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse", "cfws"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration_pixel_is_refused(method: str, bad: float) -> None:
+    """One NaN pixel used to set every activation amax to 1e-12 (0 % agreement, no error); an inf pixel crashed
+    entropy calibration inside torch.histc."""
+    batches = data()
+    batches[1][0][0, 0, 3, 3] = bad
+    with pytest.raises(DegenerateCalibrationError, match=r"calibration batch 1 holds 1 NaN/inf value"):
+        quantize_ptq(tiny(), batches, QuantConfig(), method)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_all_zero_calibration_is_refused_naming_the_layer(method: str) -> None:
+    zeros = [(torch.zeros(16, 3, 16, 16),)]
+    with pytest.raises(DegenerateCalibrationError, match=r"input of layer '0.rbr_reparam' calibrated to amax"):
+        quantize_ptq(tiny(), zeros, QuantConfig(), method)
+
+
+def test_sensitivity_refuses_non_finite_batches() -> None:
+    batches = data()
+    batches[0][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(DegenerateCalibrationError, match="calibration batch 0"):
+        sensitivity_report(tiny(), batches)

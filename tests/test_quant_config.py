@@ -235,3 +235,10 @@ def test_prepare_keeps_parameters_and_forward():
     prepare(m, QuantConfig())
     assert {id(p) for n, p in m.named_parameters()} == params  # same Parameter objects: optimizers stay valid
     assert type(m).forward is fwd and "forward" not in vars(m)
+
+
+@pytest.mark.parametrize("skip", [None, 3, {"linear"}])
+def test_skip_of_the_wrong_type_names_the_field(skip):
+    """QuantConfig(skip=None) used to fail with "'NoneType' object is not iterable"."""
+    with pytest.raises(TypeError, match=r"skip must be a list or tuple of layer names or globs .*\[\] for none"):
+        QuantConfig(skip=skip)

@@ -280,6 +280,25 @@ def test_loaders_and_glue_raise_clear_errors(tmp_path: Path) -> None:
         y6.load_yolov6_keyed(y6.SegModule("n"), headless)
 
 
+@pytest.mark.parametrize("name", ["fp32.ckpt", "weights.pt", "yolov6.pt"])
+def test_crafted_checkpoint_never_runs_its_payload(tmp_path: Path, name: str, monkeypatch) -> None:
+    """``--ckpt`` files are read with weights_only=True, even when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD asks otherwise."""
+    import qat_yolov6_backbone as y6
+    from helpers import PicklePayload
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    path = tmp_path / name
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": PicklePayload(marker)}, path)
+    with pytest.raises(ValueError, match=r"holds a '(posix|os)\.system' object.*weights_only=True") as err:
+        if name == "yolov6.pt":
+            y6.load_yolov6_keyed(y6.SegModule("n"), path)
+        else:
+            common.load_classifier(path)
+    assert "weights_only=False" not in str(err.value)
+    assert not marker.exists()
+
+
 def test_state_dict_checkpoint_loads_in_any_form(tmp_path: Path) -> None:
     """``--ckpt`` also takes a bare state dict — train form or fused, with or without a ``model.`` prefix."""
     from safetensors.torch import save_file

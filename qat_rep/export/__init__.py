@@ -10,12 +10,14 @@
 """
 
 from .artifact import (
+    ARTIFACT_FILES,
     FORMAT_NAME,
     FORMAT_VERSION,
     META_FILE,
     WEIGHTS_FILE,
     LayerInfo,
     artifact_layers,
+    canonical_json,
     load_quantized,
     read_metadata,
     save_quantized,
@@ -35,6 +37,8 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHTS_FILE",
     "META_FILE",
+    "ARTIFACT_FILES",
+    "canonical_json",
     "ArtifactWriteError",
     "export_onnx",
     "ExportReport",

@@ -463,6 +463,9 @@ def export_onnx(
                 f"cannot export before calibration: {len(missing)} quantizer(s) have no amax ({shown}); run "
                 "qat_rep.quant.calibrate(model, batches) (or load a calibrated checkpoint) first"
             )
+        from ..quant import check_calibrated
+
+        check_calibrated(model)  # an amax of 0 would write QuantizeLinear scale 0: ORT then outputs zeros
         narrow = _not_8bit(model)
         if narrow:
             bits = sorted({b for _, b in narrow})

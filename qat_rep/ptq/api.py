@@ -27,7 +27,7 @@ from torch import nn
 from ..fuse import fold_bn_into_conv_
 from ..quant.insert import bn_after
 from ..quant import QuantConfig
-from ..quant.calibrate import default_forward
+from ..quant.calibrate import check_calibrated, check_finite_batch, default_forward
 from ..reparam import reparameterize
 from .kl import amax_from_histogram, collect_input_histograms
 from .layers import finalize, install_sim, sim_layers
@@ -204,6 +204,8 @@ def quantize_ptq(
         batches, n_samples = _gather(calib_loader, config.calib_batches, None)
     if not batches:
         raise ValueError("the calibration loader is empty; PTQ needs at least one batch of representative inputs")
+    for i, batch in enumerate(batches):
+        check_finite_batch(batch, i)
 
     reparameterize(model, fold_post_bn=True)
     _fold_plain_bn(model)
@@ -275,6 +277,7 @@ def quantize_ptq(
         report.act_amax[name] = float(sim.act_amax)
     report.layers = finalize(model)
     model.eval()
+    check_calibrated(model)  # refuses an activation amax of ~0 (all-zero or constant data at a layer), naming it
     report.seconds = time.perf_counter() - t0
     return model, report
 
@@ -304,6 +307,8 @@ def sensitivity_report(model: nn.Module, calib_loader: Iterable[Any], config: Qu
     batches, _ = _gather(calib_loader, config.calib_batches, None)
     if not batches:
         raise ValueError("the calibration loader is empty; sensitivity needs at least one batch")
+    for i, batch in enumerate(batches):
+        check_finite_batch(batch, i)
     work = copy.deepcopy(model)
     reparameterize(work, fold_post_bn=True)
     _fold_plain_bn(work)

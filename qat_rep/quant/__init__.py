@@ -13,7 +13,16 @@ Typical use (framework-free)::
 """
 
 from .backend import NotCalibratedError, onnx_export_mode
-from .calibrate import CalibReport, calibrate, histogram_mse_amax, is_calibrated
+from .calibrate import (
+    AMAX_FLOOR,
+    CalibReport,
+    DegenerateCalibrationError,
+    calibrate,
+    check_calibrated,
+    check_finite_batch,
+    histogram_mse_amax,
+    is_calibrated,
+)
 from .config import QuantConfig
 from .insert import PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax
 from .rep_qat import PHASES, RepQuant
@@ -27,6 +36,10 @@ __all__ = [
     "calibrate",
     "CalibReport",
     "is_calibrated",
+    "check_calibrated",
+    "check_finite_batch",
+    "DegenerateCalibrationError",
+    "AMAX_FLOOR",
     "histogram_mse_amax",
     "convert",
     "quant_layers",

@@ -8,6 +8,13 @@ with identical quantizer state — and sets the weight ``amax`` from the current
 switches a quantizer whose input was never negative to the unsigned range before its ``amax`` is computed. The model's mode and
 the quantizers' flags are restored even when a batch fails.
 
+Degenerate calibration is refused, never stored silently: :func:`check_calibrated` — the one check shared by
+:func:`calibrate`, every PTQ method, :func:`qat_rep.save_quantized`, the ONNX export and
+:func:`qat_rep.load_quantized` — raises :class:`DegenerateCalibrationError` (a ``ValueError``) naming the layer whose
+``amax`` is non-finite, negative or below :data:`AMAX_FLOOR` (a constant or all-zero input), and
+:func:`check_finite_batch` refuses a batch holding NaN/inf before PTQ collects any statistic (:func:`calibrate`
+checks every layer's input instead, naming the first layer a NaN reaches).
+
 pytorch-quantization's ``mse`` method moves the histogram to CUDA; :func:`histogram_mse_amax` is the same search
 (candidate ``amax`` = every bin centre from ``start_bin`` on; error = count-weighted squared quantization error of
 the bin centres) vectorised on the CPU.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -28,7 +36,17 @@ from .backend import TensorQuantizer, pq_compute_amax_percentile
 from .config import QuantConfig
 from .insert import get_config, quantizers, refresh_weight_amax
 
-__all__ = ["CalibReport", "calibrate", "is_calibrated", "histogram_mse_amax", "histogram_entropy_amax", "compute_amax", "default_forward"]
+__all__ = ["CalibReport", "calibrate", "is_calibrated", "histogram_mse_amax", "histogram_entropy_amax", "compute_amax",
+           "default_forward", "check_calibrated", "check_finite_batch", "DegenerateCalibrationError", "AMAX_FLOOR"]
+
+#: the smallest ``amax`` a quantizer may hold: below it every value quantizes to 0 (``2^-24``, the floor below which
+#: pytorch-quantization also treats an ``amax`` as zero). An activation ``amax`` this small means the calibration
+#: data reached the layer as constant zeros.
+AMAX_FLOOR = 2.0 ** -24
+
+
+class DegenerateCalibrationError(ValueError):
+    """A quantizer's ``amax`` (or a calibration batch) cannot give a working INT8 layer; the message names it."""
 
 
 @dataclass
@@ -46,10 +64,110 @@ class CalibReport:
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``model(batch[0])`` for a tuple/list batch (``(inputs, targets)``), else ``model(batch)``."""
+    """``model(batch[0])`` for a tuple/list batch (``(inputs, targets)``), else ``model(batch)``.
+
+    A dict batch is refused with a ``TypeError``: which entry is the input is the caller's to say (``forward``).
+    """
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"the default forward takes a tensor or an (inputs, targets) tuple/list, got a dict batch with keys "
+            f"{sorted(map(str, batch))[:6]}; pass forward=lambda model, batch: model(batch['<input key>'])"
+        )
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     return model(batch)
+
+
+def check_finite_batch(batch: Any, index: int = 0) -> None:
+    """Raise :class:`DegenerateCalibrationError` when any floating-point tensor in ``batch`` (a tensor, or nested
+    tuples/lists/dicts of them) holds NaN or inf; ``index`` is the batch number used in the message."""
+    stack = [batch]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            if item.is_floating_point() or item.is_complex():
+                bad = int((~torch.isfinite(item)).sum())
+                if bad:
+                    raise DegenerateCalibrationError(
+                        f"calibration batch {index} holds {bad} NaN/inf value(s) of {item.numel()}; calibration "
+                        "statistics of non-finite data are meaningless — clean or filter the data set")
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+
+
+def _role(name: str, q: TensorQuantizer) -> str:
+    role = getattr(q, "qat_rep_role", None)
+    if role in ("input", "weight"):
+        return role
+    return "weight" if name.endswith("_weight_quantizer") else "input"
+
+
+@torch.no_grad()
+def check_calibrated(model: nn.Module, *, allow_uncalibrated: bool = False) -> int:
+    """Refuse degenerate quantizer state: every ``amax`` finite and ``>= 0``, every activation ``amax`` at least
+    :data:`AMAX_FLOOR`, a weight channel below the floor only where its weights are all zero.
+
+    The one check behind :func:`calibrate`, the PTQ methods, saving, exporting and loading artifacts. A quantizer
+    that was never calibrated (``amax`` all NaN) is an error unless ``allow_uncalibrated`` (a layer the calibration
+    forward never reached); a dynamic weight quantizer takes its ``amax`` at every forward and may still be NaN.
+    Disabled quantizers are skipped. Raises :class:`DegenerateCalibrationError` naming the layer and the fix;
+    returns the number of quantizers checked.
+    """
+    checked = 0
+    for name, q in model.named_modules():
+        if not isinstance(q, TensorQuantizer) or q._disabled:
+            continue
+        role = _role(name, q)
+        layer = name.rpartition(".")[0] or name
+        amax = q._amax.detach().float().flatten()
+        nan = torch.isnan(amax)
+        if bool(nan.all()):
+            if allow_uncalibrated or (role == "weight" and q.dynamic):
+                continue
+            raise DegenerateCalibrationError(
+                f"the {role} quantizer of layer {layer!r} was never calibrated (amax is NaN); run "
+                "qat_rep.quant.calibrate(model, batches) on data that reaches this layer")
+        if bool(nan.any()) or not bool(torch.isfinite(amax).all()):
+            raise DegenerateCalibrationError(
+                f"the {role} quantizer of layer {layer!r} holds a non-finite amax ({_show(amax)}); the calibration "
+                "data or the weights hold NaN/inf — fix them and calibrate again")
+        if bool((amax < 0).any()):
+            raise DegenerateCalibrationError(
+                f"the {role} quantizer of layer {layer!r} holds a negative amax ({_show(amax)}); an amax is a "
+                "magnitude — recalibrate instead of setting it by hand")
+        small = amax < AMAX_FLOOR
+        if role == "input" and bool(small.any()):
+            raise DegenerateCalibrationError(
+                f"the input of layer {layer!r} calibrated to amax {float(amax.max()):.3g} (below {AMAX_FLOOR:.3g}): "
+                "its calibration inputs were all zero or constant, so every value would quantize to 0 — calibrate "
+                "with representative, non-blank inputs")
+        if role == "weight" and bool(small.any()):
+            parent = model.get_submodule(layer) if layer != name else None
+            weight = getattr(parent, "weight", None) if parent is not None else None
+            if weight is None and q.dynamic and not q.learn_amax:
+                checked += 1
+                continue  # max|K| of a kernel computed at every forward (a rep block in QAT form)
+            if not isinstance(weight, Tensor) or q.learn_amax:
+                nonzero = small
+            elif amax.numel() == 1:
+                nonzero = small & (weight.detach() != 0).any()
+            else:
+                rows = weight.detach().reshape(weight.shape[0], -1)
+                nonzero = small & (rows != 0).any(dim=1) if rows.shape[0] == amax.numel() else small
+            if bool(nonzero.any()):
+                channels = nonzero.nonzero().flatten().tolist()
+                raise DegenerateCalibrationError(
+                    f"the weight quantizer of layer {layer!r} has amax below {AMAX_FLOOR:.3g} for channel(s) "
+                    f"{channels[:8]} whose weights are not zero: those weights would quantize to 0 — refresh the "
+                    "weight amax (qat_rep.quant.refresh_weight_amax) or recalibrate")
+        checked += 1
+    return checked
+
+
+def _show(amax: Tensor) -> str:
+    return ", ".join(f"{v:.3g}" for v in amax[:4].tolist()) + (" …" if amax.numel() > 4 else "")
 
 
 def histogram_mse_amax(hist: np.ndarray | Tensor, edges: np.ndarray | Tensor, num_bits: int, unsigned: bool = False,
@@ -152,8 +270,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | No
     """Calibrate every activation quantizer of a prepared ``model`` on up to ``config.calib_batches`` batches.
 
     ``config`` defaults to the one :func:`prepare` recorded; ``forward(model, batch)`` defaults to
-    :func:`default_forward`. Raises ``ValueError`` for an empty ``batches`` and for a NaN/inf activation (naming
-    the layer); returns a :class:`CalibReport`.
+    :func:`default_forward`. Raises ``ValueError`` for an empty ``batches``, for a NaN/inf value in a batch or an
+    activation (naming the layer) and — through :func:`check_calibrated` — for an ``amax`` below
+    :data:`AMAX_FLOOR` (all-zero or constant inputs at a layer; the refused values stay in the quantizers, so
+    calibrate again with other data); returns a :class:`CalibReport`.
     """
     config = get_config(model) if config is None else config
     if not isinstance(config, QuantConfig):
@@ -172,6 +292,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | No
     def _check(name: str, index: int, track_min: bool):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
+            if not isinstance(x, Tensor):
+                raise TypeError(f"layer {name!r} received a {type(x).__name__} instead of a tensor during calibration; "
+                                "pass forward=lambda model, batch: ... that calls the model the way training does")
             if not torch.isfinite(x).all():
                 raise ValueError(f"non-finite activation (NaN or inf) at the input of layer {name!r} during "
                                  "calibration; check the data and the float model on this batch")
@@ -227,6 +350,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | No
             q.enable_quant()
         model.train(was_training)
     refresh_weight_amax(model)
+    check_calibrated(model, allow_uncalibrated=True)
     return report
 
 
