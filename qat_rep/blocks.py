@@ -54,9 +54,11 @@ class RepBlock(nn.Module):
     """Base of every re-parameterizable block in this package.
 
     Subclasses implement :meth:`branches` (the multi-branch sum), :meth:`_branch_kernel_bias` (its equivalent
-    kernel) and may override :meth:`post` (what follows the sum). ``rep_quant`` is an optional submodule installed
-    by :mod:`qat_rep.quant`; when set (and the block is not fused) the block runs ``post(rep_quant(self, x))`` — one
-    conv of the fake-quantized equivalent kernel instead of the branches.
+    kernel) and may override :meth:`post_bn` (a BatchNorm after the sum; none by default). What follows the sum is
+    ``post(y) = activation(post_bn(y))``. ``rep_quant`` is an optional submodule installed by :mod:`qat_rep.quant`;
+    when set (and the block is not fused) the block runs ``activation(rep_quant(self, x))`` — one conv of the
+    fake-quantized equivalent kernel instead of the branches; ``rep_quant`` applies :meth:`post_bn` itself, or folds
+    it into that conv (evaluation: the deployed arithmetic).
     """
 
     has_post_bn: bool = False
@@ -136,15 +138,23 @@ class RepBlock(nn.Module):
     def branches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def post(self, y: Tensor) -> Tensor:
-        """What follows the branch sum (or the fused conv): SE, then ReLU."""
+    def post_bn(self, y: Tensor) -> Tensor:
+        """The BatchNorm after the branch sum (QARep blocks); the identity for blocks without one."""
+        return y
+
+    def activation(self, y: Tensor) -> Tensor:
+        """What follows the (post-BN) sum: SE, then ReLU."""
         return self.nonlinearity(self.se(y))
+
+    def post(self, y: Tensor) -> Tensor:
+        """Everything after the branch sum (or the fused conv): ``activation(post_bn(y))``."""
+        return self.activation(self.post_bn(y))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rbr_reparam is not None:
             return self.post(self.rbr_reparam(x))
         if self.rep_quant is not None:
-            return self.post(self.rep_quant(self, x))
+            return self.activation(self.rep_quant(self, x))
         return self.post(self.branches(x))
 
     # ----------------------------------------------------------------------------------------------- fusion
@@ -267,10 +277,8 @@ class QARepVGGBlock(RepBlock):
             y = y + x
         return y
 
-    def post(self, y: Tensor) -> Tensor:
-        if self.bn is not None:
-            y = self.bn(y)
-        return self.nonlinearity(self.se(y))
+    def post_bn(self, y: Tensor) -> Tensor:
+        return y if self.bn is None else self.bn(y)
 
     def _branch_kernel_bias(self) -> tuple[Tensor, Tensor]:
         kernel, bias = fuse_bn_module(self.rbr_dense.conv.weight, self.rbr_dense.bn)

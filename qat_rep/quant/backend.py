@@ -89,6 +89,7 @@ __all__ = [
     "NotCalibratedError",
     "make_quantizer",
     "int32_bias",
+    "quant_conv2d",
     "onnx_export_mode",
     "fake_tensor_quant",
     "pq_compute_amax_entropy",
@@ -360,19 +361,35 @@ def int32_bias(bias: Tensor | None, input_quantizer: nn.Module, weight_quantizer
     return bias + (torch.round(bias.detach() / step) * step - bias.detach()).detach()
 
 
+def quant_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, input_quantizer: nn.Module,
+                 weight_quantizer: nn.Module, stride: int | tuple[int, int], padding: int | tuple[int, int],
+                 dilation: int | tuple[int, int] = 1, groups: int = 1) -> Tensor:
+    """The deployed quantized conv: ``conv2d(Q_x(x), Q_w(W), int32_bias(b))`` with the bias inside the conv.
+
+    The one code path of :class:`QuantConv2d` (the converted model, the deploy artifact) *and* of an evaluation-mode
+    rep block in QAT form, so ``model.eval()(x)`` and ``convert(model)(x)`` run the same float operations in the
+    same order and agree bit for bit.
+    """
+    xq = input_quantizer(x)
+    wq = weight_quantizer(weight)
+    return F.conv2d(xq, wq, int32_bias(bias, input_quantizer, weight_quantizer), stride, padding, dilation, groups)
+
+
 class QuantConv2d(_pq_nn.QuantConv2d):
     """pytorch-quantization's ``QuantConv2d`` (``_input_quantizer``, ``_weight_quantizer``) built from a float conv.
 
-    The forward is the library's with the bias on the int32 accumulator grid (:func:`int32_bias`).
+    The forward is :func:`quant_conv2d`: the library's with the bias on the int32 accumulator grid
+    (:func:`int32_bias`).
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        quant_input, quant_weight = self._quant(input)
-        bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
         if self.padding_mode != "zeros":
-            return F.conv2d(F.pad(quant_input, self._reversed_padding_repeated_twice, mode=self.padding_mode),
-                            quant_weight, bias, self.stride, (0, 0), self.dilation, self.groups)
-        return F.conv2d(quant_input, quant_weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        else:
+            padding = self.padding
+        return quant_conv2d(input, self.weight, self.bias, self._input_quantizer, self._weight_quantizer,
+                            self.stride, padding, self.dilation, self.groups)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, input_quantizer: TensorQuantizer,
