@@ -290,5 +290,5 @@ def test_plain_conv_bn_folded_at_convert_efficientrep():
 
 def test_rep_quant_phase_rejects_unknown():
     m, _ = _calibrated(RepVGGBlock, dict(in_channels=8, out_channels=8), QuantConfig())
-    with pytest.raises(ValueError, match="phase must be one of float, qat, frozen"):
-        m[0].rep_quant.phase = "fused"
+    with pytest.raises(ValueError, match="phase must be one of float, qat, frozen, fused"):
+        m[0].rep_quant.phase = "fuse"

@@ -46,9 +46,9 @@ from torch import Tensor, nn
 from ..blocks import RepBlock
 from .backend import TensorQuantizer, int32_bias, quant_conv2d
 
-__all__ = ["RepQuant", "PHASES", "folded_kernel_bias", "deploy_kernel_bias"]
+__all__ = ["RepQuant", "PHASES", "block_kernel_bias", "folded_kernel_bias", "deploy_kernel_bias"]
 
-PHASES = ("float", "qat", "frozen")
+PHASES = ("float", "qat", "frozen", "fused")
 _T_MIN = 1e-8
 
 
@@ -77,12 +77,22 @@ def deploy_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor]:
     return kernel, bias
 
 
+def block_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor]:
+    """The block's equivalent kernel and bias before any post-BN: read from the dense branch once the block is in
+    the ``fused`` phase (:meth:`~qat_rep.blocks.RepBlock.collapsed_kernel_bias`), assembled from every branch
+    otherwise."""
+    rq = block.rep_quant
+    if isinstance(rq, RepQuant) and rq.phase == "fused":
+        return block.collapsed_kernel_bias()
+    return block.equivalent_kernel_bias()
+
+
 def folded_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(K·t, b, t)``: the block's equivalent kernel with the post-BN scale ``t`` folded in (``t=None``: no post-BN).
 
     ``b`` is the branch bias *before* the post-BN; the fully folded deploy bias is ``(b − μ)·t + β``.
     """
-    kernel, bias = block.equivalent_kernel_bias()
+    kernel, bias = block_kernel_bias(block)
     t = _post_bn_scale(block)
     if t is not None:
         kernel = kernel * t.reshape(-1, 1, 1, 1)
@@ -92,15 +102,51 @@ def folded_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor, Tensor | None]:
 class RepQuant(nn.Module):
     """The QAT hook of one rep block: its input quantizer, its weight quantizer and its phase.
 
-    ``forward(block, x)`` returns what ``block.post`` expects (the pre-post-BN sum). The block is passed in rather
-    than stored, so the module tree has no cycle.
+    ``forward(block, x)`` returns what ``block.activation`` expects (the post-BN output, or the deployed conv's
+    output with the post-BN folded in). The block is passed in rather than stored, so the module tree has no cycle.
+
+    The ``_collapsed`` buffer records that :meth:`collapse_` rewrote the block's branches into its dense branch (it
+    travels with checkpoints, so a resumed run never collapses twice); only a collapsed block may be in the
+    ``fused`` phase.
     """
 
     def __init__(self, input_quantizer: TensorQuantizer, weight_quantizer: TensorQuantizer, phase: str = "qat"):
         super().__init__()
         self._input_quantizer = input_quantizer
         self._weight_quantizer = weight_quantizer
+        self.register_buffer("_collapsed", torch.zeros((), dtype=torch.bool))
+        self._is_collapsed = False  # Python mirror of the buffer: the forward never reads a tensor flag
         self.phase = phase
+
+    @property
+    def collapsed(self) -> bool:
+        """True once :meth:`collapse_` wrote the block's branches into its dense branch."""
+        return self._is_collapsed
+
+    @torch.no_grad()
+    def collapse_(self, block: RepBlock) -> list[nn.Parameter]:
+        """Collapse ``block`` into its dense branch (:meth:`~qat_rep.blocks.RepBlock.collapse_to_dense_`) and mark
+        it; returns the parameters whose values were rewritten (reset their optimizer state). A no-op (``[]``) for a
+        block already collapsed."""
+        if self._is_collapsed:
+            return []
+        params = block.collapse_to_dense_()
+        self._collapsed.fill_(True)
+        self._is_collapsed = True
+        return params
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: D401 - torch hook
+        key = prefix + "_collapsed"
+        had = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not had and key in missing_keys:  # checkpoints written before the fused phase existed: not collapsed
+            missing_keys.remove(key)
+            self._collapsed.fill_(False)
+        self._is_collapsed = bool(self._collapsed)
+        if self._phase == "fused" and not self._is_collapsed:
+            self._phase = "qat"
 
     @property
     def phase(self) -> str:
@@ -110,6 +156,9 @@ class RepQuant(nn.Module):
     def phase(self, value: str) -> None:
         if value not in PHASES:
             raise ValueError(f"phase must be one of {', '.join(PHASES)}; got {value!r}")
+        if value == "fused" and not getattr(self, "_is_collapsed", False):
+            raise ValueError("the 'fused' phase needs a collapsed block: use qat_rep.quant.apply_schedule (pass "
+                             "the optimizers) or rep_quant.collapse_(block) first")
         self._phase = value
 
     @property
@@ -146,7 +195,7 @@ class RepQuant(nn.Module):
             if self._folds_post_bn(block):
                 kernel, bias, t = folded_kernel_bias(block)
             else:
-                (kernel, bias), t = block.equivalent_kernel_bias(), None
+                (kernel, bias), t = block_kernel_bias(block), None
         wq = self._weight_quantizer(kernel)
         y = block.conv(xq, wq, None)
         y = y + bias.reshape(1, -1, 1, 1) if t is None else y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
@@ -167,4 +216,4 @@ class RepQuant(nn.Module):
         self._weight_quantizer.set_amax(self._weight_quantizer.reduce_amax(kernel))
 
     def extra_repr(self) -> str:
-        return f"phase={self._phase}"
+        return f"phase={self._phase}" + (", collapsed" if self._is_collapsed else "")
