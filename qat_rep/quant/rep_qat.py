@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import RepBlock
-from .backend import TensorQuantizer, int32_bias, quant_conv2d
+from .backend import TensorQuantizer, int32_bias, quant_conv2d, quant_matmul
 
 __all__ = ["RepQuant", "PHASES", "block_kernel_bias", "folded_kernel_bias", "deploy_kernel_bias"]
 
@@ -182,22 +182,20 @@ class RepQuant(nn.Module):
             if not self.training:  # evaluation: convert's arithmetic, operation for operation
                 return quant_conv2d(x, kernel, bias, self._input_quantizer, self._weight_quantizer, block.stride, 1,
                                     1, block.groups)
-            xq = self._input_quantizer(x)
-            wq = self._weight_quantizer(kernel)
+            y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1,
+                             block.groups)
             bias = int32_bias(bias, self._input_quantizer, self._weight_quantizer)
             # training: the bias added after the conv, not inside it: oneDNN's convolution backward with a bias
             # costs 10-25 % more on CPU than without one plus a broadcast add
-            return block.conv(xq, wq, None) + bias.reshape(1, -1, 1, 1)
+            return y + bias.reshape(1, -1, 1, 1)
         # a training post-BN (batch statistics): fold its running scale t into the kernel for quantization, divide
         # it out after the conv, then the real BN
-        xq = self._input_quantizer(x)
         with torch.no_grad() if self._phase == "frozen" else contextlib.nullcontext():
             if self._folds_post_bn(block):
                 kernel, bias, t = folded_kernel_bias(block)
             else:
                 (kernel, bias), t = block_kernel_bias(block), None
-        wq = self._weight_quantizer(kernel)
-        y = block.conv(xq, wq, None)
+        y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1, block.groups)
         y = y + bias.reshape(1, -1, 1, 1) if t is None else y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
         return block.post_bn(y)
 
