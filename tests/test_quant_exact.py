@@ -47,7 +47,7 @@ def qat_trained(arch: str, cfg: QuantConfig, steps: int = 3, seed: int = 0) -> t
         model(x.flip(0))
     prepare(model, cfg)
     calibrate(model, [x[:16], x[16:]])
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9)
     model.train()
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)

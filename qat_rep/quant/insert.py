@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..blocks import RepBlock
-from ..fuse import fold_bn_into_conv_
+from ..fuse import bn_module_scale, fold_bn_into_conv_
 from .backend import QuantAvgPool, QuantConv2d, QuantLinear, TensorQuantizer, make_quantizer
 from .config import QuantConfig
 from .rep_qat import RepQuant, deploy_kernel_bias
@@ -293,7 +293,7 @@ def convert(model: nn.Module) -> nn.Module:
         if not wq.learn_amax:
             wq.set_amax(wq.reduce_amax(layer.weight))
         elif wq.axis is not None:  # a learned per-channel amax scales exactly with |t|
-            t = bn.running_var.add(bn.eps).rsqrt() * (bn.weight if bn.weight is not None else 1.0)
+            t = bn_module_scale(bn)
             wq.set_amax(wq.amax.detach().flatten() * t.abs())
         setattr(parent, bn_name, nn.Identity())
     return model

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import RepBlock
+from ..fuse import bn_module_scale
 from .backend import TensorQuantizer, int32_bias, quant_conv2d, quant_matmul
 
 __all__ = ["RepQuant", "PHASES", "block_kernel_bias", "folded_kernel_bias", "deploy_kernel_bias"]
@@ -58,9 +59,7 @@ def _post_bn_scale(block: RepBlock) -> Tensor | None:
         return None
     if bn.running_var is None:
         raise ValueError(f"post-BN of {type(block).__name__} tracks no running statistics; it cannot be folded")
-    t = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        t = bn.weight * t
+    t = bn_module_scale(bn)
     # keep the sign, avoid dividing by ~0 for a channel whose γ collapsed
     return torch.where(t.abs() < _T_MIN, torch.full_like(t, _T_MIN) * torch.where(t < 0, -1.0, 1.0), t)
 
