@@ -96,3 +96,23 @@ def test_lean_path_is_not_used_for_learned_amax():
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     quant_matmul(x, w, iq, wq, 1, 1).sum().backward()
     assert iq._amax.grad is not None and iq._amax.grad.abs().sum() > 0
+
+
+def test_rounding_bounds_and_stes_live_in_the_math_module_only():
+    # qat_rep/quant: no module but qmath rounds, clamps to a bit range or defines a straight-through Function
+    import pathlib
+    import re
+
+    import qat_rep.quant as pkg
+
+    root = pathlib.Path(pkg.__file__).parent
+    pattern = re.compile(r"torch\.round\(|\.round_?\(|autograd\.Function\)|def _?bounds\(|1 << \(num_bits")
+    offenders = {}
+    for path in root.glob("*.py"):
+        if path.name in ("qmath.py", "calibrate.py"):  # calibrate's histogram search rounds bin centres (PTQ side)
+            continue
+        hits = [line.strip() for line in path.read_text().splitlines() if pattern.search(line)]
+        hits = [h for h in hits if not h.startswith(("#", '"', "``"))]
+        if hits:
+            offenders[path.name] = hits
+    assert not offenders, offenders
