@@ -76,7 +76,7 @@ def test_distill_dict_is_accepted():
 def test_state_dict_round_trip_and_config_mismatch():
     cb = RepQATCallback(QuantConfig(w_bits=6), schedule=Schedule.shallow_to_deep(every=2))
     state = cb.state_dict()
-    assert state["config"] == QuantConfig(w_bits=6).to_dict() and state["schedule"]["stagewise"] == [0, 2, None]
+    assert state["config"] == QuantConfig(w_bits=6).to_dict() and state["schedule"]["stagewise"] == [0, 2, None, None]
     other = RepQATCallback(QuantConfig(w_bits=6), schedule=Schedule.shallow_to_deep(every=2))
     other.load_state_dict({**state, "epoch": 3, "global_step": 30, "calibrated": True})
     assert other.position == (3, 30) and other.calibrated_by_checkpoint

@@ -201,7 +201,8 @@ class TensorQuantizer(_PQTensorQuantizer):
             raise ValueError(f"amax for {self.qat_rep_name or 'quantizer'} must have {self._amax.numel()} "
                              f"element(s) (shape {tuple(self._amax.shape)}), got shape {tuple(value.shape)}")
         self._amax.copy_(value.reshape(self._amax.shape))
-        self._amax_known_finite = self.is_calibrated
+        # a structure built on the meta device (load_quantized) holds no values yet: its state dict sets the flag
+        self._amax_known_finite = False if self._amax.is_meta else self.is_calibrated
 
     def reduce_amax(self, x: Tensor) -> Tensor:
         """``max|x|`` over every dimension except ``axis``, in ``_amax``'s shape (no gradient)."""
@@ -320,10 +321,12 @@ def _pair(v: int | Sequence[int]) -> list[int]:
 
 def _lean_ok(q: nn.Module, x: Tensor) -> bool:
     """Can ``q`` run inside :class:`~.qmath.LeanQuantConv`? A plain per-tensor fake quantizer (not learned, not
-    calibrating, not exporting) on a float32 input that needs a gradient path."""
+    calibrating, not exporting) on a float32 input that needs a gradient path, outside autocast (whose reduced-precision
+    matmul would meet the float32 integers in backward, where autocast no longer casts)."""
     return (isinstance(q, TensorQuantizer) and not q._disabled and q._if_quant and not q._if_calib
             and q._fake_quant and not q._lsq and q._axis is None and not q._if_clip
-            and not _PQTensorQuantizer.use_fb_fake_quant and x.dtype == torch.float32 and torch.is_grad_enabled())
+            and not _PQTensorQuantizer.use_fb_fake_quant and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_quantizer: nn.Module,
@@ -376,7 +379,8 @@ class QuantConv2d(_pq_nn.QuantConv2d):
             y = quant_matmul(input, self.weight, self._input_quantizer, self._weight_quantizer, self.stride, padding,
                              self.dilation, self.groups)
             bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
-            return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+            # the bias in the output's dtype: under autocast the conv ran in reduced precision, as F.conv2d would
+            return y if bias is None else y + bias.reshape(1, -1, 1, 1).to(y.dtype)
         return quant_conv2d(input, self.weight, self.bias, self._input_quantizer, self._weight_quantizer,
                             self.stride, padding, self.dilation, self.groups)
 
@@ -402,7 +406,7 @@ class QuantLinear(_pq_nn.QuantLinear):
         if self.training:  # the lean step (int8-saved input), bias added after the matmul
             y = quant_matmul(input, self.weight, self._input_quantizer, self._weight_quantizer)
             bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
-            return y if bias is None else y + bias
+            return y if bias is None else y + bias.to(y.dtype)  # autocast: stay in the matmul's dtype
         quant_input = self._input_quantizer(input)
         quant_weight = self._weight_quantizer(self.weight)
         return F.linear(quant_input, quant_weight, int32_bias(self.bias, self._input_quantizer, self._weight_quantizer))
