@@ -80,18 +80,28 @@ def _spec_of(model: nn.Module) -> dict[str, Any]:
     return dict(spec)
 
 
+def _class_spec(model: nn.Module) -> dict[str, Any]:
+    """The ``model`` entry of a model qat_rep cannot rebuild by name: no ``name``, the class for the reader."""
+    return {"name": None, "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
 def _quant_api():
     from ..quant import convert, get_config, quant_layers  # noqa: F401
 
     return convert, get_config, quant_layers
 
 
-def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequence[int] | None = None) -> Path:
+def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequence[int] | None = None, *,
+                   allow_unregistered: bool = False) -> Path:
     """Write the deploy checkpoint of a calibrated (QAT or converted) model to ``directory``, atomically.
 
     The model is not modified: a copy is converted to the fused form. ``input_shape`` (e.g. ``(1, 3, 32, 32)``) is
     recorded for tools that export or benchmark the artifact later. An existing ``directory`` is replaced only if
     it is empty or a previous artifact. Returns the directory.
+
+    ``allow_unregistered=True`` also saves a model without ``qat_rep_spec`` (any user network): same two files,
+    with ``"model": {"name": null, "class": ...}``; :func:`load_quantized` cannot rebuild it and says how to load
+    the weights into the user's own class instead.
     """
     from safetensors.torch import save as st_save
 
@@ -99,7 +109,8 @@ def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequenc
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    spec = _spec_of(model)
+    registered = isinstance(getattr(model, "qat_rep_spec", None), dict)
+    spec = _class_spec(model) if allow_unregistered and not registered else _spec_of(model)
     convert, get_config, quant_layers = _quant_api()
     if not quant_layers(model):
         raise ValueError("model has no quantized layers: run qat_rep.quant.prepare(model, config) and "
@@ -213,6 +224,13 @@ def load_quantized(directory: str | Path) -> nn.Module:
         raise ValueError(f"{str(weights)!r} is not a readable safetensors file ({e}); re-export the artifact") from None
     spec = dict(meta["model"])
     name = spec.pop("name")
+    if name is None:
+        raise ValueError(
+            f"{str(directory)!r} holds the fused weights of {spec.get('class', 'a user model')!r}, which qat_rep "
+            "cannot rebuild by name. Build that model, then qat_rep.quant.prepare(model, QuantConfig.from_dict("
+            "read_metadata(directory)['quant_config'])), qat_rep.quant.convert(model), and load_state_dict("
+            f"safetensors.torch.load_file(directory / {meta['weights_file']!r}))"
+        )
     model = create_model(name, **spec)
     prepare(model, QuantConfig.from_dict(meta["quant_config"]))
     _quant_api()[0](model)

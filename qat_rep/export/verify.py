@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .calls import ModelCall
+
 __all__ = ["VerifyResult", "verify_onnx", "ort_session", "PRECISE_INT8_KEY"]
 
 
@@ -90,7 +92,9 @@ def ort_session(path: str | Path, threads: int | None = None, optimized_model_pa
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+def _split_batch(batch: Any) -> tuple[Tensor | ModelCall, Tensor | None]:
+    if isinstance(batch, ModelCall):
+        return batch, None
     if isinstance(batch, (tuple, list)):
         x = batch[0]
         y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
@@ -114,7 +118,8 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
                 threads: int | None = None, precise_int8: bool = True) -> VerifyResult:
     """Run ``path`` in ONNX Runtime on ``loader`` next to ``model`` (PyTorch, eval mode) and compare them.
 
-    ``loader`` yields input tensors or ``(input, label)`` pairs; ``model`` is the PyTorch fake-quant model the file
+    ``loader`` yields input tensors, ``(input, label)`` pairs or recorded calls
+    (:class:`~qat_rep.export.calls.ModelCall`, fed as the file's named inputs); ``model`` is the PyTorch fake-quant model the file
     was exported from (QAT form, converted, or a :func:`qat_rep.load_quantized` artifact).
     """
     if not isinstance(model, nn.Module):
@@ -122,7 +127,7 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     sess = ort_session(path, threads, precise_int8=precise_int8)
-    in_name = sess.get_inputs()[0].name
+    in_names = [i.name for i in sess.get_inputs()]
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -134,8 +139,14 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
             if max_batches is not None and i >= max_batches:
                 break
             x, y = _split_batch(batch)
-            ort_out = [np.asarray(o) for o in sess.run(None, {in_name: x.detach().cpu().float().numpy()})]
-            ref = model(x.to(device))
+            if isinstance(x, ModelCall):
+                given = dict(x.tensors(model))
+                feeds = {n: (given[n].float() if given[n].is_floating_point() else given[n]).numpy() for n in in_names}
+                ref = x.run(model)
+            else:
+                feeds = {in_names[0]: x.detach().cpu().float().numpy()}
+                ref = model(x.to(device))
+            ort_out = [np.asarray(o) for o in sess.run(None, feeds)]
             ref_list = [r.detach().cpu().float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
             if len(ref_list) != len(ort_out):
                 raise ValueError(f"the ONNX file returns {len(ort_out)} output(s) but the model {len(ref_list)}")
@@ -153,7 +164,7 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
                     ort_ok += int((top_ort == yy).sum())
                     torch_ok += int((top_pt == yy).sum())
                     labelled += len(yy)
-            n += x.shape[0]
+            n += ref_list[0].shape[0]
     finally:
         model.train(was_training)
     if n == 0:
