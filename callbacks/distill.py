@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DistillConfig", "logit_kd_loss", "channel_kd_loss", "Distiller"]
+__all__ = ["DistillConfig", "logit_kd_loss", "channel_kd_loss", "Distiller", "kd_grad_scale"]
 
 
 @dataclass
@@ -210,6 +210,16 @@ class Distiller:
                 _kd_grad_hook, value=value.detach(), target=target, loss_fn=loss_fn, weight=float(weight),
                 scale=self.grad_scale, fired=fired))
         return loss_value
+
+
+def kd_grad_scale(trainer: Any) -> float:
+    """The factor the KD gradient needs to match the user's loss gradient: ``1 / accumulate_grad_batches``, times
+    the AMP loss scale when a grad scaler is active."""
+    scale = 1.0 / max(1, int(trainer.accumulate_grad_batches))
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+        scale *= float(scaler.get_scale())
+    return scale
 
 
 def _get_submodule(root: nn.Module, name: str, what: str) -> nn.Module:

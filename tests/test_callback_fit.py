@@ -139,7 +139,7 @@ def test_calib_batches_larger_than_loader_warns_and_uses_what_exists():
     train, _ = M.loaders(n_train=32, batch_size=16)  # 2 batches
     module = M.ClassifierPL()
     cb = RepQATCallback(calib_batches=5)
-    with pytest.warns(UserWarning, match="calib_batches=5 but the train loader has only 2 batch"):
+    with pytest.warns(UserWarning, match="calib_batches=5 but only 2 training step"):
         _fit("pytorch_lightning", module, [cb], train)
     assert cb.calib_report.batches == 2 and is_calibrated(module)
 
@@ -251,7 +251,7 @@ def test_fit_end_exports_a_deploy_artifact(tmp_path):
     module = M.ClassifierPL(arch="qarepvgg_a0")
     cb = RepQATCallback(calib_batches=1, export_dir=tmp_path / "deploy")
     _fit("pytorch_lightning", module, [cb], train, limit_train_batches=1)
-    assert cb.export_path == tmp_path / "deploy"
+    assert cb.deploy_report.out_dir == tmp_path / "deploy" and cb.deploy_report.rebuildable
     deployed = load_quantized(tmp_path / "deploy")
     x = next(iter(val))[0]
     module.eval()
@@ -263,20 +263,26 @@ def test_fit_end_exports_a_deploy_artifact(tmp_path):
     assert all(not isinstance(m, RepBlock) or m.rep_quant is not None for m in module.modules())  # live model kept
 
 
-def test_fit_end_writes_a_fused_state_dict_for_models_without_spec(tmp_path):
+def test_fit_end_saves_models_without_spec_in_the_one_artifact_format(tmp_path):
     from safetensors.torch import load_file
+
+    from qat_rep.export import load_quantized, read_metadata
 
     train, _ = M.loaders(n_train=16)
     module = M.ClassifierPL()  # TinyRepNet: qat_rep cannot rebuild it by name
     cb = RepQATCallback(calib_batches=1, export_dir=tmp_path / "out")
     _fit("pytorch_lightning", module, [cb], train, limit_train_batches=1)
-    state = load_file(str(tmp_path / "out" / "fused_state_dict.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "model.safetensors", "model_int8.onnx", "onnx_verify.json", "qat_rep.json"]
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert "model.blocks.0.rbr_reparam.weight" in state and "model.blocks.0.rbr_dense.conv.weight" not in state
     assert "model.blocks.0.bn.weight" not in state  # post-BN folded
     assert "model.blocks.0.rbr_reparam._input_quantizer._amax" in state
-    meta = json.loads((tmp_path / "out" / "qat_rep_callback.json").read_text())
-    assert meta["quant_config"] == cb.config.to_dict()
-    assert not list((tmp_path / "out").glob("*.tmp"))
+    meta = read_metadata(tmp_path / "out")
+    assert meta["quant_config"] == cb.config.to_dict() and not cb.deploy_report.rebuildable
+    assert meta["model"] == {"name": None, "class": "qat_lit_modules.ClassifierPL"}
+    with pytest.raises(ValueError, match="which qat_rep cannot rebuild by name. Build that model"):
+        load_quantized(tmp_path / "out")
 
 
 @pytest.mark.parametrize("layout", ["onnxruntime", "tensorrt"])
@@ -327,7 +333,7 @@ def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
         _fit("pytorch_lightning", M.ClassifierPL(), [w4], train, val, limit_train_batches=1)
     for cb, d in ((off, "off"), (w4, "w4")):
         assert cb.onnx_path is None and cb.verify_result is None
-        assert (tmp_path / d / "fused_state_dict.safetensors").is_file()
+        assert (tmp_path / d / "model.safetensors").is_file()
         assert not (tmp_path / d / "model_int8.onnx").exists() and not (tmp_path / d / "onnx_verify.json").exists()
 
 
@@ -379,16 +385,21 @@ def test_export_warns_when_blocks_never_entered_qat(tmp_path):
     with pytest.warns(UserWarning, match=r"4 rep block\(s\) were still float multi-branch .* never moved them to QAT"):
         _fit("pytorch_lightning", M.ClassifierPL(), [cb], train, val, limit_train_batches=1)
     assert set(cb.phases.values()) == {"float"}
-    assert (tmp_path / "out" / "fused_state_dict.safetensors").is_file()  # exported all the same, as documented
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # exported all the same, as documented
 
 
-def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path):
-    # forward(image, aux): one traced input cannot run it — the fit still finishes and says why there is no ONNX
+def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path, monkeypatch):
+    import qat_rep.export.deploy as deploy_module
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(deploy_module, "export_onnx", failing_export)
     train, val = M.loaders(n_train=16, n_val=16, multi_input=True)
     cb = RepQATCallback(calib_batches=1, calib_forward=M.multi_input_forward, export_dir=tmp_path / "out")
-    with pytest.warns(UserWarning, match="the ONNX export failed .*; the deploy checkpoint is written"):
+    with pytest.warns(UserWarning, match=r"no ONNX file: the export failed \(RuntimeError: exporter broke\)"):
         _fit("pytorch_lightning", M.MultiInputPL(), [cb], train, val, limit_train_batches=1)
-    assert (tmp_path / "out" / "fused_state_dict.safetensors").is_file()
+    assert cb.deploy_report.problems and (tmp_path / "out" / "model.safetensors").is_file()
     assert not (tmp_path / "out" / "model_int8.onnx").exists() and cb.onnx_path is None
     assert not list((tmp_path / "out").glob("*.tmp*"))
 

@@ -54,6 +54,24 @@ class DeployReport:
     problems: tuple[str, ...] = ()
     note: str | None = None  # why no ONNX file was written when that is expected (sub-8-bit config)
 
+    def metrics(self) -> dict[str, float]:
+        """The check as numbers for a logger: ``onnx_agreement`` (classifiers) and ``onnx_max_diff_steps``."""
+        if self.verify is None:
+            return {}
+        out = {"onnx_max_diff_steps": self.verify.max_diff_steps}
+        if self.verify.agreement is not None:
+            out["onnx_agreement"] = self.verify.agreement
+        return out
+
+    def table(self, title: str = "INT8 artifacts") -> "Table":  # noqa: F821
+        """The report as a two-column rich table."""
+        from rich.table import Table
+
+        table = Table(title=title, show_header=False)
+        for name, value in self.rows():
+            table.add_row(name, value)
+        return table
+
     def rows(self) -> list[tuple[str, str]]:
         """``(item, value)`` rows for a report table."""
         rows = [("deploy checkpoint", f"{self.out_dir / WEIGHTS_FILE} + {META_FILE}"

@@ -13,11 +13,12 @@ Typical use (framework-free)::
 """
 
 from .backend import NotCalibratedError, onnx_export_mode
-from .calibrate import CalibReport, calibrate, histogram_mse_amax, is_calibrated
+from .calibrate import CalibrationSession, CalibReport, calibrate, histogram_mse_amax, is_calibrated
 from .config import QuantConfig
 from .insert import PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax
 from .rep_qat import PHASES, RepQuant
 from .report import LayerReport, LayerRow, layer_report
+from .state import check_incoming_state, check_same_config, config_mismatch, quantizers_disabled
 from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "prepare",
     "PrepareReport",
     "calibrate",
+    "CalibrationSession",
     "CalibReport",
     "is_calibrated",
     "histogram_mse_amax",
@@ -43,5 +45,9 @@ __all__ = [
     "LayerReport",
     "LayerRow",
     "NotCalibratedError",
+    "config_mismatch",
+    "check_same_config",
+    "check_incoming_state",
+    "quantizers_disabled",
     "onnx_export_mode",
 ]
