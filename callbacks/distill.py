@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DistillConfig", "logit_kd_loss", "channel_kd_loss", "Distiller", "kd_grad_scale"]
+__all__ = ["DistillConfig", "logit_kd_loss", "channel_kd_loss", "Distiller", "kd_grad_scale", "find_submodule"]
 
 
 @dataclass
@@ -124,9 +124,9 @@ class Distiller:
         """Install the hooks; validates every module name first (a typo is a ``ValueError`` naming it)."""
         self.detach()
         cfg = self.config
-        student = _get_submodule(root, cfg.student, "student module (DistillConfig.student)")
-        s_feats = {s: _get_submodule(root, s, "student feature module") for s in cfg.features}
-        t_feats = {t: _get_submodule(self.teacher, t, "teacher feature module") for t in cfg.features.values()}
+        student = find_submodule(root, cfg.student, "student module (DistillConfig.student)")
+        s_feats = {s: find_submodule(root, s, "student feature module") for s in cfg.features}
+        t_feats = {t: find_submodule(self.teacher, t, "teacher feature module") for t in cfg.features.values()}
         for name, mod in s_feats.items():
             self._handles.append(mod.register_forward_hook(functools.partial(self._keep, self._student_feats, name)))
         for name, mod in t_feats.items():
@@ -222,7 +222,8 @@ def kd_grad_scale(trainer: Any) -> float:
     return scale
 
 
-def _get_submodule(root: nn.Module, name: str, what: str) -> nn.Module:
+def find_submodule(root: nn.Module, name: str, what: str) -> nn.Module:
+    """``root.get_submodule(name)`` (``root`` for ``""``); a missing one is a ``ValueError`` naming ``what``."""
     if not name:
         return root
     try:

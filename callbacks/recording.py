@@ -16,6 +16,8 @@ from torch import nn
 from qat_rep.export import ModelCall
 from qat_rep.quant import quant_layers
 
+from .distill import find_submodule
+
 __all__ = ["CallRecorder", "export_candidates"]
 
 
@@ -50,13 +52,9 @@ class CallRecorder:
     def watch_model(self, pl_module: nn.Module, student: str, export_module: str) -> None:
         """Watch :func:`export_candidates`, the distillation ``student`` and an explicit ``export_module``."""
         watched = dict(export_candidates(pl_module))
-        watched[student] = pl_module.get_submodule(student)
+        watched[student] = find_submodule(pl_module, student, "student module (DistillConfig.student)")
         if export_module != "auto":
-            try:
-                watched[export_module] = pl_module.get_submodule(export_module)
-            except AttributeError:
-                raise ValueError(f"export_module={export_module!r} is not a submodule of {type(pl_module).__name__}; "
-                                 f"children: {[n for n, _ in pl_module.named_children()]}") from None
+            watched[export_module] = find_submodule(pl_module, export_module, "export_module")
         self.watch(list(watched.items()))
 
     def export_target(self, pl_module: nn.Module, export_module: str) -> tuple[nn.Module, list[ModelCall]]:

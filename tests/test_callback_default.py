@@ -79,14 +79,20 @@ def test_forward_with_a_tensor_and_a_keyword_argument_lightning(tmp_path):
     _, cb = _fit("lightning.pytorch", D.BiasScaleL, D.default_loaders(), tmp_path / "int8")
     _assert_verified(cb, tmp_path / "int8")
     assert _onnx_inputs(tmp_path / "int8" / "model_int8.onnx") == ["x", "bias"]  # scale=1.0 is a constant
-    _assert_resume_bit_identical("lightning.pytorch", D.BiasScaleL, D.default_loaders(), tmp_path)
 
 
 def test_dict_batches_pytorch_lightning(tmp_path):
     _, cb = _fit("pytorch_lightning", D.DictBatchPL, D.default_loaders("dict"), tmp_path / "int8")
     _assert_verified(cb, tmp_path / "int8")
     assert _onnx_inputs(tmp_path / "int8" / "model_int8.onnx") == ["image"]
-    _assert_resume_bit_identical("pytorch_lightning", D.DictBatchPL, D.default_loaders("dict"), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavor, make, kind", [("lightning.pytorch", D.BiasScaleL, "tuple"),
+                                                ("pytorch_lightning", D.DictBatchPL, "dict")])
+def test_resume_equals_uninterrupted_fit(flavor, make, kind, tmp_path):
+    """Fit 2 epochs, resume to 3 == 3 uninterrupted epochs, bit for bit (calibration ran in epoch 0 of both)."""
+    _assert_resume_bit_identical(flavor, make, D.default_loaders(kind), tmp_path)
 
 
 def test_dataclass_batches(tmp_path):
@@ -108,7 +114,9 @@ def test_siamese_module_calls_its_backbone_twice(tmp_path):
 def test_resnet18_style_network_without_rep_blocks(tmp_path):
     from qat_rep.export import ModelCall, export_onnx, shared_scale_violations
 
-    module, cb = _fit("lightning.pytorch", D.ResNetL, D.default_loaders(image_size=32), tmp_path / "int8")
+    # 3 epochs: after 2 the 17-conv network still has near-tied logits (one of 64 flipped at 0.88 output steps,
+    # measured); after 3 it is at 69 % validation accuracy and every top-1 agrees
+    module, cb = _fit("lightning.pytorch", D.ResNetL, D.default_loaders(image_size=32), tmp_path / "int8", epochs=3)
     _assert_verified(cb, tmp_path / "int8")
     trt = tmp_path / "trt.onnx"
     export_onnx(module.model, trt, ModelCall((torch.randn(2, 3, 32, 32),)), target="tensorrt")

@@ -152,7 +152,9 @@ def test_validate_before_any_fit_refuses_uncalibrated_model():
 
 
 def test_calibration_does_not_shift_the_random_stream():
-    """Reading calibration batches must not move the RNG: a resumed fit (no calibration) must see the same stream."""
+    """With ``calib_forward`` the callback reads extra calibration batches at train start: that must not move the RNG
+    (a resumed fit, which does not calibrate, must see the same stream). The default calibrates inside the training
+    steps themselves and reads nothing extra."""
 
     class Probe(M.pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -162,7 +164,7 @@ def test_calibration_does_not_shift_the_random_stream():
     states = []
     for n in (1, 3):
         train, _ = M.loaders(n_train=48)
-        module, probe, cb = M.ClassifierPL(), Probe(), RepQATCallback(calib_batches=n)
+        module, probe, cb = M.ClassifierPL(), Probe(), RepQATCallback(calib_batches=n, calib_forward=lambda m, b: m(b[0]))
         torch.manual_seed(123)
         _fit("pytorch_lightning", module, [cb, probe], train, limit_train_batches=1)
         assert cb.calib_report.batches == n
@@ -311,8 +313,10 @@ def test_fit_end_writes_a_verified_qdq_onnx_file(tmp_path, layout):
     assert int32_biases == (layout == "onnxruntime")  # the layout asked for: ORT's holds INT32 biases
     # the check ran on the first validation batch (verify_batches=1) against the trained fake-quant model (the
     # exactness bound itself is measured on a trained model in test_export_onnx.py; this one trained one step)
-    r = cb.verify_result
-    assert r == verify_onnx(path, module.model, val, max_batches=1)
+    r = cb.verify_result  # on the recorded calls of the first validation batch: the same inputs, no labels
+    ref = verify_onnx(path, module.model, val, max_batches=1)
+    assert (r.samples, r.agreement, r.max_abs_diff) == (ref.samples, ref.agreement, ref.max_abs_diff)
+    assert r.ort_accuracy is None
     assert r.samples == 16 and r.agreement >= 0.995
     saved = json.loads((tmp_path / "deploy" / "onnx_verify.json").read_text())
     assert saved["layout"] == layout and saved["data"] == "validation" and saved["agreement"] == r.agreement
@@ -325,8 +329,9 @@ def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
     off = RepQATCallback(calib_batches=1, export_dir=tmp_path / "off", onnx=None)
     _fit("pytorch_lightning", M.ClassifierPL(), [off], train, val, limit_train_batches=1)
     w4 = RepQATCallback(QuantConfig(w_bits=4, a_bits=4), calib_batches=1, export_dir=tmp_path / "w4")
-    (tmp_path / "w4").mkdir()
-    (tmp_path / "w4" / "model_int8.onnx").write_text("an earlier run's file")  # must not survive beside new weights
+    (tmp_path / "w4").mkdir()  # an earlier run's artifact: its ONNX file must not survive beside new weights
+    (tmp_path / "w4" / "qat_rep.json").write_text("{}")
+    (tmp_path / "w4" / "model_int8.onnx").write_text("an earlier run's file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # skipping 4-bit ONNX is expected: no warning
         warnings.filterwarnings("ignore", message=r".*(does not have many workers|sync_dist|LeafSpec).*")
@@ -370,10 +375,11 @@ def test_bf16_mixed_training_quantizes_on_the_float32_grid():
          precision="bf16-mixed")
     hooks[0].remove()
     assert len(seen) == 2
-    for q, x, out in seen:
-        assert x.dtype == out.dtype == torch.bfloat16  # autocast reached the quantizer
-        with torch.no_grad():
-            assert torch.equal(out, q(x.float()).to(torch.bfloat16))  # integers picked in float32
+    (_, x0, out0), (q, x, out) = seen
+    assert torch.equal(out0, x0)  # step 1 calibrates: the quantizer observes and passes float through
+    assert x.dtype == out.dtype == torch.bfloat16  # autocast reached the quantizer
+    with torch.no_grad():
+        assert torch.equal(out, q(x.float()).to(torch.bfloat16))  # integers picked in float32
 
 
 def test_export_warns_when_blocks_never_entered_qat(tmp_path):
@@ -389,7 +395,9 @@ def test_export_warns_when_blocks_never_entered_qat(tmp_path):
 
 
 def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path, monkeypatch):
-    import qat_rep.export.deploy as deploy_module
+    import importlib
+
+    deploy_module = importlib.import_module("qat_rep.export.deploy")  # the module (the package exports the function)
 
     def failing_export(*args, **kwargs):
         raise RuntimeError("exporter broke")
@@ -407,7 +415,7 @@ def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path, mo
 def test_export_module_that_does_not_exist_is_refused_at_setup(tmp_path):
     train, _ = M.loaders(n_train=16)
     cb = RepQATCallback(export_dir=tmp_path, export_module="backbone")
-    with pytest.raises(ValueError, match="export_module='backbone' is not a submodule of ClassifierPL"):
+    with pytest.raises(ValueError, match="export_module 'backbone' does not exist in ClassifierPL"):
         _fit("pytorch_lightning", M.ClassifierPL(), [cb], train)
 
 
