@@ -111,6 +111,7 @@ def test_siamese_module_calls_its_backbone_twice(tmp_path):
     _assert_verified(cb, tmp_path / "int8", samples=2 * 64)  # both calls of every validation batch
 
 
+@pytest.mark.slow  # 3 epochs of a 17-conv network at 32x32
 def test_resnet18_style_network_without_rep_blocks(tmp_path):
     from qat_rep.export import ModelCall, export_onnx, shared_scale_violations
 
