@@ -96,12 +96,13 @@ class ModelCall:
     def tensors(self, module: nn.Module | None = None) -> list[tuple[str, Tensor]]:
         """Every tensor of the call in order, named after ``module.forward``'s parameters when they bind."""
         named: list[tuple[str, Any]] = []
-        try:
-            bound = inspect.signature(module.forward).bind(*self.args, **self.kwargs) if module is not None else None
+        try:  # the class's forward: an instance-level wrapper (e.g. a strategy's redirection) must not rename inputs
+            bound = inspect.signature(type(module).forward).bind(module, *self.args, **self.kwargs) \
+                if module is not None else None
         except (TypeError, ValueError):
             bound = None
         if bound is not None:
-            for pname, value in bound.arguments.items():
+            for pname, value in list(bound.arguments.items())[1:]:
                 kind = bound.signature.parameters[pname].kind
                 if kind is inspect.Parameter.VAR_POSITIONAL:
                     named += [(f"{pname}.{i}", v) for i, v in enumerate(value)]
