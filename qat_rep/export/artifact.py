@@ -116,6 +116,11 @@ def _spec_of(model: nn.Module) -> dict[str, Any]:
     return dict(spec)
 
 
+def _class_spec(model: nn.Module) -> dict[str, Any]:
+    """The ``model`` entry of a model qat_rep cannot rebuild by name: no ``name``, the class for the reader."""
+    return {"name": None, "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
 def _quant_api():
     from ..quant import convert, get_config, quant_layers  # noqa: F401
 
@@ -129,7 +134,8 @@ def _layer_bits(model: nn.Module) -> dict[str, list[int]]:
             for name, layer in quant_layers(model)}
 
 
-def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequence[int] | None = None) -> Path:
+def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequence[int] | None = None, *,
+                   allow_unregistered: bool = False) -> Path:
     """Write the deploy checkpoint of a calibrated (QAT or converted) model to ``directory``, atomically.
 
     The model is not modified: a copy is converted to the fused form. ``input_shape`` (e.g. ``(1, 3, 32, 32)``) is
@@ -138,6 +144,10 @@ def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequenc
     :class:`~.atomic.ArtifactWriteError` names the foreign files and nothing is touched. Raises
     :class:`~qat_rep.quant.DegenerateCalibrationError` for an amax that would quantize a layer to zero. Returns the
     directory.
+
+    ``allow_unregistered=True`` also saves a model without ``qat_rep_spec`` (any user network): same two files,
+    with ``"model": {"name": null, "class": ...}``; :func:`load_quantized` cannot rebuild it and says how to load
+    the weights into the user's own class instead.
     """
     from safetensors.torch import save as st_save
 
@@ -146,7 +156,8 @@ def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequenc
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    spec = _spec_of(model)
+    registered = isinstance(getattr(model, "qat_rep_spec", None), dict)
+    spec = _class_spec(model) if allow_unregistered and not registered else _spec_of(model)
     convert, get_config, quant_layers = _quant_api()
     if not quant_layers(model):
         raise ValueError("model has no quantized layers: run qat_rep.quant.prepare(model, config) and "
@@ -266,8 +277,10 @@ def _check_description(meta: dict[str, Any], where: str) -> None:
     if missing:
         raise ValueError(f"{where} lacks required key(s) {missing}; re-export the artifact")
     model = meta["model"]
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-        raise ValueError(f"{where}: 'model' must be a mapping with a 'name'; re-export the artifact")
+    user_model = isinstance(model, dict) and model.get("name") is None and isinstance(model.get("class"), str)
+    if not isinstance(model, dict) or not (isinstance(model.get("name"), str) or user_model):
+        raise ValueError(f"{where}: 'model' must be a mapping with a 'name' (or a null name and the user model's "
+                         "'class'); re-export the artifact")
     if meta["weights_file"] != WEIGHTS_FILE:
         raise ValueError(f"{where}: weights_file must be {WEIGHTS_FILE!r}, got {meta['weights_file']!r}")
     sha = meta["sha256"]
@@ -366,6 +379,12 @@ def load_quantized(directory: str | Path) -> nn.Module:
         state = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as e:
         raise ValueError(f"{str(weights)!r} is not a readable safetensors file ({e}); re-export the artifact") from None
+    if meta["model"]["name"] is None:
+        raise ValueError(
+            f"{str(directory)!r} holds the fused weights of {meta['model']['class']!r}, which qat_rep cannot rebuild "
+            "by name. Build that model, then qat_rep.quant.prepare(model, QuantConfig.from_dict(read_metadata("
+            "directory)['quant_config'])), qat_rep.quant.convert(model), and load_state_dict("
+            f"safetensors.torch.load_file(directory / {WEIGHTS_FILE!r}))")
     model = _structure(meta, where)
     _match_tensors(model, state, weights)
     model.to_empty(device="cpu")

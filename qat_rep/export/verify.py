@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .calls import ModelCall
+
 __all__ = ["VerifyResult", "verify_onnx", "ort_session", "PRECISE_INT8_KEY", "DEFAULT_MIN_AGREEMENT",
            "DEFAULT_MAX_STEPS"]
 
@@ -113,7 +115,9 @@ def ort_session(path: str | Path, threads: int | None = None, optimized_model_pa
                          "re-export it (qat-rep export ART_DIR --out model.onnx)") from None
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+def _split_batch(batch: Any) -> tuple[Tensor | ModelCall, Tensor | None]:
+    if isinstance(batch, ModelCall):
+        return batch, None
     if isinstance(batch, (tuple, list)):
         x = batch[0]
         y = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
@@ -138,11 +142,12 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
                 min_agreement: float = DEFAULT_MIN_AGREEMENT, max_steps: float = DEFAULT_MAX_STEPS) -> VerifyResult:
     """Run ``path`` in ONNX Runtime on ``loader`` next to ``model`` (PyTorch, eval mode) and compare them.
 
-    ``loader`` yields input tensors or ``(input, label)`` pairs; ``model`` is the PyTorch fake-quant model the file
-    was exported from (QAT form, converted, or a :func:`qat_rep.load_quantized` artifact). The result's ``ok`` and
-    ``failures`` apply ``min_agreement`` (top-1, ties count as disagreement) and ``max_steps`` (max logit difference
-    in output quantization steps); see the module docstring. Raises ``ValueError`` for a file that is not a
-    readable ONNX model or whose input shape does not fit the loader's.
+    ``loader`` yields input tensors, ``(input, label)`` pairs or recorded calls
+    (:class:`~qat_rep.export.calls.ModelCall`, fed as the file's named inputs); ``model`` is the PyTorch fake-quant
+    model the file was exported from (QAT form, converted, or a :func:`qat_rep.load_quantized` artifact). The
+    result's ``ok`` and ``failures`` apply ``min_agreement`` (top-1, ties count as disagreement) and ``max_steps``
+    (max logit difference in output quantization steps); see the module docstring. Raises ``ValueError`` for a file
+    that is not a readable ONNX model or whose input shape does not fit the loader's.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -153,7 +158,7 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, float)) or not max_steps > 0:
         raise ValueError(f"max_steps must be a positive number of output steps, got {max_steps!r}")
     sess = ort_session(path, threads, precise_int8=precise_int8)
-    in_name = sess.get_inputs()[0].name
+    in_names = [i.name for i in sess.get_inputs()]
     in_shape = sess.get_inputs()[0].shape
     was_training = model.training
     model.eval()
@@ -167,9 +172,15 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
             if max_batches is not None and i >= max_batches:
                 break
             x, y = _split_batch(batch)
-            _check_input_shape(path, in_shape, tuple(x.shape))
-            ort_out = [np.asarray(o) for o in sess.run(None, {in_name: x.detach().cpu().float().numpy()})]
-            ref = model(x.to(device))
+            if isinstance(x, ModelCall):
+                given = dict(x.tensors(model))
+                feeds = {n: (given[n].float() if given[n].is_floating_point() else given[n]).numpy() for n in in_names}
+                ref = x.run(model)
+            else:
+                _check_input_shape(path, in_shape, tuple(x.shape))
+                feeds = {in_names[0]: x.detach().cpu().float().numpy()}
+                ref = model(x.to(device))
+            ort_out = [np.asarray(o) for o in sess.run(None, feeds)]
             ref_list = [r.detach().cpu().float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
             if len(ref_list) != len(ort_out):
                 raise ValueError(f"the ONNX file returns {len(ort_out)} output(s) but the model {len(ref_list)}")
@@ -190,7 +201,7 @@ def verify_onnx(path: str | Path, model: nn.Module, loader: Iterable[Any], max_b
                     ort_ok += int((top_ort == yy).sum())
                     torch_ok += int((top_pt == yy).sum())
                     labelled += len(yy)
-            n += x.shape[0]
+            n += ref_list[0].shape[0]
     finally:
         model.train(was_training)
     if n == 0:

@@ -15,6 +15,7 @@ Typical use (framework-free)::
 from .backend import NotCalibratedError, onnx_export_mode
 from .calibrate import (
     AMAX_FLOOR,
+    CalibrationSession,
     CalibReport,
     DegenerateCalibrationError,
     calibrate,
@@ -28,12 +29,14 @@ from .insert import PrepareReport, convert, get_config, prepare, quant_layers, q
 from .rep_qat import PHASES, RepQuant
 from .report import LayerReport, LayerRow, layer_report
 from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages, reset_optimizer_state
+from .state import check_incoming_state, check_same_config, config_mismatch, quantizers_disabled
 
 __all__ = [
     "QuantConfig",
     "prepare",
     "PrepareReport",
     "calibrate",
+    "CalibrationSession",
     "CalibReport",
     "is_calibrated",
     "check_calibrated",
@@ -57,5 +60,9 @@ __all__ = [
     "LayerReport",
     "LayerRow",
     "NotCalibratedError",
+    "config_mismatch",
+    "check_same_config",
+    "check_incoming_state",
+    "quantizers_disabled",
     "onnx_export_mode",
 ]

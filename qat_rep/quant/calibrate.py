@@ -36,7 +36,7 @@ from .backend import TensorQuantizer, pq_compute_amax_percentile
 from .config import QuantConfig
 from .insert import get_config, quantizers, refresh_weight_amax
 
-__all__ = ["CalibReport", "calibrate", "is_calibrated", "histogram_mse_amax", "histogram_entropy_amax", "compute_amax",
+__all__ = ["CalibReport", "CalibrationSession", "calibrate", "is_calibrated", "histogram_mse_amax", "histogram_entropy_amax", "compute_amax",
            "default_forward", "check_calibrated", "check_finite_batch", "DegenerateCalibrationError", "AMAX_FLOOR"]
 
 #: the smallest ``amax`` a quantizer may hold: below it every value quantizes to 0 (``2^-24``, the floor below which
@@ -264,32 +264,35 @@ def _world() -> tuple[bool, int]:
     return ok, (torch.distributed.get_world_size() if ok else 1)
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | None = None,
-              forward: Callable[[nn.Module, Any], Any] | None = None) -> CalibReport:
-    """Calibrate every activation quantizer of a prepared ``model`` on up to ``config.calib_batches`` batches.
+class CalibrationSession:
+    """Calibration in three steps, for callers that run the model themselves (e.g. inside training steps).
 
-    ``config`` defaults to the one :func:`prepare` recorded; ``forward(model, batch)`` defaults to
-    :func:`default_forward`. Raises ``ValueError`` for an empty ``batches``, for a NaN/inf value in a batch or an
-    activation (naming the layer) and — through :func:`check_calibrated` — for an ``amax`` below
-    :data:`AMAX_FLOOR` (all-zero or constant inputs at a layer; the refused values stay in the quantizers, so
-    calibrate again with other data); returns a :class:`CalibReport`.
+    :meth:`start` puts every activation quantizer in observe mode (statistics collected, float passed through) and
+    every weight quantizer off, so the model computes its float function; the caller runs batches and counts them
+    with :meth:`count`; :meth:`finish` computes ``amax`` (reduced across ranks), sets the weight ``amax`` and
+    restores every flag; :meth:`close` restores the flags without calibrating. The model's mode is not touched.
     """
-    config = get_config(model) if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    forward = default_forward if forward is None else forward
-    inputs = quantizers(model, "input")
-    if not inputs:
-        raise ValueError("model has no activation quantizer; call qat_rep.quant.prepare(model, config) first")
-    method = config.calibrator
-    was_training = model.training
-    flags = [(q._if_quant, q._if_calib) for _, q in inputs]
-    handles = []
 
-    mins: dict[int, Tensor] = {}  # index into inputs → smallest input value seen (auto_unsigned quantizers)
+    def __init__(self, model: nn.Module, config: QuantConfig | None = None) -> None:
+        config = get_config(model) if config is None else config
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        self.model, self.config = model, config
+        self.inputs = quantizers(model, "input")
+        if not self.inputs:
+            raise ValueError("model has no activation quantizer; call qat_rep.quant.prepare(model, config) first")
+        self.batches = 0
+        self._flags: list[tuple[bool, bool]] | None = None
+        self._handles: list[Any] = []
+        self._mins: dict[int, Tensor] = {}  # index into inputs → smallest input value seen (auto_unsigned ones)
 
-    def _check(name: str, index: int, track_min: bool):
+    @property
+    def active(self) -> bool:
+        return self._flags is not None
+
+    def _check(self, name: str, index: int, track_min: bool):
+        mins = self._mins
+
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if not isinstance(x, Tensor):
@@ -303,55 +306,98 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | No
                 mins[index] = torch.minimum(mins[index], low) if index in mins else low
         return hook
 
-    n = 0
-    try:
-        for i, (name, q) in enumerate(inputs):
-            if q._calibrator is None:
-                raise ValueError(f"quantizer {name} has no calibrator")
-            q._calibrator.reset()
-            q.disable_quant()
-            q.enable_calib()
-            layer = name.rpartition("._input_quantizer")[0] or name
-            handles.append(q.register_forward_pre_hook(_check(layer, i, q.auto_unsigned)))
-        for _, q in quantizers(model, "weight"):
-            q.disable_quant()
-        model.eval()
-        for batch in itertools.islice(iter(batches), config.calib_batches):
-            forward(model, batch)
-            n += 1
-        if n == 0:
-            raise ValueError("calibration got no batches: the iterable is empty (check the data loader / dataset)")
-        dist, world = _world()
-        _decide_unsigned(inputs, mins, dist and world > 1, model)
-        values = []
-        for name, q in inputs:
-            amax = compute_amax(q, method, config.percentile)
-            values.append(torch.full((), float("nan")) if amax is None else amax.reshape(()).float().cpu())
-        amaxes = torch.stack(values)
-        if dist and world > 1:
-            device = next((b.device for b in model.buffers()), torch.device("cpu"))
-            t = torch.nan_to_num(amaxes, nan=-1.0).to(device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            amaxes = t.cpu().where(t.cpu() >= 0, torch.tensor(float("nan")))
-        report = CalibReport(batches=n, method=method, world_size=world)
-        for (name, q), a in zip(inputs, amaxes):
-            if math.isnan(float(a)):
-                continue  # the layer never ran (e.g. a branch unused by this forward); stays uncalibrated
-            q.set_amax(a)
-            report.amax[name] = float(a)
-    finally:
-        for h in handles:
+    def start(self) -> None:
+        self._flags = [(q._if_quant, q._if_calib) for _, q in self.inputs]
+        try:
+            for i, (name, q) in enumerate(self.inputs):
+                if q._calibrator is None:
+                    raise ValueError(f"quantizer {name} has no calibrator")
+                q._calibrator.reset()
+                q.disable_quant()
+                q.enable_calib()
+                layer = name.rpartition("._input_quantizer")[0] or name
+                self._handles.append(q.register_forward_pre_hook(self._check(layer, i, q.auto_unsigned)))
+            for _, q in quantizers(self.model, "weight"):
+                q.disable_quant()
+        except BaseException:
+            self.close()
+            raise
+
+    def count(self) -> None:
+        """One more batch was run through the model."""
+        self.batches += 1
+
+    @torch.no_grad()
+    def finish(self) -> CalibReport:
+        """Compute and set every ``amax``; raises ``ValueError`` when no batch was counted. Always closes."""
+        try:
+            if self.batches == 0:
+                raise ValueError("calibration got no batches: the iterable is empty (check the data loader / "
+                                 "dataset)")
+            dist, world = _world()
+            _decide_unsigned(self.inputs, self._mins, dist and world > 1, self.model)
+            values = []
+            for name, q in self.inputs:
+                amax = compute_amax(q, self.config.calibrator, self.config.percentile)
+                values.append(torch.full((), float("nan")) if amax is None else amax.reshape(()).float().cpu())
+            amaxes = torch.stack(values)
+            if dist and world > 1:
+                device = next((b.device for b in self.model.buffers()), torch.device("cpu"))
+                t = torch.nan_to_num(amaxes, nan=-1.0).to(device)
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+                amaxes = t.cpu().where(t.cpu() >= 0, torch.tensor(float("nan")))
+            report = CalibReport(batches=self.batches, method=self.config.calibrator, world_size=world)
+            for (name, q), a in zip(self.inputs, amaxes):
+                if math.isnan(float(a)):
+                    continue  # the layer never ran (e.g. a branch unused by this forward); stays uncalibrated
+                q.set_amax(a)
+                report.amax[name] = float(a)
+        finally:
+            self.close()
+        refresh_weight_amax(self.model)
+        check_calibrated(self.model, allow_uncalibrated=True)
+        return report
+
+    def close(self) -> None:
+        """Restore every quantizer's flags (idempotent)."""
+        for h in self._handles:
             h.remove()
-        for (_, q), (fq, fc) in zip(inputs, flags):
+        self._handles = []
+        if self._flags is None:
+            return
+        for (_, q), (fq, fc) in zip(self.inputs, self._flags):
             q._if_quant, q._if_calib = fq, fc
             if q._calibrator is not None:
                 q._calibrator.reset()
-        for _, q in quantizers(model, "weight"):
+        for _, q in quantizers(self.model, "weight"):
             q.enable_quant()
+        self._flags = None
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | None = None,
+              forward: Callable[[nn.Module, Any], Any] | None = None) -> CalibReport:
+    """Calibrate every activation quantizer of a prepared ``model`` on up to ``config.calib_batches`` batches.
+
+    ``config`` defaults to the one :func:`prepare` recorded; ``forward(model, batch)`` defaults to
+    :func:`default_forward`. Raises ``ValueError`` for an empty ``batches``, for a NaN/inf value in a batch or an
+    activation (naming the layer) and — through :func:`check_calibrated` — for an ``amax`` below
+    :data:`AMAX_FLOOR` (all-zero or constant inputs at a layer; the refused values stay in the quantizers, so
+    calibrate again with other data); returns a :class:`CalibReport`.
+    """
+    session = CalibrationSession(model, config)
+    forward = default_forward if forward is None else forward
+    was_training = model.training
+    session.start()
+    try:
+        model.eval()
+        for batch in itertools.islice(iter(batches), session.config.calib_batches):
+            forward(model, batch)
+            session.count()
+        return session.finish()
+    finally:
+        session.close()
         model.train(was_training)
-    refresh_weight_amax(model)
-    check_calibrated(model, allow_uncalibrated=True)
-    return report
 
 
 def _decide_unsigned(inputs: list[tuple[str, TensorQuantizer]], mins: dict[int, Tensor], distributed: bool,
