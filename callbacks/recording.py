@@ -43,10 +43,12 @@ class CallRecorder:
         self._batches = 0
         self._max_batches = 0
         self._on = False
+        self._redirected: dict[str, list[bool]] = {}
 
     def watch(self, modules: list[tuple[str, nn.Module]]) -> None:
         self.detach()
         for name, module in modules:
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
 
     def watch_model(self, pl_module: nn.Module, student: str, export_module: str) -> None:
@@ -79,6 +81,7 @@ class CallRecorder:
     def start(self) -> None:
         self._on = True
         self.last = {}
+        self._redirected = {}  # a call that raised never popped its entry
 
     def stop(self) -> None:
         if self._on:
@@ -86,9 +89,20 @@ class CallRecorder:
         self._on = False
         self.last = {}
 
+    def _pre_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            # Under DDP, Lightning runs ``training_step``/``validation_step`` through the module's call with
+            # ``forward`` temporarily replaced on the instance: that call carries (batch, batch_idx), not a model
+            # call; the real call inside the step comes with the class's own forward again
+            patched = module.__dict__.get("forward")
+            self._redirected.setdefault(name, []).append(
+                patched is not None and getattr(patched, "__func__", None) is not type(module).forward)
+        return hook
+
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not self._on:
+            stack = self._redirected.get(name)
+            if (stack.pop() if stack else False) or not self._on:
                 return
             self.last[name] = (args, kwargs, output)
             if self._batches < self._max_batches:
