@@ -1,8 +1,6 @@
-"""``RepQATCallback``: quantization-aware training of any LightningModule, rep blocks or not, in one line.
-
-Lightning glue over the torch-only core: surgery (:func:`qat_rep.quant.prepare`) before any checkpoint restore,
-calibration inside the user's own first training steps (:class:`qat_rep.quant.CalibrationSession`), the schedule,
-FP32-vs-fake-quant metrics, distillation, and at fit end one :func:`qat_rep.export.deploy` of a recorded real call.
+"""``RepQATCallback``: QAT of any LightningModule, as Lightning glue over the torch-only core: surgery before any
+checkpoint restore, calibration inside the user's own first training steps (:class:`qat_rep.quant.CalibrationSession`),
+the schedule, FP32-vs-fake-quant metrics, distillation, one :func:`qat_rep.export.deploy` of a recorded real call.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from .loaders import first_loader, isolated_rng
 from .metrics import SideBySideAccuracy
 from .options import RepQATOptions
 from .lazy import defines_configure_model, restore_configure_model, run_after_configure_model
-from .recording import CallRecorder
+from .recording import CallRecorder, export_candidates
 
 __all__ = ["RepQATCallback", "STATE_KEY", "config_mismatch", "read_callback_state"]
 
@@ -283,6 +281,8 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
             fused = fuse_foreign_blocks(pl_module)  # foreign rep blocks train in their own fused form
             report = str(prepare(pl_module, self.config)).splitlines()[0]
             rank_zero_info(f"RepQATCallback: {report}; {len(fused)} foreign rep block(s) fused first")
+        for sub in (m for _, m in export_candidates(pl_module) if getattr(m, CONFIG_ATTR, None) is None):
+            setattr(sub, CONFIG_ATTR, self.config)  # e.g. module.model, saved or exported on its own later
         self._recorder.watch_model(pl_module, self._student_name, self.export_module)
 
     @property
@@ -344,7 +344,6 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
                                     verify_batches=len(calls) if self.verify_batches else 0,
                                     source=self._recorder.source)
         for logger in trainer.loggers:
-            logger.log_metrics({f"qat/{k}": v for k, v in self.deploy_report.metrics().items()},
-                               step=trainer.global_step)
+            logger.log_metrics({f"qat/{k}": v for k, v in self.deploy_report.metrics().items()}, trainer.global_step)
         if self.progress:
             Console().print(self.deploy_report.table("RepQATCallback: INT8 artifacts"))

@@ -244,7 +244,7 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         if hasattr(args, "qat_epochs"):
             args.qat_epochs = min(args.qat_epochs, 1)
         if hasattr(args, "calib_batches"):
-            args.calib_batches = min(args.calib_batches, 2)
+            args.calib_batches = min(args.calib_batches, 1)  # calibration runs inside the first training steps
     if hasattr(args, "block"):
         args.out = args.out.format(block=args.block)
 

@@ -328,10 +328,10 @@ def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
     train, val = M.loaders(n_train=16, n_val=16)
     off = RepQATCallback(calib_batches=1, export_dir=tmp_path / "off", onnx=None)
     _fit("pytorch_lightning", M.ClassifierPL(), [off], train, val, limit_train_batches=1)
+    earlier = RepQATCallback(calib_batches=1, export_dir=tmp_path / "w4")  # an earlier W8A8 run's artifact:
+    _fit("pytorch_lightning", M.ClassifierPL(), [earlier], train, val, limit_train_batches=1)
+    assert (tmp_path / "w4" / "model_int8.onnx").is_file()  # its ONNX file must not survive beside new weights
     w4 = RepQATCallback(QuantConfig(w_bits=4, a_bits=4), calib_batches=1, export_dir=tmp_path / "w4")
-    (tmp_path / "w4").mkdir()  # an earlier run's artifact: its ONNX file must not survive beside new weights
-    (tmp_path / "w4" / "qat_rep.json").write_text("{}")
-    (tmp_path / "w4" / "model_int8.onnx").write_text("an earlier run's file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # skipping 4-bit ONNX is expected: no warning
         warnings.filterwarnings("ignore", message=r".*(does not have many workers|sync_dist|LeafSpec).*")
