@@ -36,7 +36,7 @@ def weights_only_errors(path: Any) -> Iterator[None]:
     """Re-raise PyTorch's ``weights_only=True`` refusal (``pickle.UnpicklingError``) as one ``ValueError``.
 
     The message names the checkpoint and the object PyTorch refused, and says how to write a checkpoint that loads
-    safely (plain hyper-parameters) — it never suggests loading with ``weights_only=False``.
+    safely (plain hyper-parameters) — it never suggests turning the safe loading off.
     """
     try:
         yield

@@ -1,6 +1,6 @@
 """Knowledge distillation from an FP32 teacher during QAT, without touching the user's ``training_step``.
 
-YOLOv6 needed distillation to recover accuracy in QAT (FACTS.md §3): logit KD with a temperature and channel-wise
+YOLOv6 needed distillation to recover accuracy in QAT: logit KD with a temperature and channel-wise
 feature distillation (KL of the per-channel spatial softmax). Here both are added to the gradient, not to the
 returned loss: a forward hook on the student records its inputs, runs the teacher on the same inputs, and registers
 a gradient hook on the student's output (and on each chosen feature map) that adds ``d(weight · KD)/d(output)``.

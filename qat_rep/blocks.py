@@ -1,6 +1,6 @@
 """Structurally re-parameterizable blocks: RepVGG, QARepVGG and QARepVGG-V2.
 
-Each block exists in two forms with the official state-dict keys (FACTS.md §1–2):
+Each block exists in two forms with the official state-dict keys:
 
 * train form — parallel branches (``rbr_dense``, ``rbr_1x1``, ``rbr_identity``, and for V2 a parameter-free 3×3
   average pool); QARep blocks add a post-sum BatchNorm ``bn``;

@@ -2,7 +2,7 @@
 
 Every function here is a pure, differentiable function of tensors: the blocks use them to build their equivalent
 kernel for ``switch_to_deploy()``, and quantization-aware training uses the very same functions to fake-quantize
-the equivalent kernel while gradients still reach every branch parameter (FACTS.md §1).
+the equivalent kernel while gradients still reach every branch parameter.
 """
 
 from __future__ import annotations

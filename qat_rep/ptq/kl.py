@@ -4,7 +4,7 @@ Both metrics compare the clipped float histogram ``P`` (the tail beyond a candid
 bin) with ``Q``, the unclipped body averaged per quantization level and spread back over the level's bins
 (TensorRT's construction). TensorRT (pytorch-quantization's ``compute_amax("entropy")``) spreads over the non-empty
 bins of the unclipped histogram and declares the divergence infinite where ``P`` has mass and ``Q`` none — so it
-never puts a threshold in a gap of the histogram. CFWS's improved metric (FACTS.md §5) takes the KL only over the
+never puts a threshold in a gap of the histogram. CFWS's improved metric takes the KL only over the
 bins where both are non-zero. Done literally on TensorRT's ``Q`` that drops exactly the bin holding the clipped
 tail whenever it falls in a gap (and normalizing ``P`` over all bins but ``Q`` over its own made the sum negative),
 so the clipped mass stopped counting and ReLU outputs were cut to ~40 % of their range. Here ``Q`` is spread over

@@ -1,6 +1,6 @@
 """The one module that imports pytorch-quantization (2.1.3): thin, checkpoint-stable subclasses of its classes.
 
-Why subclasses instead of the library's classes as they are (FACTS.md §3, STYLE.md "things to avoid"):
+Why subclasses instead of the library's classes as they are (the library keeps state that checkpoints cannot rely on):
 
 * pytorch-quantization registers the ``_amax`` buffer lazily (after calibration), so a model's state-dict keys
   depend on whether it was calibrated, and loading an ``_amax`` into a quantizer without one calls ``.cuda()``.
