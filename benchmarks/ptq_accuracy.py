@@ -124,7 +124,8 @@ def main() -> None:
                   for run in runs for r in run["rows"]}
         rows = list(by_key.values())
         meta = dict(runs[0]["meta"], merged_from=a.merge,
-                    total_seconds=sum(run["meta"]["total_seconds"] for run in runs))
+                    total_seconds=sum(run["meta"]["total_seconds"] for run in runs),
+                    recipes={k: v for run in runs for k, v in run["meta"].get("recipes", {}).items()})
         write_outputs(rows, meta, Path(a.out), sorted({r["model"] for r in rows}))
         return
     if a.quick:
@@ -243,13 +244,15 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, m
         for model in models:
             for bits, limit in (("W8A8-pt", 0.5), ("W8A8", 0.5), ("W6A6-pt", 1.0)):
                 s = cell.get((recipe, model, bits, "cfws"))
-                target(f"{recipe}: {model} cfws {bits} drop <= {limit} pt (mean of seeds)",
-                       None if s is None else s["drop_mean"] <= limit)
+                target(f"{recipe}: {model} cfws {bits} drop <= {limit} pt (mean of "
+                       f"{'?' if s is None else s['n']} seed(s))", None if s is None else s["drop_mean"] <= limit)
             for method in ("entropy", "cfws-kl"):
                 for bits in ("W8A8-pt", "W8A8"):
                     gap = below(recipe, model, bits, method, "minmax")
                     if gap is not None:
-                        target(f"{recipe}: {model} {method} {bits} never > 0.5 pt below minmax (every seed)",
+                        n = sum(1 for k in per_seed if (k[0], k[1], k[3], k[4]) == (recipe, model, bits, method)
+                                and (recipe, model, k[2], bits, "minmax") in per_seed)
+                        target(f"{recipe}: {model} {method} {bits} never > 0.5 pt below minmax ({n} seed(s))",
                                gap <= 0.5)
         s1, s2 = cell.get((recipe, rv, "W6A6-pt", "cfws")), cell.get((recipe, rv, "W6A6-pt", "minmax"))
         target(f"{recipe}: RepVGG cfws >= minmax + 20 pt at W6A6 per-tensor",
