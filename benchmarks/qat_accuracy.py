@@ -97,7 +97,7 @@ class Setting:
             raise ValueError(f"setting {self.label}: epochs must be >= 1 and lr > 0, got {self.epochs}, {self.lr}")
 
 
-def default_settings(w8_epochs: int = 1, w8_lr: float = 1e-4, w4_epochs: int = 4, w4_lr: float = 1e-3
+def default_settings(w8_epochs: int = 1, w8_lr: float = 1e-4, w4_epochs: int = 3, w4_lr: float = 1e-3
                      ) -> dict[str, Setting]:
     """W8A8 with per-tensor weights (a gentle fine-tune) and W4A4 with MSE init and learned ``amax`` (a real one)."""
     return {
@@ -428,12 +428,29 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def compare(rows: list[dict[str, Any]], a: str = "eqk", b: str = "fuse_first") -> list[dict[str, Any]]:
+    """Route ``a`` against route ``b`` per (recipe, model, setting): accuracy difference of the means, the larger
+    of the two seed spreads (a difference inside it is not a result) and the step-time ratio of the same run."""
+    by = {(r["recipe"], r["model"], r["setting"], r["route"]): r for r in rows}
+    out = []
+    for (recipe, model, setting, route), ra in by.items():
+        rb = by.get((recipe, model, setting, b))
+        if route != a or rb is None:
+            continue
+        diff, spread = ra["top1"] - rb["top1"], max(ra["spread"], rb["spread"])
+        out.append({"recipe": recipe, "model": model, "setting": setting, "diff": diff, "spread": spread,
+                    "verdict": "tie (within the seed spread)" if abs(diff) <= spread else
+                    (f"{a} better" if diff > 0 else f"{b} better"),
+                    "time_ratio": ra["step_s"] / rb["step_s"], "seeds": min(ra["seeds"], rb["seeds"])})
+    return out
+
+
 def _memory_table(data: dict[str, Any]) -> list[str]:
     mem = data.get("memory", [])
     if not mem:
         return []
     fp = {(m["model"], m["image_size"], m["batch_size"]): m for m in mem if m["route"] == "fp32"}
-    head = ["model", "input", "setting", "route", "peak step memory MiB", "× FP32 multi-branch", "step s (alone)",
+    head = ["model", "input", "setting", "route", "peak step memory MiB", "× FP32 multi-branch", "step s (probe)",
             "× FP32"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {r: i for i, r in enumerate(ROUTES)}
@@ -494,6 +511,12 @@ def render(data: dict[str, Any]) -> str:
                  "run back to back (× eqk is the ratio in the same run); QAT wall s: prepare + calibration + "
                  "fine-tune. Step memory: peak RSS of one training step over the RSS before it, fresh process per "
                  "route (table below).")
+    cmp = compare(rows)
+    if cmp:
+        notes.append("eqk − fuse_first (deployed top-1, mean over seeds; spread = the larger seed spread; time = "
+                     "eqk s/step ÷ fuse_first s/step): " + "; ".join(
+                         f"{c['recipe']} {c['model']} {c['setting']}: {c['diff']:+.2f} ± {c['spread']:.2f} → "
+                         f"{c['verdict']}, time × {c['time_ratio']:.2f}" for c in cmp) + ".")
     out = ["\n".join(md), "", "\n".join(f"- {n}" for n in notes)]
     mt = _memory_table(data)
     if mt:
@@ -516,12 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--w8-epochs", type=int, default=1)
     ap.add_argument("--w8-lr", type=float, default=1e-4)
-    ap.add_argument("--w4-epochs", type=int, default=4)
+    ap.add_argument("--w4-epochs", type=int, default=3)
     ap.add_argument("--w4-lr", type=float, default=1e-3)
     ap.add_argument("--val-shift", type=int, default=1, help="score every validation image at ±this many pixels")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-route memory subprocesses")
-    ap.add_argument("--fresh", action="store_true", help="recompute runs already in the result file")
+    ap.add_argument("--memory-only", action="store_true", help="only the per-route memory subprocesses")
+    ap.add_argument("--fresh", action="store_true", help="recompute runs (and memory probes) already in the result file")
     ap.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSON")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, default=CACHE, help="trained FP32 weights (benchmarks/common.py)")
@@ -555,12 +579,16 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: _setting_dict(s) for k, s in settings.items()},
             "recipes": {n: dataclasses.asdict(RECIPES[n]) for n in args.recipes},
             "python": platform.python_version(), "torch": torch.__version__}
-    done = set() if args.fresh else {run_key(r) for r in load_results(path)["runs"]}
+    # a run counts as done only if it used the current fine-tune of its setting
+    done = set() if args.fresh else {run_key(r) for r in load_results(path)["runs"]
+                                     if r.get("setting") is None or r.get("setting") in settings
+                                     and (r.get("epochs"), r.get("lr")) == (settings[r["setting"]].epochs,
+                                                                            settings[r["setting"]].lr)}
     for recipe_name in args.recipes:
         recipe = RECIPES[recipe_name]
         train_set, _, _ = load_dataset(DataSpec("digits", image_size=recipe.image_size))
         val = ValSet.digits(recipe.image_size, args.val_shift)
-        for seed in args.seeds:
+        for seed in [] if args.memory_only else args.seeds:
             for model_name in args.models:
                 fp32 = train_fp32(model_name, recipe, seed, cache=args.cache, log=print)
                 base = {"recipe": recipe_name, "model": model_name, "seed": seed}
@@ -572,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                         if key in done:
                             continue
                         r = run_route(fp32, route, setting, train_set, val, args.batch_size, seed)
-                        save(args.out, meta, runs=[{**base, "setting": label, "route": route.name, **r}])
+                        save(args.out, meta, runs=[{**base, "setting": label, "route": route.name,
+                                                    "epochs": setting.epochs, "lr": setting.lr, **r}])
                         print(f"{recipe_name} {model_name} s{seed} {label} {route.name}: deployed {r['top1']:.2f} "
                               f"(model {r['qat_model']:.2f}, agree {r['agreement']:.1f} %) "
                               f"{r['step_s']:.3f} s/step, {r['qat_s']:.0f} s", flush=True)

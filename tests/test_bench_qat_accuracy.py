@@ -138,3 +138,17 @@ def test_memory_probe_sees_the_gradients_of_a_step(tmp_path):
     n_params = sum(p.numel() for p in create_model("repvgg_a0", num_classes=10, small_input=True).parameters())
     assert m["peak_mib"] >= 0.9 * n_params * 4 / 2**20  # the gradients alone are live at the end of the step
     assert m["step_s"] > 0
+
+
+def test_compare_calls_a_difference_inside_the_seed_spread_a_tie(bench):
+    rows = [{"recipe": "r", "model": "m", "setting": "W4A4", "route": "eqk", "top1": 95.0, "spread": 0.5,
+             "step_s": 0.3, "seeds": 3},
+            {"recipe": "r", "model": "m", "setting": "W4A4", "route": "fuse_first", "top1": 94.7, "spread": 0.2,
+             "step_s": 0.2, "seeds": 3},
+            {"recipe": "r", "model": "m", "setting": "W8A8-pt", "route": "eqk", "top1": 90.0, "spread": 0.1,
+             "step_s": 0.3, "seeds": 3},
+            {"recipe": "r", "model": "m", "setting": "W8A8-pt", "route": "fuse_first", "top1": 91.0, "spread": 0.3,
+             "step_s": 0.2, "seeds": 3}]
+    got = {c["setting"]: c for c in bench.compare(rows)}
+    assert got["W4A4"]["verdict"].startswith("tie") and got["W4A4"]["time_ratio"] == pytest.approx(1.5)
+    assert got["W8A8-pt"]["verdict"] == "fuse_first better" and got["W8A8-pt"]["diff"] == pytest.approx(-1.0)
