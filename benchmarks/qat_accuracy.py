@@ -37,8 +37,9 @@ Cost, two measures per route:
   follows live tensors instead of glibc's free lists): after two warm-up steps (the optimizer state exists),
   ``malloc_trim`` then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` ← 5) and one training step
   runs; peak RSS minus the RSS before the step is that step's transient memory (activations saved for backward,
-  gradients, temporaries). The median of three steps is reported, beside the FP32 multi-branch step's. This needs
-  Linux; elsewhere memory is reported as unavailable.
+  gradients, temporaries). The median of three steps is reported, beside the FP32 multi-branch step's; for
+  ``progressive`` the measured steps are in its ``fused`` phase (its ``eqk`` phase costs what ``eqk`` costs). This
+  needs Linux; elsewhere memory is reported as unavailable.
 
 Results are merged into ``benchmarks/results/qat_accuracy.json`` after every run (under a file lock, keyed by
 recipe/model/seed/setting/route), so an interrupted run resumes where it stopped (``--fresh`` starts over) and
@@ -78,7 +79,7 @@ from qat_rep import DataSpec, create_model, load_dataset, reparameterize  # noqa
 from qat_rep.blocks import RepBlock  # noqa: E402
 from qat_rep.fuse import fuse_bn_module  # noqa: E402
 from qat_rep.export.atomic import write_text_atomic  # noqa: E402
-from qat_rep.quant import PHASES, QuantConfig, calibrate, convert, prepare  # noqa: E402
+from qat_rep.quant import PHASES, QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare  # noqa: E402
 from qat_rep.quant.backend import QuantConv2d  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -111,8 +112,10 @@ def default_settings(w8_epochs: int = 1, w8_lr: float = 1e-4, w4_epochs: int = 1
 
 
 # ----------------------------------------------------------------------------------------------------- routes
-#: ``on_step(step, total_steps)`` — called before every training step (a route's schedule), or ``None``
-StepHook = Callable[[int, int], None]
+#: ``on_step(step, total_steps, optimizer)`` — called before every training step (a route's schedule), or ``None``
+StepHook = Callable[[int, int, torch.optim.Optimizer], None]
+#: the progressive route collapses every block after this fraction of the fine-tune's steps
+PROGRESSIVE_FUSE_AT = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +149,20 @@ def _has_fused_phase() -> bool:
 
 
 def _build_progressive(model: nn.Module, config: QuantConfig) -> StepHook:
-    raise ValueError(f"the progressive route needs the schedule's 'fused' phase; this qat_rep has phases {PHASES}")
+    """Equivalent-kernel QAT for the first ``PROGRESSIVE_FUSE_AT`` of the steps, then every block collapsed into one
+    trainable conv (QARep: plus its post-BN) — ``Schedule.all_at_once(fuse_at=...)`` by step; the collapse drops
+    the rewritten parameters' optimizer state."""
+    if not _has_fused_phase():
+        raise ValueError(f"the progressive route needs the schedule's 'fused' phase; this qat_rep has {PHASES}")
+    prepare(model, config)
+    schedules: dict[int, Schedule] = {}
+
+    def on_step(step: int, total: int, optimizer: torch.optim.Optimizer) -> None:
+        if total not in schedules:
+            schedules[total] = Schedule.all_at_once(unit="step", fuse_at=max(1, int(total * PROGRESSIVE_FUSE_AT)))
+        apply_schedule(model, schedules[total], 0, step, [optimizer])
+
+    return on_step
 
 
 ROUTES: dict[str, Route] = {
@@ -235,7 +251,7 @@ def finetune(model: nn.Module, train_set, setting: Setting, batch_size: int, see
         for x, y in loader:
             t0 = time.perf_counter()
             if on_step is not None:
-                on_step(step, total)
+                on_step(step, total, opt)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -322,8 +338,8 @@ def step_memory(model_name: str, route_name: str, setting: Setting | None, image
     model.train()
 
     def step(i: int) -> None:
-        if hook is not None:
-            hook(i, 1_000_000)
+        if hook is not None:  # a schedule past its transition after the first warm-up step (progressive: fused)
+            hook(i, 2, opt)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
