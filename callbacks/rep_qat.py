@@ -338,13 +338,13 @@ class _RepQATImpl:
             self._sanity_ctx = None
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        self._apply(pl_module, trainer.current_epoch, trainer.global_step)
+        self._apply(pl_module, trainer.current_epoch, trainer.global_step, trainer.optimizers)
         if self.should_calibrate(trainer, pl_module):
             self._calibrate(trainer, pl_module)
         self._calibrated = True
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
-        self._apply(pl_module, trainer.current_epoch, trainer.global_step)
+        self._apply(pl_module, trainer.current_epoch, trainer.global_step, trainer.optimizers)
         if self._distiller is not None:
             self._distiller.begin_batch()
 
@@ -435,8 +435,9 @@ class _RepQATImpl:
         self.calibrated_by_checkpoint = bool(state_dict.get("calibrated", False))
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _apply(self, pl_module: nn.Module, epoch: int, step: int) -> None:
-        self.phases = apply_schedule(pl_module, self.schedule, int(epoch), int(step))
+    def _apply(self, pl_module: nn.Module, epoch: int, step: int, optimizers: Any = ()) -> None:
+        # a block entering the "fused" phase is collapsed here and its rewritten parameters' optimizer state dropped
+        self.phases = apply_schedule(pl_module, self.schedule, int(epoch), int(step), optimizers)
         self.position = (int(epoch), int(step))
 
     def _log(self, trainer: Any, message: str) -> None:

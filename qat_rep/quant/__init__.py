@@ -18,7 +18,7 @@ from .config import QuantConfig
 from .insert import PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax
 from .rep_qat import PHASES, RepQuant
 from .report import LayerReport, LayerRow, layer_report
-from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages
+from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages, reset_optimizer_state
 
 __all__ = [
     "QuantConfig",
@@ -38,6 +38,7 @@ __all__ = [
     "Schedule",
     "PhaseRule",
     "apply_schedule",
+    "reset_optimizer_state",
     "rep_stages",
     "layer_report",
     "LayerReport",

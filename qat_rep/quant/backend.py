@@ -89,6 +89,8 @@ __all__ = [
     "NotCalibratedError",
     "make_quantizer",
     "int32_bias",
+    "quant_conv2d",
+    "quant_matmul",
     "onnx_export_mode",
     "fake_tensor_quant",
     "pq_compute_amax_entropy",
@@ -199,6 +201,9 @@ class TensorQuantizer(_PQTensorQuantizer):
             self.register_buffer("_amax", init)
         self._lsq = bool(learn_amax)
         self._dynamic = bool(dynamic)
+        # Python mirror of "amax is finite", set where amax is written (set_amax, a state dict) and otherwise
+        # checked once: the training forward never synchronises with the device to ask (torch.compile-friendly)
+        self._amax_known_finite = False
         if auto_unsigned:
             if self._axis is not None or quant_desc.unsigned:
                 raise ValueError("auto_unsigned is for per-tensor activation quantizers built signed")
@@ -241,6 +246,7 @@ class TensorQuantizer(_PQTensorQuantizer):
             raise ValueError(f"amax for {self.qat_rep_name or 'quantizer'} must have {self._amax.numel()} "
                              f"element(s) (shape {tuple(self._amax.shape)}), got shape {tuple(value.shape)}")
         self._amax.copy_(value.reshape(self._amax.shape))
+        self._amax_known_finite = self.is_calibrated
 
     def reduce_amax(self, x: Tensor) -> Tensor:
         """``max|x|`` over every dimension except ``axis``, in ``_amax``'s shape (no gradient)."""
@@ -260,7 +266,9 @@ class TensorQuantizer(_PQTensorQuantizer):
             with torch.no_grad():
                 self._amax.copy_(self.reduce_amax(inputs))
             return self._amax
-        if not self.is_calibrated:
+        if not self._amax_known_finite:
+            self._amax_known_finite = self.is_calibrated  # one host sync until amax is known, then never again
+        if not self._amax_known_finite:
             name = self.qat_rep_name or "a TensorQuantizer"
             raise NotCalibratedError(
                 f"quantizer {name} has no amax: it was never calibrated. Run "
@@ -297,6 +305,7 @@ class TensorQuantizer(_PQTensorQuantizer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
         # Skip the library's override: it moves a loaded amax to CUDA and logs a warning per quantizer.
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+        self._amax_known_finite = self.is_calibrated
         if self.auto_unsigned:
             self._unsigned = bool(self._unsigned_flag)
 
@@ -360,19 +369,116 @@ def int32_bias(bias: Tensor | None, input_quantizer: nn.Module, weight_quantizer
     return bias + (torch.round(bias.detach() / step) * step - bias.detach()).detach()
 
 
+def _pair(v: int | Sequence[int]) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+class _LeanQuantConv(torch.autograd.Function):
+    """``conv(Q(x), wq)`` (or ``linear``) that saves its input as integers and recomputes ``Q(x)`` in backward.
+
+    The composition ``conv(clippedSTE(x), wq)`` keeps the float ``Q(x)`` (4 bytes per element) for the weight
+    gradient and a clip mask (1 byte) for the input gradient. ``Q(x)`` is exactly an integer tensor times one scale,
+    so this saves the integers as int8/uint8 (1 byte) plus the mask, and rebuilds ``Q(x) = q·s`` — the same float
+    values, bit for bit — in backward: the gradients equal the composition's (tested). ``scale`` is the per-tensor
+    input scale (no gradient: LSQ quantizers take the composed path).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, qmin: int, qmax: int, stride: list[int],
+                padding: list[int], dilation: list[int], groups: int) -> Tensor:  # noqa: D102
+        q = torch.mul(x.detach(), torch.reciprocal(scale)).round_()
+        mask = (q >= qmin) & (q <= qmax)
+        q = q.clamp_(qmin, qmax)
+        xq = q * scale
+        out = _conv_or_linear(xq, wq.detach(), stride, padding, dilation, groups)
+        ctx.save_for_backward(q.to(torch.uint8 if qmin >= 0 else torch.int8), mask, wq.detach(), scale)
+        ctx.conf = (stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        q, mask, wq, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        xq = q.to(scale.dtype) * scale  # the forward's Q(x), exactly
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if wq.dim() == 2:  # linear
+            gx = grad.matmul(wq) if need_x else None
+            gw = grad.reshape(-1, grad.shape[-1]).t().matmul(xq.reshape(-1, xq.shape[-1])) if need_w else None
+        else:
+            gx, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False,
+                                                            [0, 0], groups, [need_x, need_w, False])
+        if gx is not None:
+            gx = gx * mask
+        return gx, gw, None, None, None, None, None, None, None
+
+
+def _conv_or_linear(xq: Tensor, wq: Tensor, stride, padding, dilation, groups) -> Tensor:
+    if wq.dim() == 2:
+        return F.linear(xq, wq)
+    return F.conv2d(xq, wq, None, stride, padding, dilation, groups)
+
+
+def _lean_ok(q: nn.Module, x: Tensor) -> bool:
+    """Can ``q`` run inside :class:`_LeanQuantConv`? A plain per-tensor fake quantizer (not learned, not
+    calibrating, not exporting) on a float32 input that needs a gradient path."""
+    return (isinstance(q, TensorQuantizer) and not q._disabled and q._if_quant and not q._if_calib
+            and q._fake_quant and not q._lsq and q._axis is None and not q._if_clip
+            and not _PQTensorQuantizer.use_fb_fake_quant and x.dtype == torch.float32 and torch.is_grad_enabled())
+
+
+def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_quantizer: nn.Module,
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                 dilation: int | Sequence[int] = 1, groups: int = 1) -> Tensor:
+    """``conv2d(Q_x(x), Q_w(W))`` (4-D weight) or ``linear(Q_x(x), Q_w(W))`` (2-D), no bias: the training step.
+
+    When the input quantizer is a plain per-tensor fake quantizer, the lean :class:`_LeanQuantConv` runs (the input
+    saved as int8 + scale + mask, ``Q(x)`` recomputed in backward); otherwise the composition of the quantizers'
+    own straight-through functions and the conv. Same forward values and gradients either way.
+    """
+    wq = weight_quantizer(weight)
+    if _lean_ok(input_quantizer, x) and (x.requires_grad or wq.requires_grad):
+        amax = input_quantizer._get_amax(x)
+        qmin, qmax = _bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
+        scale = (amax.detach().clamp_min(_EPS) / qmax).reshape(()).to(x.dtype)
+        return _LeanQuantConv.apply(x, wq, scale, qmin, qmax, _pair(stride), _pair(padding), _pair(dilation),
+                                    int(groups))
+    return _conv_or_linear(input_quantizer(x), wq, stride, padding, dilation, groups)
+
+
+def quant_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, input_quantizer: nn.Module,
+                 weight_quantizer: nn.Module, stride: int | tuple[int, int], padding: int | tuple[int, int],
+                 dilation: int | tuple[int, int] = 1, groups: int = 1) -> Tensor:
+    """The deployed quantized conv: ``conv2d(Q_x(x), Q_w(W), int32_bias(b))`` with the bias inside the conv.
+
+    The one code path of :class:`QuantConv2d` (the converted model, the deploy artifact) *and* of an evaluation-mode
+    rep block in QAT form, so ``model.eval()(x)`` and ``convert(model)(x)`` run the same float operations in the
+    same order and agree bit for bit.
+    """
+    xq = input_quantizer(x)
+    wq = weight_quantizer(weight)
+    return F.conv2d(xq, wq, int32_bias(bias, input_quantizer, weight_quantizer), stride, padding, dilation, groups)
+
+
 class QuantConv2d(_pq_nn.QuantConv2d):
     """pytorch-quantization's ``QuantConv2d`` (``_input_quantizer``, ``_weight_quantizer``) built from a float conv.
 
-    The forward is the library's with the bias on the int32 accumulator grid (:func:`int32_bias`).
+    The forward is :func:`quant_conv2d`: the library's with the bias on the int32 accumulator grid
+    (:func:`int32_bias`).
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        quant_input, quant_weight = self._quant(input)
-        bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
         if self.padding_mode != "zeros":
-            return F.conv2d(F.pad(quant_input, self._reversed_padding_repeated_twice, mode=self.padding_mode),
-                            quant_weight, bias, self.stride, (0, 0), self.dilation, self.groups)
-        return F.conv2d(quant_input, quant_weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        else:
+            padding = self.padding
+        if self.training:  # the lean step (int8-saved input), bias added after the conv
+            y = quant_matmul(input, self.weight, self._input_quantizer, self._weight_quantizer, self.stride, padding,
+                             self.dilation, self.groups)
+            bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
+            return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+        return quant_conv2d(input, self.weight, self.bias, self._input_quantizer, self._weight_quantizer,
+                            self.stride, padding, self.dilation, self.groups)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, input_quantizer: TensorQuantizer,
@@ -393,6 +499,10 @@ class QuantLinear(_pq_nn.QuantLinear):
     """pytorch-quantization's ``QuantLinear`` built from a float ``nn.Linear`` (bias on the int32 grid)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.training:  # the lean step (int8-saved input), bias added after the matmul
+            y = quant_matmul(input, self.weight, self._input_quantizer, self._weight_quantizer)
+            bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
+            return y if bias is None else y + bias
         quant_input = self._input_quantizer(input)
         quant_weight = self._weight_quantizer(self.weight)
         return F.linear(quant_input, quant_weight, int32_bias(self.bias, self._input_quantizer, self._weight_quantizer))
