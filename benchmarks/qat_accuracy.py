@@ -498,7 +498,7 @@ def _memory_table(data: dict[str, Any]) -> list[str]:
         return []
     fp = {(m["model"], m["image_size"], m["batch_size"]): m for m in mem if m["route"] == "fp32"}
     head = ["model", "input", "setting", "route", "peak step memory MiB", "× FP32 multi-branch", "step s (probe)",
-            "× FP32"]
+            "× FP32", "code"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {r: i for i, r in enumerate(ROUTES)}
     for m in sorted(mem, key=lambda m: (m["model"], m["image_size"], m["setting"] or "", order[m["route"]])):
@@ -507,7 +507,7 @@ def _memory_table(data: dict[str, Any]) -> list[str]:
         tratio = f"{m['step_s'] / base['step_s']:.2f}" if base else ""
         lines.append(f"| {m['model']} | {m['image_size']}×{m['image_size']} b{m['batch_size']} | "
                      f"{m['setting'] or '—'} | {m['route']} | {m['peak_mib']:.1f} | {ratio} | "
-                     f"{m['step_s']:.3f} | {tratio} |")
+                     f"{m['step_s']:.3f} | {tratio} | {m.get('commit', '')} |")
     return lines
 
 
@@ -648,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         r = run_route(fp32, route, setting, train_set, val, args.batch_size, seed)
                         save(args.out, meta, runs=[{**base, "setting": label, "route": route.name,
-                                                    "epochs": setting.epochs, "lr": setting.lr, **r}])
+                                                    "epochs": setting.epochs, "lr": setting.lr,
+                                                    "commit": meta["stamp"]["commit"], **r}])
                         print(f"{recipe_name} {model_name} s{seed} {label} {route.name}: deployed {r['top1']:.2f} "
                               f"(model {r['qat_model']:.2f}, agree {r['agreement']:.1f} %) "
                               f"{r['step_s']:.3f} s/step, {r['qat_s']:.0f} s", flush=True)
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                 if m is not None:
                     save(args.out, meta, memory=[{"model": model_name, "setting": label, "route": route.name,
                                                   "image_size": recipe.image_size, "batch_size": args.batch_size,
-                                                  **m}])
+                                                  "commit": meta["stamp"]["commit"], **m}])
                     print(f"memory {model_name} {label} {route.name}: {m}", flush=True)
     return 0
 
