@@ -544,6 +544,10 @@ def render(data: dict[str, Any]) -> str:
                      "over seeds; drop = mean over seeds of FP32 − deployed QAT (same views).")
         for label, s in meta.get("settings", {}).items():
             c = s["config"]
+            ran = sorted({(r.get("epochs"), r.get("lr")) for r in data["runs"] if r.get("setting") == label},
+                         key=str)  # what the runs in the table used (the meta is the last invocation's)
+            if len(ran) == 1 and None not in ran[0]:
+                s = {**s, "epochs": ran[0][0], "lr": ran[0][1]}
             notes.append(f"{label}: {s['epochs']} QAT epoch(s), AdamW lr {s['lr']:g} cosine to 1 %, batch "
                          f"{meta.get('batch_size')}; calibrator {c['calibrator']} on {c['calib_batches']} batches, "
                          f"{c['w_granularity']} weights, learned amax {c['learn_amax']}, first/last 8-bit "
