@@ -486,7 +486,8 @@ def compare(rows: list[dict[str, Any]], a: str = "eqk", b: str = "fuse_first") -
             continue
         diff, spread = ra["top1"] - rb["top1"], max(ra["spread"], rb["spread"])
         out.append({"recipe": recipe, "model": model, "setting": setting, "diff": diff, "spread": spread,
-                    "verdict": "tie (within the seed spread)" if abs(diff) <= spread else
+                    "verdict": "one seed: not a result" if min(ra["seeds"], rb["seeds"]) < 2 else
+                    "tie (within the seed spread)" if abs(diff) <= spread else
                     (f"{a} better" if diff > 0 else f"{b} better"),
                     "time_ratio": ra["step_s"] / rb["step_s"], "seeds": min(ra["seeds"], rb["seeds"])})
     return out

@@ -150,6 +150,7 @@ def test_compare_calls_a_difference_inside_the_seed_spread_a_tie(bench):
             {"recipe": "r", "model": "m", "setting": "W8A8-pt", "route": "fuse_first", "top1": 91.0, "spread": 0.3,
              "step_s": 0.2, "seeds": 3}]
     got = {c["setting"]: c for c in bench.compare(rows)}
+    assert bench.compare([{**r, "seeds": 1} for r in rows])[0]["verdict"] == "one seed: not a result"
     assert got["W4A4"]["verdict"].startswith("tie") and got["W4A4"]["time_ratio"] == pytest.approx(1.5)
     assert got["W8A8-pt"]["verdict"] == "fuse_first better" and got["W8A8-pt"]["diff"] == pytest.approx(-1.0)
 
@@ -183,3 +184,22 @@ def test_fuse_first_deploys_the_network_it_trained_per_channel(bench, label):
         # measured: 94 % of 32 random-network predictions agree (4-bit activations amplify float rounding through
         # 22 layers); convert() alone, which leaves the learned amax unscaled, agrees on 19 %
         assert float((trained.argmax(1) == deployed.argmax(1)).float().mean()) >= 0.7
+
+
+def test_progressive_route_collapses_every_block_half_way_and_deploys_what_it_trained(bench):
+    torch.manual_seed(0)
+    fp32 = create_model("repvgg_a0", num_classes=10, small_input=True).eval()
+    setting = bench.Setting("W8A8-pt", bench.default_settings()["W8A8-pt"].config, epochs=1, lr=1e-4)
+    model = copy.deepcopy(fp32)
+    hook = bench.get_route("progressive").build(model, setting.config)
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    from qat_rep.quant import calibrate
+
+    calibrate(model, [(x, y)])
+    bench.finetune(model, TensorDataset(x, y), setting, batch_size=8, seed=0, on_step=hook)  # 4 steps
+    phases = {b.rep_quant.phase for b in model.modules() if getattr(b, "rep_quant", None) is not None}
+    assert phases == {"fused"}
+    val = bench.ValSet(x=bench.shifted_views(x[:4], 1), y=y[:4].repeat(9), n=4, shift=1)
+    r = bench.run_route(fp32, bench.get_route("progressive"), setting, TensorDataset(x, y), val, batch_size=8,
+                        seed=0)
+    assert r["steps"] == 4 and r["agreement"] == 100.0
