@@ -42,7 +42,7 @@ PROBLEM_COLUMNS = {("FP32", "fp32"): "FP32", ("W8A8-pt", "minmax"): "W8A8 per-te
                    ("W6A6-pt", "cfws"): "W6A6 per-tensor CFWS"}
 #: README order and headings; benchmarks not listed here follow in alphabetical order under their file name
 ORDER = {
-    "qat_accuracy": "RepVGG vs QARepVGG: FP32, plain PTQ and equivalent-kernel QAT (embedded digits)",
+    "qat_accuracy": "QAT routes, accuracy per cost: equivalent-kernel vs fuse-first (embedded digits, shifted views)",
     "qat_b0": "`python recipes/qat_b0.py` with defaults",
     "ptq_accuracy": "Post-training quantization: every method vs ONNX Runtime's quantize_static (embedded digits)",
     "qat_speed": "QAT step time: equivalent-kernel QAT vs multi-branch fake-quant",
