@@ -1,7 +1,14 @@
-"""Small shared helpers for the benchmark scripts: timing, machine stamp, atomic table/JSON writing."""
+"""Shared helpers for the benchmark scripts: timing, machine stamp, atomic table/JSON writing, FP32 training recipes.
+
+A benchmark fed only by models its methods were developed on is not evidence, so the FP32 models come from named
+training recipes (:data:`RECIPES`): the PTQ benchmark's own (AdamW one-cycle, 4 epochs at 16×16) and independent ones
+(SGD with momentum, cosine decay, random shifts, 32×32). Trained weights are cached by (model, recipe, seed) so that
+several benchmarks score the same models.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -11,9 +18,12 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
-from qat_rep.export.atomic import write_text_atomic as write_atomic  # noqa: E402
+
+from qat_rep.export.atomic import write_text_atomic as write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: trained FP32 weights, shared between benchmark runs (``QAT_REP_BENCH_CACHE`` overrides; never committed)
+CACHE = Path(os.environ.get("QAT_REP_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
 
 
 def median_time(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
@@ -58,3 +68,107 @@ def write_results(name: str, payload: dict[str, Any], table_md: str) -> None:
     write_atomic(RESULTS / f"{name}.json", json.dumps({**info, **payload}, indent=2) + "\n")
     header = f"_commit {info['commit']}, {info['date']}, {info['machine']}_\n\n"
     write_atomic(RESULTS / f"{name}.md", header + table_md + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class FP32Recipe:
+    """How a float model is trained before it is quantized (optimizer, schedule, input size, augmentation)."""
+
+    name: str
+    image_size: int
+    epochs: int
+    optimizer: str  # "adamw" (one-cycle schedule) or "sgd" (momentum 0.9, cosine decay)
+    lr: float
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    shift: int = 0  # random ±shift-pixel translations of every training image (0: none)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+
+
+RECIPES: dict[str, FP32Recipe] = {
+    # the PTQ benchmark's own recipe, on which its methods were developed
+    "adamw16": FP32Recipe("adamw16", image_size=16, epochs=4, optimizer="adamw", lr=2e-3, batch_size=32),
+    # independent recipes: SGD with momentum, cosine decay, ±3-pixel shifts, 32×32 inputs
+    "sgd32": FP32Recipe("sgd32", image_size=32, epochs=12, optimizer="sgd", lr=0.05, shift=3),
+    # longer training at a smaller input and a lower learning rate
+    "sgd16-long": FP32Recipe("sgd16-long", image_size=16, epochs=30, optimizer="sgd", lr=0.02, shift=2),
+}
+
+
+def _shift_batch(x: "torch.Tensor", shift: int, gen: "torch.Generator") -> "torch.Tensor":
+    """Translate every image by its own random (dy, dx) in ``[-shift, shift]``; the border pixels are repeated."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=gen)
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+
+
+def train_fp32(model_name: str, recipe: FP32Recipe | str, seed: int, *, cache: Path | None = CACHE,
+               log: Callable[[str], None] | None = None) -> "torch.nn.Module":
+    """A ``model_name`` classifier (small_input, 10 classes) trained on the embedded digits with ``recipe``.
+
+    Deterministic for a (model, recipe, seed); the weights are cached in ``cache`` (``None``: no cache) and loaded
+    with ``weights_only=True``. Returns the model in eval mode.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from qat_rep import DataSpec, create_model, load_dataset
+
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    torch.manual_seed(seed)
+    model = create_model(model_name, num_classes=10, small_input=True)
+    path = None if cache is None else Path(cache) / f"{model_name}_{recipe.name}_s{seed}.pt"
+    if path is not None and path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    train_set, _, _ = load_dataset(DataSpec("digits", image_size=recipe.image_size))
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, generator=gen)
+    steps = recipe.epochs * len(loader)
+    if recipe.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps, pct_start=0.2)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    t0 = time.time()
+    model.train()
+    for _ in range(recipe.epochs):
+        for x, y in loader:
+            if recipe.shift:
+                x = _shift_batch(x, recipe.shift, gen)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    if log is not None:
+        log(f"trained {model_name} with {recipe.name}, seed {seed}, in {time.time() - t0:.0f} s")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    return model.eval()
+
+
+def digits_accuracy(model: "torch.nn.Module", image_size: int) -> float:
+    """Top-1 % of ``model`` on the embedded digits' validation split at ``image_size``."""
+    import torch
+
+    from qat_rep import DataSpec, load_dataset
+
+    _, val_set, _ = load_dataset(DataSpec("digits", image_size=image_size))
+    x, y = val_set.tensors
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(y), 256)])
+    return 100.0 * float((pred == y).float().mean())

@@ -9,11 +9,11 @@ Run from the repository root::
 Steps: (1) train an FP32 model on the embedded digits (or load ``--ckpt``); (2) plain post-training quantization
 (``max`` calibration, per-channel weights) at several bit-widths as the baseline; (3) quantization-aware fine-tuning
 with :class:`qat_rep.callbacks.RepQATCallback` — every rep block runs one conv of its fake-quantized equivalent
-kernel; (4) the deploy artifact (:func:`qat_rep.export.save_quantized`), reloaded without Lightning; (5) a QDQ ONNX
-file run in ONNX Runtime on the validation set, next to an FP32 ONNX file for latency.
+kernel; (4) :func:`qat_rep.export.deploy`: the deploy artifact, reloaded without Lightning, and a QDQ ONNX
+file run in ONNX Runtime on the validation set; (5) an FP32 ONNX file beside it for latency.
 
 Everything lands in ``--out`` (default ``out/qat_b0-<block>``): ``fp32.ckpt``, ``qat_w8a8.ckpt``,
-``deploy_w8a8/`` (``model.safetensors`` + ``qat_rep.json``), ``model_w8a8.onnx``, ``model_fp32.onnx``,
+``deploy_w8a8/`` (``model.safetensors``, ``qat_rep.json``, ``model_int8.onnx``, ``onnx_verify.json``), ``model_fp32.onnx``,
 ``report.md``, ``accuracy.png``, ``results.json``.
 """
 
@@ -91,7 +91,7 @@ def run_qat(args: argparse.Namespace, fp32: ImageClassifier, dm: ImageDataModule
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run the recipe; returns the results dict on the main process (None on other DDP ranks)."""
-    from qat_rep.export import export_onnx, load_quantized, ort_latency, save_quantized, verify_onnx
+    from qat_rep.export import deploy, export_onnx, load_quantized, ort_latency
 
     args = parse_args(argv)
     out = prepare_run(args)
@@ -132,18 +132,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             tag = f"w{b}a{b}"
             qat_model = module.model.eval()
             qat_acc = evaluate_accuracy(qat_model, val)
-            deploy_dir = save_quantized(qat_model, out / f"deploy_{tag}", input_shape=example.shape)
-            deployed = load_quantized(deploy_dir)
+            # checkpoint, QDQ ONNX (W8A8 only: opset-13 QuantizeLinear holds 8-bit integers) and the ORT check
+            report = deploy(qat_model, out / f"deploy_{tag}", example, val, verify_batches=len(val),
+                            source="validation")
+            deployed = load_quantized(report.out_dir)
             deploy_acc = evaluate_accuracy(deployed, val)
             results["qat"][tag] = {"fakequant_acc": qat_acc, "deploy_acc": deploy_acc,
                                    "delta_vs_fp32": qat_acc - fp32_acc}
-            if b < 8:  # opset-13 QuantizeLinear holds int8/uint8 only: below 8 bits the model stays simulated
-                results["qat"][tag]["onnx_skipped"] = "ONNX QDQ (opset 13) holds 8-bit integers only"
+            if report.onnx_path is None or report.verify is None:
+                results["qat"][tag]["onnx_skipped"] = report.note or "; ".join(report.problems)
                 continue
-            onnx_path = out / f"model_{tag}.onnx"
-            export_onnx(deployed, onnx_path, example)
-            onnx_files[f"INT8 {tag.upper()}"] = onnx_path
-            ver = verify_onnx(onnx_path, deployed, val)
+            onnx_files[f"INT8 {tag.upper()}"] = report.onnx_path
+            ver = report.verify
             results["qat"][tag].update(ort_acc=100.0 * ver.ort_accuracy, ort_agreement=100.0 * ver.agreement,
                                        max_diff_steps=ver.max_diff_steps)
         lat = {r.label: r.median_ms for r in ort_latency(onnx_files, shape, batch_sizes=(1,), threads=2)}

@@ -23,15 +23,17 @@ def test_registry_names():
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_every_classifier_fuses_exactly(name):
+    # float64: with randomized BN statistics the deep variants reach outputs of ~1e5, where float32 summation order
+    # alone moves the relative error around 1e-5; in float64 any fusion error stands far above rounding
     torch.manual_seed(0)
-    model = randomize_bn(create_model(name, num_classes=10)).eval()
+    model = randomize_bn(create_model(name, num_classes=10)).double().eval()
     fused = copy.deepcopy(model)
     report = reparameterize(fused)
     depth = 1 + sum(model.cfg.depths)
     assert len(report) == depth and not report.already_fused
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     res = check_equivalence(model, fused, x)
-    assert res.rel_error <= 1e-5, res
+    assert res.rel_error <= 1e-10, res
     assert len(reparameterize(fused)) == 0  # fusing twice is a no-op
     assert torch.equal(fused(x), fused(x))
 
