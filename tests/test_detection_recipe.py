@@ -34,8 +34,9 @@ def test_fast_run_writes_every_stage(tmp_path):
     assert shared_scale_violations(trt) == []
     graph = onnx.load(str(trt)).graph
     names = {(n.name or n.output[0]): n.op_type for n in graph.node}
-    convs = {k: v for k, v in quantized_node_names(trt).items() if names[k] == "Conv"}
-    assert len(convs) == 69 and all(v == (True, True) for v in convs.values())
+    qdq = quantized_node_names(trt)  # every conv, the two upsampling ConvTranspose included, has Q/DQ
+    assert [names[k] for k in qdq].count("Conv") == 69 and [names[k] for k in qdq].count("ConvTranspose") == 2
+    assert all(v == (True, True) for v in qdq.values())
     assert [o.name for o in graph.output] == ["output0", "output1", "output2"]  # raw outputs: decoding is outside
 
 

@@ -90,6 +90,8 @@ def test_qat_detector_keeps_shared_scales_in_tensorrt_layout(tmp_path):
     model.export = True
     rep = export_onnx(model, tmp_path / "det_trt.onnx", x[:1], target="tensorrt")
     assert rep.shared_scale_violations == ()
-    convs = {k: v for k, v in quantized_node_names(rep.path).items()
-             if next(n for n in onnx.load(str(rep.path)).graph.node if (n.name or n.output[0]) == k).op_type == "Conv"}
-    assert len(convs) == 69 and all(v == (True, True) for v in convs.values())
+    ops = {(n.name or n.output[0]): n.op_type for n in onnx.load(str(rep.path)).graph.node}
+    qdq = quantized_node_names(rep.path)
+    # every conv, the two BiFusion upsampling ConvTranspose included, reads a dequantized input and weight
+    assert [ops[k] for k in qdq].count("Conv") == 69 and [ops[k] for k in qdq].count("ConvTranspose") == 2
+    assert all(v == (True, True) for v in qdq.values())

@@ -3,7 +3,7 @@
 The PyTorch model is exported with the TorchScript-based exporter (``dynamo=False``, explicit: the dynamo exporter
 does not know pytorch-quantization's ops) inside :func:`qat_rep.quant.backend.onnx_export_mode`, which turns every
 fake quantizer into an ONNX ``QuantizeLinear``/``DequantizeLinear`` pair (symmetric, zero point 0; weights per output
-channel on axis 0, activations per tensor). The network is exported in its fused form: each rep block is one conv.
+channel on axis 0, a ``ConvTranspose``'s on axis 1; activations per tensor). The network is exported in its fused form: each rep block is one conv.
 
 Two graph layouts carry the same numbers:
 
@@ -312,7 +312,8 @@ def _quantize_before_flatten(graph) -> int:
 
 
 def _int32_biases(graph) -> int:
-    """The float bias of ``DQ(x), DQ(W) → Conv/Gemm`` ⇒ ``DQ(round(b / (s_x·s_w)) as INT32, s_x·s_w, 0)``."""
+    """The float bias of ``DQ(x), DQ(W) → Conv/ConvTranspose/Gemm`` ⇒ ``DQ(round(b / (s_x·s_w)) as INT32, s_x·s_w,
+    0)``."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
@@ -320,7 +321,7 @@ def _int32_biases(graph) -> int:
     consumers = _consumers(graph)
     added, count = [], 0
     for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
             continue
         dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
         if any(d is None or d.op_type != "DequantizeLinear" or d.input[1] not in inits for d in (dq_x, dq_w)):
@@ -332,9 +333,14 @@ def _int32_biases(graph) -> int:
         s_w = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float32)
         if s_x.size != 1 or bias.ndim != 1 or s_w.size not in (1, bias.size):
             continue
-        if s_w.size > 1:  # per output channel: Conv's axis 0, Gemm's axis 0 (transB=1) or 1 (transB=0)
+        if s_w.size > 1:  # per output channel: Conv's axis 0, ConvTranspose's 1 (group 1), Gemm's 0 (transB=1) or 1
             w_dims = len(inits[dq_w.input[0]].dims) if dq_w.input[0] in inits else 2
-            out_axis = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
+            if node.op_type == "ConvTranspose":
+                if _attr(node, "group", 1) != 1:
+                    continue
+                out_axis = 1
+            else:
+                out_axis = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
             if _attr(dq_w, "axis", 1) % max(w_dims, 1) != out_axis:
                 continue
         scale = (s_x.reshape(()) * s_w.reshape(-1)).astype(np.float32)

@@ -85,6 +85,7 @@ __all__ = [
     "QuantDescriptor",
     "QuantConv2d",
     "QuantLinear",
+    "QuantConvTranspose2d",
     "QuantAvgPool",
     "MaxCalibrator",
     "HistogramCalibrator",
@@ -420,6 +421,41 @@ class QuantLinear(_pq_nn.QuantLinear):
         q._input_quantizer = input_quantizer
         q._weight_quantizer = weight_quantizer
         return q.to(device=linear.weight.device)
+
+
+class QuantConvTranspose2d(_pq_nn.QuantConvTranspose2d):
+    """pytorch-quantization's ``QuantConvTranspose2d`` built from a float ``nn.ConvTranspose2d`` (bias on the int32
+    grid).
+
+    The weight of a transposed conv is ``(in, out, kH, kW)``: per-channel weight quantizers use ``axis=1`` (one
+    ``amax`` per output channel, as TensorRT's deconvolution expects and the ONNX ``ConvTranspose``'s
+    ``DequantizeLinear`` carries). Only ``groups=1`` (the output channels are then the weight's axis 1). Training and
+    evaluation run the same composition ``conv_transpose2d(Q_x(x), Q_w(W), int32_bias(b))``.
+    """
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError("QuantConvTranspose2d supports padding_mode='zeros' only")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                              self.dilation)
+        xq = self._input_quantizer(input)
+        wq = self._weight_quantizer(self.weight)
+        return F.conv_transpose2d(xq, wq, int32_bias(self.bias, self._input_quantizer, self._weight_quantizer),
+                                  self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+    @classmethod
+    def from_float(cls, conv: nn.ConvTranspose2d, input_quantizer: TensorQuantizer,
+                   weight_quantizer: TensorQuantizer) -> "QuantConvTranspose2d":
+        """Wrap ``conv``'s own parameters (same ``Parameter`` objects) with the given quantizers."""
+        if conv.groups != 1:
+            raise ValueError(f"QuantConvTranspose2d quantizes groups=1 transposed convs only, got groups={conv.groups}")
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.output_padding, conv.groups, conv.bias is not None, conv.dilation, conv.padding_mode)
+        q.weight = conv.weight
+        q.bias = conv.bias
+        q._input_quantizer = input_quantizer
+        q._weight_quantizer = weight_quantizer
+        return q.to(device=conv.weight.device)
 
 
 class QuantAvgPool(nn.Module):

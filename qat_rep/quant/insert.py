@@ -1,8 +1,8 @@
 """Quantizer insertion (:func:`prepare`), the deployable fused form (:func:`convert`) and layer discovery.
 
 :func:`prepare` works in place and never wraps the model's forward: rep blocks get ``block.rep_quant`` (a
-:class:`~qat_rep.quant.rep_qat.RepQuant`), plain ``nn.Conv2d``/``nn.Linear`` become ``QuantConv2d``/``QuantLinear``
-holding the same ``Parameter`` objects. The resulting module names and state-dict keys depend only on the
+:class:`~qat_rep.quant.rep_qat.RepQuant`), plain ``nn.Conv2d``/``nn.Linear``/``nn.ConvTranspose2d`` become
+``QuantConv2d``/``QuantLinear``/``QuantConvTranspose2d`` holding the same ``Parameter`` objects. The resulting module names and state-dict keys depend only on the
 architecture and the :class:`QuantConfig`, so a loader can rebuild the structure before loading weights.
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from ..blocks import RepBlock
 from ..fuse import bn_module_scale, fold_bn_into_conv_
-from .backend import QuantAvgPool, QuantConv2d, QuantLinear, TensorQuantizer, make_quantizer
+from .backend import QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear, TensorQuantizer, make_quantizer
 from .config import QuantConfig
 from .rep_qat import RepQuant, deploy_kernel_bias
 
@@ -25,6 +25,7 @@ __all__ = ["PrepareReport", "prepare", "convert", "quant_layers", "quantizers", 
            "is_prepared", "get_config", "share_input_scales"]
 
 CONFIG_ATTR = "qat_rep_quant_config"
+_PLAIN = (QuantConv2d, QuantLinear, QuantConvTranspose2d)
 
 
 @dataclass
@@ -57,7 +58,8 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def _units(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """Quantizable units in module order: ``(name, module, kind)``, kind ``rep`` | ``conv`` | ``linear``.
+    """Quantizable units in module order: ``(name, module, kind)``, kind ``rep`` | ``conv`` | ``linear`` |
+    ``deconv`` (an ``nn.ConvTranspose2d`` with ``groups=1``, e.g. YOLOv6's upsampling; grouped ones stay float).
 
     Everything inside an unfused rep block belongs to the block (its branch convs are never quantized on their
     own; an SE inside a block stays float). A fused block's ``rbr_reparam`` is a plain conv.
@@ -76,6 +78,8 @@ def _units(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             units.append((name, m, "conv"))
         elif type(m) is nn.Linear:
             units.append((name, m, "linear"))
+        elif type(m) is nn.ConvTranspose2d and m.groups == 1:
+            units.append((name, m, "deconv"))
     return units
 
 
@@ -87,8 +91,9 @@ def _pools(model: nn.Module, units: list[tuple[str, nn.Module, str]]) -> list[tu
 
 
 def is_prepared(model: nn.Module) -> bool:
-    """True when ``model`` holds any quantized layer (a ``RepQuant``, ``QuantConv2d``, ``QuantLinear`` or pool)."""
-    return any(isinstance(m, (RepQuant, QuantConv2d, QuantLinear, QuantAvgPool)) for m in model.modules())
+    """True when ``model`` holds any quantized layer (a ``RepQuant``, ``QuantConv2d``, ``QuantLinear``,
+    ``QuantConvTranspose2d`` or pool)."""
+    return any(isinstance(m, (RepQuant, *_PLAIN, QuantAvgPool)) for m in model.modules())
 
 
 def get_config(model: nn.Module) -> QuantConfig:
@@ -105,10 +110,12 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _weight_quantizer(cfg: QuantConfig, bits: int, weight_shape: torch.Size, name: str) -> TensorQuantizer:
+def _weight_quantizer(cfg: QuantConfig, bits: int, weight_shape: torch.Size, name: str,
+                      axis: int = 0) -> TensorQuantizer:
+    """``axis``: the weight's output-channel axis (0 for convs and linears, 1 for a transposed conv)."""
     if cfg.per_channel:
-        shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
-        q = make_quantizer(bits, axis=0, calibrator="max", learn_amax=cfg.learn_amax, amax_shape=shape,
+        shape = tuple(int(weight_shape[axis]) if d == axis else 1 for d in range(len(weight_shape)))
+        q = make_quantizer(bits, axis=axis, calibrator="max", learn_amax=cfg.learn_amax, amax_shape=shape,
                            dynamic=not cfg.learn_amax, name=name)
     else:
         q = make_quantizer(bits, axis=None, calibrator="max", learn_amax=cfg.learn_amax, dynamic=not cfg.learn_amax,
@@ -171,9 +178,10 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
             m.rep_quant = rq.to(device=kernel.device)
             report.rep_blocks[name] = (w_bits, a_bits)
         else:
-            cls = QuantConv2d if kind == "conv" else QuantLinear
+            cls = {"conv": QuantConv2d, "linear": QuantLinear, "deconv": QuantConvTranspose2d}[kind]
             q = cls.from_float(m, _input_quantizer(config, a_bits, f"{name}._input_quantizer"),
-                               _weight_quantizer(config, w_bits, m.weight.shape, f"{name}._weight_quantizer"))
+                               _weight_quantizer(config, w_bits, m.weight.shape, f"{name}._weight_quantizer",
+                                                 axis=1 if kind == "deconv" else 0))
             q.train(m.training)
             _set_child(model, name, q)
             report.plain[name] = (w_bits, a_bits)
@@ -299,7 +307,7 @@ def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Each exposes ``._input_quantizer`` and ``._weight_quantizer``; for a rep block in QAT form that is its
     ``rep_quant`` (named ``<block>.rep_quant``), after :func:`convert` its ``rbr_reparam`` (a ``QuantConv2d``).
     """
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (RepQuant, QuantConv2d, QuantLinear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (RepQuant, *_PLAIN))]
 
 
 def quantizers(model: nn.Module, role: str | None = None) -> list[tuple[str, TensorQuantizer]]:
