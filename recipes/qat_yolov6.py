@@ -35,6 +35,7 @@ import recipe_common as common  # recipes/recipe_common.py (python puts this scr
 
 import pytorch_lightning as pl  # noqa: E402
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -42,7 +43,7 @@ from qat_rep.detection.boxes import NMSConfig, decode_outputs, postprocess  # no
 from qat_rep.detection.data import DetectionSpec, make_detection_loaders  # noqa: E402
 from qat_rep.detection.loss import DetectionLoss  # noqa: E402
 from qat_rep.detection.metrics import coco_map  # noqa: E402
-from qat_rep.export import export_onnx  # noqa: E402
+from qat_rep.export import export_onnx, quantized_node_names  # noqa: E402
 from qat_rep.models import create_model  # noqa: E402
 from qat_rep.quant import QuantConfig, calibrate, prepare, share_input_scales  # noqa: E402
 from qat_rep.quant.insert import is_prepared  # noqa: E402
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             module, train)
     times["fp32"] = time.time() - t0
     results: dict[str, Any] = {"model": args.model, "block": args.block, "seed": args.seed,
-                               "data": args.data, "image_size": args.image_size, "map": {}}
+                               "data": args.data, "image_size": args.image_size, "args": vars(args), "map": {}}
     results["map"]["fp32"] = evaluate_map(module.model, val)
     calib = [x for x, _ in list(train)[:4]]
     for gran in ("per_channel", "per_tensor"):
@@ -224,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trt = export_onnx(export_model, out / "model_trt.onnx", example, target="tensorrt")
     ort = export_onnx(export_model, out / "model_ort.onnx", example, target="onnxruntime")
     results["shared_scale_violations"] = list(trt.shared_scale_violations)
+    ops = {(n.name or n.output[0]): n.op_type for n in onnx.load(str(trt.path)).graph.node}
+    convs = {k: v for k, v in quantized_node_names(trt.path).items() if ops[k] in ("Conv", "ConvTranspose")}
+    results["trt_convs_with_qdq"] = [sum(v == (True, True) for v in convs.values()), len(convs)]
     results["map"]["ort_int8"] = evaluate_onnx_map(ort.path, val, qat.model.strides, len(names))
     results["seconds"] = {k: round(v, 1) for k, v in times.items()}
     common.atomic_write_json(out / "results.json", results)

@@ -3,7 +3,8 @@
 The PyTorch model is exported with the TorchScript-based exporter (``dynamo=False``, explicit: the dynamo exporter
 does not know pytorch-quantization's ops) inside :func:`qat_rep.quant.backend.onnx_export_mode`, which turns every
 fake quantizer into an ONNX ``QuantizeLinear``/``DequantizeLinear`` pair (symmetric, zero point 0; weights per output
-channel on axis 0, a ``ConvTranspose``'s on axis 1; activations per tensor). The network is exported in its fused form: each rep block is one conv.
+channel on axis 0, a ``ConvTranspose``'s on axis 1; activations per tensor). The network is exported in its fused
+form: each rep block is one conv.
 
 Two graph layouts carry the same numbers:
 

@@ -2,8 +2,9 @@
 
 :func:`prepare` works in place and never wraps the model's forward: rep blocks get ``block.rep_quant`` (a
 :class:`~qat_rep.quant.rep_qat.RepQuant`), plain ``nn.Conv2d``/``nn.Linear``/``nn.ConvTranspose2d`` become
-``QuantConv2d``/``QuantLinear``/``QuantConvTranspose2d`` holding the same ``Parameter`` objects. The resulting module names and state-dict keys depend only on the
-architecture and the :class:`QuantConfig`, so a loader can rebuild the structure before loading weights.
+``QuantConv2d``/``QuantLinear``/``QuantConvTranspose2d`` holding the same ``Parameter`` objects. The resulting
+module names and state-dict keys depend only on the architecture and the :class:`QuantConfig`, so a loader can
+rebuild the structure before loading weights.
 """
 
 from __future__ import annotations
