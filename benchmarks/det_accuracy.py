@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import markdown_table, stamp, write_atomic, write_results
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import markdown_table, stamp, write_atomic, write_results  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "qat_yolov6.py"
 STAGES = (("fp32", "FP32"), ("ptq_w8a8_per_channel", "PTQ minmax W8A8, per-channel weights"),
           ("ptq_w8a8_per_tensor", "PTQ minmax W8A8, per-tensor weights"), ("qat_w8a8", "QAT W8A8 (fake quant)"),
