@@ -398,11 +398,55 @@ def quantized_node_names(model_or_path) -> dict[str, tuple[bool, bool]]:
     }
 
 
-def shared_scale_violations(model_or_path) -> list[str]:
-    """``Add``/``Concat``/``Sum`` nodes whose dequantized inputs carry different scales (TensorRT would re-quantize).
+_SCALE_LINK_OPS = ("Concat", "Add", "Sum", "Relu", "MaxPool")
 
-    Inputs that do not come from a ``DequantizeLinear`` are float and impose no scale; a node is listed only when
-    two of its DQ inputs use scales that differ in value.
+
+def _scale_conflicts(graph, producer: dict, inits: dict) -> list[str]:
+    """Activation quantizers that must agree but do not: ``QuantizeLinear`` nodes of one tensor, or of tensors
+    joined by Concat/Add/Sum (through Relu, MaxPool and Q→DQ pairs), with different scales. Named by the joining
+    nodes of the group (or the Q nodes when nothing joins them)."""
+    parent: dict[str, str] = {}
+
+    def find(t: str) -> str:
+        while parent.setdefault(t, t) != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    def union(a: str, b: str) -> None:
+        parent[find(a)] = find(b)
+
+    for node in graph.node:
+        if node.op_type in _SCALE_LINK_OPS:
+            for i in (node.input if node.op_type in ("Concat", "Add", "Sum") else node.input[:1]):
+                if i and i not in inits:
+                    union(i, node.output[0])
+        elif node.op_type == "DequantizeLinear":
+            q = producer.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                union(q.input[0], node.output[0])
+    scales: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits and node.input[1] in inits:
+            s = np.asarray(inits[node.input[1]], dtype=np.float64).ravel()
+            scales.setdefault(find(node.input[0]), []).append((node.name or node.output[0], s))
+    bad = []
+    for root, qs in scales.items():
+        if any(s.shape != qs[0][1].shape or not np.array_equal(s, qs[0][1]) for _, s in qs):
+            joins = [n.name or n.output[0] for n in graph.node
+                     if n.op_type in ("Concat", "Add", "Sum") and find(n.output[0]) == root]
+            bad += joins or [name for name, _ in qs]
+    return bad
+
+
+def shared_scale_violations(model_or_path) -> list[str]:
+    """Where TensorRT would re-quantize: nodes whose quantized inputs carry different scales.
+
+    Two cases, in graph order: an ``Add``/``Concat``/``Sum`` whose dequantized inputs use scales that differ in
+    value (inputs that do not come from a ``DequantizeLinear`` are float and impose no scale); and activation
+    ``QuantizeLinear`` nodes that must agree — on one tensor, or on tensors joined by a Concat/Add/Sum (through
+    Relu, MaxPool and Q/DQ pairs, which keep a per-tensor scale) — but differ (named by the joining nodes, or by
+    the Q nodes when they quantize one tensor). :func:`qat_rep.quant.share_input_scales` prevents both.
     """
     from onnx import numpy_helper
 
@@ -420,6 +464,7 @@ def shared_scale_violations(model_or_path) -> list[str]:
                 scales.append(np.asarray(inits[p.input[1]], dtype=np.float64).ravel())
         if len(scales) > 1 and any(s.shape != scales[0].shape or not np.array_equal(s, scales[0]) for s in scales):
             bad.append(node.name or node.output[0])
+    bad += [n for n in _scale_conflicts(graph, producer, inits) if n not in bad]
     return bad
 
 
