@@ -25,11 +25,11 @@ from .calibrate import (
     is_calibrated,
 )
 from .config import QuantConfig
-from .insert import (PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax,
-                     share_input_scales)
+from .insert import PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax
 from .rep_qat import PHASES, RepQuant
 from .report import LayerReport, LayerRow, layer_report
 from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages, reset_optimizer_state
+from .shared_scales import share_input_scales, tie_quantizers
 from .state import check_incoming_state, check_same_config, config_mismatch, quantizers_disabled
 
 __all__ = [
@@ -49,8 +49,9 @@ __all__ = [
     "quant_layers",
     "quantizers",
     "refresh_weight_amax",
-    "share_input_scales",
     "get_config",
+    "share_input_scales",
+    "tie_quantizers",
     "RepQuant",
     "PHASES",
     "Schedule",

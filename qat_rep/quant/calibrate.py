@@ -324,6 +324,13 @@ class CalibrationSession:
             self.close()
             raise
 
+    def restart(self) -> None:
+        """Drop what was observed, read the model's quantizers again (e.g. after some were tied into one) and
+        start over."""
+        self.close()
+        self.inputs, self.batches, self._mins = quantizers(self.model, "input"), 0, {}
+        self.start()
+
     def count(self) -> None:
         """One more batch was run through the model."""
         self.batches += 1

@@ -23,7 +23,7 @@ from .config import QuantConfig
 from .rep_qat import RepQuant, deploy_kernel_bias
 
 __all__ = ["PrepareReport", "prepare", "convert", "quant_layers", "quantizers", "refresh_weight_amax",
-           "is_prepared", "get_config", "share_input_scales"]
+           "is_prepared", "get_config"]
 
 CONFIG_ATTR = "qat_rep_quant_config"
 _PLAIN = (QuantConv2d, QuantLinear, QuantConvTranspose2d)
@@ -194,112 +194,6 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
         report.pools[name] = pool_bits
     setattr(model, CONFIG_ATTR, config)
     return report
-
-
-# Ops through which a quantization scale must stay the same for an INT8 runtime to skip re-quantizing: the inputs
-# and the output of a concatenation or an addition (TensorRT moves the consumer's Q above a Concat and wants both
-# operands of an Add on one grid), and of ops that commute with a per-tensor quantizer (ReLU, max-pool, views).
-_SCALE_LINKS = frozenset({
-    "cat", "concat", "concatenate", "add", "add_", "__add__", "__radd__", "__iadd__",
-    "relu", "relu_", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "contiguous", "clone",
-})
-
-
-class _Dataflow(torch.overrides.TorchFunctionMode):
-    """Records which tensors a scale-linking op joins (union-find over tensor ids; tensors are kept alive)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parent: dict[int, int] = {}
-        self.keep: list[torch.Tensor] = []
-
-    def find(self, i: int) -> int:
-        while self.parent.setdefault(i, i) != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.keep += [a, b]
-        self.parent[self.find(id(a))] = self.find(id(b))
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in _SCALE_LINKS and isinstance(out, torch.Tensor):
-            flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else (arg,))]
-            for t in flat:
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    self.union(t, out)
-        return out
-
-
-@torch.no_grad()
-def share_input_scales(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, ...]]:
-    """Give the activation quantizers that must agree one shared quantizer; returns the groups (quantizer names).
-
-    Two input quantizers must share a scale when they quantize the same tensor (a feature map read by several
-    convs) or tensors joined by a ``Concat``/``Add`` (through ReLUs, max-pools and views, which commute with a
-    per-tensor quantizer): TensorRT otherwise re-quantizes there, and an exported file stops computing what the
-    model trained. The dataflow is traced from one forward of ``example_input`` (quantizers bypassed, model left
-    as it was) and each group is tied to its first quantizer *object*, so calibration chooses one ``amax`` over
-    all its inputs and QAT keeps it one value. State-dict keys do not change (a shared quantizer appears under each
-    of its names), so checkpoints load into an untied model as well. Call after :func:`prepare` and before
-    calibration; calling it again is a no-op. Quantizers of different bit widths are never tied (``ValueError``).
-    """
-    if not is_prepared(model):
-        raise ValueError("model is not prepared for quantization; call qat_rep.quant.prepare(model, config) first")
-    inputs = quantizers(model, "input")
-    all_q = [q for _, q in quantizers(model)]
-    seen: list[tuple[str, int]] = []
-    flow = _Dataflow()
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            flow.keep.append(args[0])
-            seen.append((name, id(args[0])))
-        return record
-
-    states = [q._disabled for q in all_q]
-    was_training = model.training
-    handles = [q.register_forward_pre_hook(hook(n)) for n, q in inputs]
-    try:
-        for q in all_q:
-            q.disable()
-        model.eval()
-        with flow:
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        for q, off in zip(all_q, states):
-            q.disable() if off else q.enable()
-        model.train(was_training)
-    by_name = dict(inputs)
-    groups: dict[int, list[str]] = {}
-    for name, tid in seen:
-        members = groups.setdefault(flow.find(tid), [])
-        if name not in members:
-            members.append(name)
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for mod_name, m in model.named_modules(remove_duplicate=False):
-        for attr, child in m._modules.items():
-            if child is not None and id(child) in {id(q) for q in by_name.values()}:
-                owners.setdefault(id(child), []).append((m, attr))
-    result = []
-    for members in groups.values():
-        distinct = list({id(by_name[n]): n for n in members}.values())
-        if len(distinct) < 2:
-            continue
-        lead = by_name[distinct[0]]
-        bits = {int(by_name[n].num_bits) for n in distinct}
-        if len(bits) > 1:
-            raise ValueError(f"activation quantizers {', '.join(distinct)} must share one scale but have "
-                             f"{sorted(bits)} bits; use one a_bits for them (QuantConfig.first_last_8bit or skip)")
-        for n in distinct[1:]:
-            for parent, attr in owners.get(id(by_name[n]), []):
-                setattr(parent, attr, lead)
-        result.append(tuple(members))
-    return result
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
