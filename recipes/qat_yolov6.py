@@ -9,11 +9,12 @@ Run from the repository root::
 Steps: (1) train the FP32 detector on the embedded detection set (digits pasted on 64×64 canvases) or a YOLO-format
 folder, or load ``--ckpt`` (a state dict with upstream keys, read with ``weights_only=True``); (2) plain minmax W8A8
 PTQ (per-channel and per-tensor weights) as the baseline; (3) QAT with the default
-:class:`qat_rep.callbacks.RepQATCallback` — every rep block runs one conv of its fake-quantized equivalent kernel, and
-every group of activation quantizers joined by a Concat or reading one tensor shares one scale
-(:func:`qat_rep.quant.share_input_scales`, called in :meth:`YOLOv6Detector.setup`); (4) QDQ ONNX files in both
-layouts (``tensorrt``: checked for shared-scale violations; ``onnxruntime``: run in ONNX Runtime) holding the raw
-head outputs — boxes are decoded and NMS'd after the file, in :mod:`qat_rep.detection.boxes`.
+:class:`qat_rep.callbacks.RepQATCallback` — every rep block runs one conv of its fake-quantized equivalent kernel, every
+conv (the neck's upsampling transposed convs too) is quantized, and every group of activation quantizers joined by
+a Concat/Add or reading one tensor shares one scale (the callback ties them at the first training step, before
+calibration: :func:`qat_rep.quant.share_input_scales`); (4) QDQ ONNX files in both layouts (``tensorrt``: checked for
+shared-scale violations and Q/DQ on every conv; ``onnxruntime``: run in ONNX Runtime) holding the raw head outputs —
+boxes are decoded and NMS'd after the file, in :mod:`qat_rep.detection.boxes`.
 
 The LightningModule :class:`YOLOv6Detector` is meant to be copied: training on the raw outputs with
 :class:`qat_rep.detection.loss.DetectionLoss`, validation mAP@0.5:0.95 and mAP@0.5 from the decoded, NMS'd boxes.
@@ -46,18 +47,17 @@ from qat_rep.detection.metrics import coco_map  # noqa: E402
 from qat_rep.export import export_onnx, quantized_node_names  # noqa: E402
 from qat_rep.models import create_model  # noqa: E402
 from qat_rep.quant import QuantConfig, calibrate, prepare, share_input_scales  # noqa: E402
-from qat_rep.quant.insert import is_prepared  # noqa: E402
 
 
 class YOLOv6Detector(pl.LightningModule):
     """A registry detector (``yolov6_n``/``yolov6_s``) trained with YOLOv6's loss; validation logs COCO mAP.
 
-    ``setup`` ties the activation quantizers that must share a scale once the callback has prepared the model
-    (callbacks' ``setup`` runs before the module's), from one example of ``image_size`` pixels.
+    Nothing here is about quantization: :class:`~qat_rep.callbacks.RepQATCallback` prepares the model, ties the
+    shared scales and calibrates inside the first training steps.
     """
 
     def __init__(self, model_name: str = "yolov6_n", num_classes: int = 10, block: str = "qarepvggv2",
-                 lr: float = 2e-3, weight_decay: float = 5e-4, final_lr_ratio: float = 0.01, image_size: int = 64):
+                 lr: float = 2e-3, weight_decay: float = 5e-4, final_lr_ratio: float = 0.01):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -69,11 +69,6 @@ class YOLOv6Detector(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Any:
         return self.model(x)
-
-    def setup(self, stage: str) -> None:
-        if is_prepared(self.model):
-            size = self.hparams.image_size
-            share_input_scales(self.model, torch.zeros(1, 3, size, size, device=self.device))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, targets = batch
@@ -189,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    module = YOLOv6Detector(args.model, len(names), args.block, lr=args.lr, image_size=args.image_size)
+    module = YOLOv6Detector(args.model, len(names), args.block, lr=args.lr)
     times: dict[str, float] = {}
     t0 = time.time()
     trainer_kw = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
