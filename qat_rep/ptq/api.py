@@ -9,7 +9,8 @@ Pipeline (each step is one module of this package):
 3. Weight ``amax`` = ``max|W|`` (or BRECQ's MSE search); CFWS marks the rep kernels it splits.
 4. Activation ``amax`` from ``|input|`` histograms of the float model (:mod:`.kl`): ``max`` / ``percentile`` /
    ``entropy`` / ``mse`` / CFWS's ``improved_kl``; per layer, the maximum replaces a threshold that gives the
-   quantized layer a larger output error on the calibration data (:mod:`.act_guard`).
+   quantized layer a larger output error on the calibration data, and the maximum replaces them all when the
+   quantized network's output error is larger with them than without (:mod:`.act_guard`).
 5. Reconstruction: AdaRound / BRECQ / MRECG (:mod:`.reconstruct`).
 6. Optional partial quantization: the ``keep_float`` most sensitive layers (:mod:`.sensitivity`) stay float.
 7. :func:`~.layers.finalize`: backend ``QuantConv2d``/``QuantLinear``/:class:`~.cfws.CFWSConv2d` with static amax.
@@ -32,7 +33,7 @@ from ..quant.insert import bn_after
 from ..quant import QuantConfig
 from ..quant.calibrate import check_calibrated, check_finite_batch, default_forward
 from ..reparam import reparameterize
-from .act_guard import ActChoice, choose_act_amax
+from .act_guard import ActChoice, NetworkChoice, check_network, choose_act_amax
 from .kl import amax_from_histogram, collect_input_histograms
 from .layers import finalize, install_sim, sim_layers
 from .qmath import mse_weight_amax
@@ -62,8 +63,8 @@ _COMMON = ("forward", "keep_float", "progress", "bins", "act_guard")
 @dataclass
 class PTQReport:
     """What :func:`quantize_ptq` did: method, settings, per-layer kinds, activation threshold rules (``act_choice``:
-    the calibrator's threshold or the maximum, whichever gave the layer the smaller output error), reconstruction
-    losses, timing."""
+    the calibrator's threshold or the maximum, whichever gave the layer the smaller output error; ``act_network``:
+    the network-level check of those choices against the maximum everywhere), reconstruction losses, timing."""
 
     method: str
     config: dict[str, Any]
@@ -72,6 +73,7 @@ class PTQReport:
     bits: dict[str, str] = field(default_factory=dict)  # name -> "W8A8"
     act_amax: dict[str, float] = field(default_factory=dict)
     act_choice: dict[str, ActChoice] = field(default_factory=dict)  # which threshold rule won, per layer
+    act_network: NetworkChoice | None = None  # None: no layer had a threshold below its maximum to check
     units: list[UnitResult] = field(default_factory=list)
     pairs: list[tuple[str, str, float]] = field(default_factory=list)
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
@@ -91,10 +93,16 @@ class PTQReport:
                  ""]
         if self.act_choice:
             rules = [c.winner for c in self.act_choice.values()]
-            lines += [f"activation thresholds: " + ", ".join(f"{rules.count(r)} {r}" for r in dict.fromkeys(rules)),
-                      "", "| layer | threshold rule | amax | amax / max | output MSE (rule) | output MSE (max) |",
+            lines += [f"activation thresholds: " + ", ".join(f"{rules.count(r)} {r}" for r in dict.fromkeys(rules))]
+            net = self.act_network
+            if net is not None:
+                lines.append(f"network output MSE on the calibration data: {_num(net.chosen_mse)} with the layers' "
+                             f"choices, {_num(net.max_mse)} with the maximum everywhere → "
+                             + ("choices kept" if net.winner == "layers"
+                                else f"maximum everywhere ({net.layers_changed} layer(s) set back)"))
+            lines += ["", "| layer | threshold rule | amax | amax / max | output MSE (rule) | output MSE (max) |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {n} | {c.winner}{' (fallback)' if c.fell_back else ''} | {c.amax:.4g} | "
+            lines += [f"| {n} | {c.winner}{_fallback(c)} | {c.amax:.4g} | "
                       f"{c.amax / c.max_amax if c.max_amax > 0 else 1.0:.3f} | {_num(c.rule_mse)} | {_num(c.max_mse)} |"
                       for n, c in self.act_choice.items()]
             lines.append("")
@@ -120,7 +128,7 @@ class PTQReport:
             u = losses.get(name)
             c = self.act_choice.get(name)
             table.add_row(name, kind, self.bits.get(name, ""), f"{self.act_amax.get(name, float('nan')):.4g}",
-                          "" if c is None else c.winner + (" (fallback)" if c.fell_back else ""),
+                          "" if c is None else c.winner + _fallback(c),
                           f"{u.loss_before:.4g} → {u.loss_after:.4g}" if u else "")
         return table
 
@@ -129,6 +137,10 @@ class PTQReport:
 def _num(v: float) -> str:
     """A table cell: ``—`` for a value that was not measured (NaN)."""
     return "—" if math.isnan(v) else f"{v:.3g}"
+
+
+def _fallback(c: ActChoice) -> str:
+    return (" (fallback, network)" if c.network else " (fallback)") if c.fell_back else ""
 
 
 def _gather(loader: Iterable[Any], max_batches: int | None, max_samples: int | None) -> tuple[list[Any], int]:
@@ -161,20 +173,21 @@ def _fold_plain_bn(model: nn.Module) -> int:
     return n
 
 
-def _calibrate_activations(sims: dict[str, Any], fmodel: nn.Module, batches: list[Any],
+def _calibrate_activations(qmodel: nn.Module, sims: dict[str, Any], fmodel: nn.Module, batches: list[Any],
                            fwd: Callable[[nn.Module, Any], Any], rule: str, config: QuantConfig, bins: int,
-                           guard: bool) -> dict[str, ActChoice]:
-    """Every layer's activation amax: ``rule`` on the histogram of its float input, checked against the maximum
-    by the layer's output error when ``guard`` (:mod:`.act_guard`)."""
+                           guard: bool) -> tuple[dict[str, ActChoice], NetworkChoice | None]:
+    """Every layer's activation amax: ``rule`` on the histogram of its float input; when ``guard``, checked
+    against the maximum by the layer's output error, then by the network's (:mod:`.act_guard`)."""
     hists = collect_input_histograms(fmodel, {n: fmodel.get_submodule(n) for n in sims}, batches, fwd, bins)
     rule_amax = {n: amax_from_histogram(hists[n], rule, s.a_bits, config.percentile) for n, s in sims.items()}
     max_amax = {n: hists[n].amax for n in sims}
     if guard:
-        return choose_act_amax(sims, fmodel, batches, fwd, rule, rule_amax, max_amax)
+        choices = choose_act_amax(sims, fmodel, batches, fwd, rule, rule_amax, max_amax)
+        return check_network(qmodel, sims, fmodel, batches, fwd, choices)
     nan = float("nan")
     for n, s in sims.items():
         s.set_act_amax(rule_amax[n])
-    return {n: ActChoice(rule, rule, rule_amax[n], rule_amax[n], max_amax[n], nan, nan) for n in sims}
+    return {n: ActChoice(rule, rule, rule_amax[n], rule_amax[n], max_amax[n], nan, nan) for n in sims}, None
 
 
 def _check_options(method: str, options: dict[str, Any]) -> None:
@@ -220,7 +233,9 @@ def quantize_ptq(
         bins: histogram bins for activation calibration.
         act_guard: per layer, keep the calibrator's activation threshold only if the quantized layer's output
             error on the calibration data is not larger than with the maximum; else use the maximum
-            (``PTQReport.act_choice`` says which won). ``False`` takes the calibrator's thresholds as they are.
+            (``PTQReport.act_choice`` says which won). Then keep those choices only if the quantized network's
+            output error on the calibration data is not larger than with the maximum in every layer
+            (``PTQReport.act_network``). ``False`` takes the calibrator's thresholds as they are.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -280,7 +295,8 @@ def quantize_ptq(
     else:
         act_method = opts.get("act_calibrator", "mse")
     report = PTQReport(method, config.to_dict(), {k: v for k, v in opts.items()}, calib_samples=n_samples)
-    report.act_choice = _calibrate_activations(sims, fmodel, batches, fwd, act_method, config, bins, act_guard)
+    report.act_choice, report.act_network = _calibrate_activations(model, sims, fmodel, batches, fwd, act_method,
+                                                                   config, bins, act_guard)
 
     if method in _RECON:
         assert recon_cfg is not None
@@ -362,5 +378,5 @@ def sensitivity_report(model: nn.Module, calib_loader: Iterable[Any], config: Qu
     ref = copy.deepcopy(work)
     first_last = 8 if config.first_last_8bit and (config.w_bits < 8 or config.a_bits < 8) else None
     sims = install_sim(work, config.w_bits, config.a_bits, config.per_channel, config.skip, first_last)
-    _calibrate_activations(sims, ref, batches, fwd, calibrator or config.calibrator, config, bins, act_guard)
+    _calibrate_activations(work, sims, ref, batches, fwd, calibrator or config.calibrator, config, bins, act_guard)
     return layer_sensitivity(work, batches, fwd)
