@@ -62,6 +62,24 @@ def test_cfws_reduces_per_tensor_weight_error_on_repvgg_kernels() -> None:
     assert err_split < 0.25 * err_plain
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cfws_fine_range_mse_clips_the_fine_part_and_lowers_its_error_at_6_bits(seed: int) -> None:
+    # one scale per tensor for the fine part: the paper's max|W_fine| lets the largest outer tap set every channel's
+    # step; the MSE range clips it and the split kernel is closer to the float one
+    w = _repvgg_kernel(seed)
+    by_max, by_mse = cfws_split(w, 6, False, "max"), cfws_split(w, 6, False, "mse")
+    assert torch.equal(by_max.fine, by_mse.fine) and torch.equal(by_max.coarse, by_mse.coarse)
+    assert float(by_max.fine_amax) == float(by_max.fine.abs().max())
+    assert float(by_mse.fine_amax) < float(by_max.fine_amax)
+
+    def err(s) -> float:
+        return float((s.coarse_3x3() + fake_quant(s.fine, s.fine_amax, 6) - w).pow(2).sum())
+
+    assert err(by_mse) < err(by_max)
+    with pytest.raises(ValueError, match="fine_range"):
+        cfws_split(w, 6, False, "percentile")
+
+
 def test_cfws_split_rejects_non_3x3_kernels() -> None:
     with pytest.raises(ValueError, match="3x3"):
         cfws_split(torch.randn(4, 4, 1, 1))

@@ -33,6 +33,7 @@ from ..quant.insert import bn_after
 from ..quant import QuantConfig
 from ..quant.calibrate import check_calibrated, check_finite_batch, default_forward
 from ..reparam import reparameterize
+from .cfws import FINE_RANGES
 from .act_guard import ActChoice, NetworkChoice, check_network, choose_act_amax
 from .kl import amax_from_histogram, collect_input_histograms
 from .layers import finalize, install_sim, sim_layers
@@ -51,7 +52,7 @@ _RECON = ("adaround", "brecq", "mrecg")
 _RECON_KEYS = tuple(f.name for f in fields(ReconConfig))
 _OPTIONS: dict[str, tuple[str, ...]] = {
     **{m: () for m in _CALIB},
-    "cfws": ("split", "improved_kl"),
+    "cfws": ("split", "improved_kl", "fine_range"),
     "adaround": _RECON_KEYS + ("act_calibrator", "weight_init", "num_samples"),
     "brecq": _RECON_KEYS + ("act_calibrator", "weight_init", "num_samples", "blocks"),
     "mrecg": _RECON_KEYS + ("act_calibrator", "weight_init", "num_samples", "blocks", "k", "capacity",
@@ -221,7 +222,8 @@ def quantize_ptq(
             ``config.calibrator`` is used only where a method does not fix it (reconstruction's activation init
             defaults to ``mse`` instead, as in BRECQ/QDrop).
         method: ``minmax`` | ``percentile`` | ``entropy`` | ``mse`` (calibration only), ``cfws`` (split fused rep
-            kernels + improved KL; options ``split=True``, ``improved_kl=True``), ``adaround`` (layer-wise),
+            kernels + improved KL; options ``split=True``, ``improved_kl=True``, ``fine_range="mse"`` — the
+            fine part's weight amax, ``"max"`` for the paper's, see :mod:`.cfws`), ``adaround`` (layer-wise),
             ``brecq`` (block-wise; option ``blocks=[names]`` for non-rep models, else falls back to layer-wise with
             a warning), ``mrecg`` (``k`` jointly reconstructed adjacent pairs, default 3; ``capacity="data_free"``
             or ``"data_dependent"``; ``stride_penalty``). Reconstruction options: every
@@ -284,8 +286,12 @@ def quantize_ptq(
         for sim in sims.values():
             sim.w_amax.copy_(mse_weight_amax(sim.weight, sim.w_bits, sim.per_channel))
     if method == "cfws" and opts.get("split", True):
+        fine_range = opts.get("fine_range", "mse")
+        if fine_range not in FINE_RANGES:
+            raise ValueError(f"fine_range must be one of {FINE_RANGES}, got {fine_range!r}")
         for sim in sims.values():
             sim.cfws = sim.rep and sim.is_conv and tuple(sim.weight.shape[-2:]) == (3, 3)
+            sim.cfws_fine_range = fine_range
 
     # activations: histograms of every layer's float input, then the per-layer output-error check
     if method in _CALIB:
