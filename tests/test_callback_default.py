@@ -24,14 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 EPOCHS = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fit(flavor, make, loaders, out_dir, epochs=EPOCHS, ckpt_dir=None, ckpt_path=None):
     """Seed, build ``make()``, fit it with the default callback; returns (module, callback) (``ckpt_dir``: a
     checkpoint per epoch)."""

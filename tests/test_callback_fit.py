@@ -24,14 +24,6 @@ from qat_rep.quant.backend import QuantConv2d, QuantLinear  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fit(flavor, module, callbacks, train, val=None, **kw):
     lib = M.FLAVORS[flavor]
     kw.setdefault("max_epochs", 1)

@@ -27,14 +27,6 @@ PHASES_AT_END = {"model.blocks.0": "frozen", "model.blocks.1": "qat", "model.blo
                  "model.blocks.3": "qat"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _callback(**kw):
     kw.setdefault("calib_batches", 2)
     return RepQATCallback(schedule=SCHEDULE, **kw)
@@ -49,13 +41,10 @@ def _trainer(tmp, max_epochs, cb, **kw):
 def uninterrupted(tmp_path_factory):
     """A 4-epoch QAT fit with a checkpoint per epoch: (module, callback, checkpoint dir)."""
     tmp = tmp_path_factory.mktemp("full")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     pl.seed_everything(0)
     train, val = M.loaders()
     module, cb = M.ClassifierPL(), _callback()
     _trainer(tmp, 4, cb).fit(module, train, val)
-    torch.set_num_threads(n)
     return module, cb, tmp
 
 

@@ -6,25 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import calib_batches as data, tiny_rep_net as tiny
 from qat_rep.blocks import QARepVGGBlock, RepVGGBlock
 from qat_rep.ptq import CFWSConv2d, quantize_ptq, sensitivity_report
 from qat_rep.quant import DegenerateCalibrationError, QuantConfig, backend
-
-
-def tiny(block: type = RepVGGBlock, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    m = nn.Sequential(block(3, 8, stride=2), block(8, 8), block(8, 16, stride=2), block(16, 16),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-    for bn in [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]:
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.2, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-    return m.eval()
-
-
-def data(n: int = 64, bs: int = 16) -> list[tuple[torch.Tensor]]:
-    x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    return [(x[i:i + bs],) for i in range(0, n, bs)]
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

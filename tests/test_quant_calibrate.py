@@ -29,14 +29,6 @@ from qat_rep.quant.backend import (  # pytorch-quantization's own functions: the
 from qat_rep.quant.calibrate import compute_amax, histogram_entropy_amax
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _small_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(QARepVGGBlock(3, 8, stride=2), QARepVGGBlock(8, 8), nn.Flatten(), nn.Linear(8 * 8 * 8, 5))

@@ -22,14 +22,6 @@ from qat_rep.quant import QuantConfig, calibrate, prepare
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("arch", ["qarepvgg_a0", "repvgg_a0"])
 def test_fullgraph_capture_of_prepared_a0_in_train_mode(arch):
     # fullgraph=True fails on any graph break, whatever the backend; aot_eager also traces the backward through

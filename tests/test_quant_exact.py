@@ -16,14 +16,6 @@ from qat_rep.data import DataSpec, load_dataset
 from qat_rep.quant import QuantConfig, calibrate, convert, prepare
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def qat_trained(arch: str, cfg: QuantConfig, steps: int = 3, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     """``arch`` at 16×16 with non-trivial BN statistics, prepared, calibrated and trained for a few QAT steps
     (post-BNs keep updating their statistics), plus an evaluation batch.

@@ -19,14 +19,6 @@ from qat_rep import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock
 from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 BLOCKS = [
     (RepVGGBlock, dict(in_channels=8, out_channels=8)),
     (RepVGGBlock, dict(in_channels=8, out_channels=12, stride=2)),

@@ -16,15 +16,6 @@ from qat_rep.quant import QuantConfig, RepQuant, calibrate, convert, prepare, qu
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: intra-op threads only oversubscribe them (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 BLOCKS = [
     (RepVGGBlock, dict(in_channels=8, out_channels=8)),                      # with identity BN
     (RepVGGBlock, dict(in_channels=8, out_channels=12, stride=2)),           # no identity
