@@ -18,7 +18,8 @@ from typing import Iterator
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(__file__))  # helpers, reference_impl
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))  # the LightningModules of the callback tests
 
 NO_CUDA = "no CUDA device: the GPU path runs with `python -m pytest -q -m cuda` on a machine with one"
 
@@ -43,6 +44,18 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def device(request: pytest.FixtureRequest) -> torch.device:
-    """Each test taking it runs on the CPU and, marked ``cuda``, on the GPU (skipped with a reason without one)."""
-    return torch.device(request.param)
+def device(request: pytest.FixtureRequest) -> Iterator[torch.device]:
+    """Each test taking it runs on the CPU and, marked ``cuda``, on the GPU (skipped with a reason without one).
+
+    On the GPU TF32 is off while the test runs: convolutions and matmuls in full float32, as on the CPU, so the
+    tests' float32 tolerances hold on Ampere and newer GPUs too.
+    """
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

@@ -31,10 +31,11 @@ def _block(cls, kw, seed=0):
     return m
 
 
-def _calibrated(cls, kw, cfg, seed=0):
+def _calibrated(cls, kw, cfg, seed=0, device="cpu"):
     m = _block(cls, kw, seed)
     prepare(m, cfg)
-    x = torch.randn(4, kw["in_channels"], 10, 10, generator=torch.Generator().manual_seed(seed + 1))
+    m.to(device)
+    x = torch.randn(4, kw["in_channels"], 10, 10, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     calibrate(m, [x])
     return m, x
 
@@ -47,9 +48,9 @@ def _int_quant(t: torch.Tensor, amax: torch.Tensor, bits: int) -> tuple[torch.Te
 
 @pytest.mark.parametrize("cls,kw", BLOCKS)
 @pytest.mark.parametrize("gran,bits", [("per_channel", 8), ("per_tensor", 8), ("per_channel", 4)])
-def test_qat_block_equals_dequantized_integer_conv(cls, kw, gran, bits):
+def test_qat_block_equals_dequantized_integer_conv(cls, kw, gran, bits, device):
     cfg = QuantConfig(w_bits=bits, a_bits=bits, w_granularity=gran, first_last_8bit=False)
-    m, x = _calibrated(cls, kw, cfg)
+    m, x = _calibrated(cls, kw, cfg, device=device)
     block = m[0]
     block.eval()
     with torch.no_grad():
@@ -137,12 +138,12 @@ def _explicit_forward(block, x, x_amax, w_bits, a_bits, per_channel, train_post_
 
 @pytest.mark.parametrize("cls,kw", BLOCKS[:3])
 @pytest.mark.parametrize("gran", ["per_channel", "per_tensor"])
-def test_branch_gradients_equal_explicit_ste_formula(cls, kw, gran):
+def test_branch_gradients_equal_explicit_ste_formula(cls, kw, gran, device):
     cfg = QuantConfig(w_bits=4, a_bits=8, w_granularity=gran, first_last_8bit=False)
-    m, x = _calibrated(cls, kw, cfg, seed=3)
+    m, x = _calibrated(cls, kw, cfg, seed=3, device=device)
     block = m[0]
     block.train()
-    g = torch.randn_like(block(x), generator=torch.Generator().manual_seed(7))
+    g = torch.randn(block(x).shape, generator=torch.Generator().manual_seed(7)).to(device)
     params = [p for n, p in block.named_parameters() if "rep_quant" not in n]
     assert len(params) >= 4
     ref_block = copy.deepcopy(block)  # before the forward: a train-mode forward updates the post-BN statistics
@@ -200,8 +201,9 @@ def test_float_phase_is_the_float_multi_branch_block():
 
 @pytest.mark.parametrize("cls,kw", BLOCKS)
 @pytest.mark.parametrize("gran", ["per_channel", "per_tensor"])
-def test_convert_matches_qat_form_per_block(cls, kw, gran):
-    m, x = _calibrated(cls, kw, QuantConfig(w_granularity=gran, w_bits=6, a_bits=6, first_last_8bit=False))
+def test_convert_matches_qat_form_per_block(cls, kw, gran, device):
+    m, x = _calibrated(cls, kw, QuantConfig(w_granularity=gran, w_bits=6, a_bits=6, first_last_8bit=False),
+                       device=device)
     m.eval()
     with torch.no_grad():
         y_qat = m(x)
