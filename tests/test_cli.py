@@ -32,6 +32,7 @@ def test_every_subcommand_has_help(command, capsys):
     assert f"usage: qat-rep {command}" in out
 
 
+@pytest.mark.slow
 def test_console_script_module_runs():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "qat_rep.cli", "--help"], capture_output=True, text=True, env=env,

@@ -48,6 +48,7 @@ def _forge(directory: Path, meta: dict | None = None) -> None:
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tensorrt", "onnxruntime"])
 def test_round_trip_in_a_fresh_process(tmp_path, preset):
     model = converted_copy(preset)  # model → QAT (fixture) → convert → save
