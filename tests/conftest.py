@@ -1,6 +1,6 @@
 """Shared fixtures and markers of the test suite.
 
-- ``one_thread`` (every test): torch runs on one intra-op thread.
+- ``one_thread``: torch runs on one intra-op thread for the module that uses it.
 - ``device``: ``"cpu"``, and ``"cuda"`` marked ``cuda``.
 - markers (``pyproject.toml``): ``slow`` — subprocess, DDP, recipe, packaging and training runs;
   ``python -m pytest -q -m "not slow"`` is the fast inner loop. ``cuda`` — the GPU path, skipped with a reason
@@ -33,10 +33,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=NO_CUDA))
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """One intra-op thread for the whole session: the suite's tensors are small, and on two shared cores extra
-    threads only oversubscribe them (up to 10× slower under load). Subprocesses set their own."""
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): on two
+    shared cores extra threads only oversubscribe them (up to 10× slower under load). Not for every module: a
+    thread count changes float summation order, and some tests compare against numbers measured with the default."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

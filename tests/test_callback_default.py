@@ -20,7 +20,9 @@ import default_lit_modules as D  # noqa: E402
 import qat_lit_modules as M  # noqa: E402
 from qat_rep.callbacks import RepQATCallback  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread"),
+              pytest.mark.slow]  # every test is a Trainer fit
 EPOCHS = 2
 
 

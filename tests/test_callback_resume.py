@@ -18,7 +18,8 @@ from qat_rep.callbacks import RepQATCallback, load_qat_checkpoint  # noqa: E402
 from qat_rep.quant import PhaseRule, QuantConfig, Schedule  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
-              pytest.mark.slow]  # multi-epoch fits and a fresh process
+              pytest.mark.slow,  # multi-epoch fits and a fresh process
+              pytest.mark.usefixtures("one_thread")]
 pl = M.pl
 
 # blocks 2 and 3 run float multi-branch until epoch 3, then QAT; block 0 freezes at epoch 3

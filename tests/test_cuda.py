@@ -21,7 +21,8 @@ from qat_rep.export import export_onnx, load_quantized, save_quantized, verify_o
 from qat_rep.ptq import CFWSConfig, MinMaxConfig, PTQMethodConfig, quantize_ptq
 from qat_rep.quant import QuantConfig, backend, calibrate, convert, is_calibrated, prepare, quantizers
 
-pytestmark = [pytest.mark.cuda, pytest.mark.slow]  # CPU-vs-GPU runs of whole models: not the inner loop
+pytestmark = [pytest.mark.cuda, pytest.mark.slow,  # CPU-vs-GPU runs of whole models: not the inner loop
+              pytest.mark.usefixtures("one_thread")]
 CUDA = torch.device("cuda")
 
 

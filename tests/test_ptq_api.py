@@ -11,6 +11,8 @@ from qat_rep.blocks import QARepVGGBlock, RepVGGBlock
 from qat_rep.ptq import CFWSConv2d, quantize_ptq, sensitivity_report
 from qat_rep.quant import DegenerateCalibrationError, QuantConfig, backend
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean() / b.pow(2).mean())
@@ -39,6 +41,7 @@ def test_calibration_methods_give_a_close_deployable_w8a8_model(method: str, opt
         assert _rel_err(q(x), ref) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["entropy", "cfws"])
 def test_kl_methods_build_the_expected_modules(method: str) -> None:
     q, rep = quantize_ptq(tiny(), data(), QuantConfig(), method=method)
@@ -120,6 +123,7 @@ def test_sensitivity_refuses_non_finite_batches() -> None:
         sensitivity_report(tiny(), batches)
 
 
+@pytest.mark.slow
 def test_every_layer_reports_which_threshold_rule_won() -> None:
     m = tiny()
     q, rep = quantize_ptq(m, data(), QuantConfig(), method="entropy")
@@ -134,6 +138,7 @@ def test_every_layer_reports_which_threshold_rule_won() -> None:
     assert rep.to_dict()["act_choice"]  # serializable with the rest of the report
 
 
+@pytest.mark.slow
 def test_guard_replaces_a_threshold_that_raises_the_output_error() -> None:
     # the 75th percentile clips a quarter of every layer's input (the 50th is 0 after a ReLU, refused as degenerate):
     # with the guard every such layer gets its maximum back

@@ -18,6 +18,8 @@ from qat_rep.ptq import (CFWSConv2d, Histogram, amax_from_histogram, cfws_split,
 from qat_rep.ptq.qmath import fake_quant, qbound
 from qat_rep.quant import backend
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _repvgg_kernel(seed: int = 0, cin: int = 16, cout: int = 16) -> torch.Tensor:
     """A fused RepVGG kernel with randomized BN statistics (large, channel-varying centre taps)."""

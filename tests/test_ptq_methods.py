@@ -17,6 +17,8 @@ from qat_rep.ptq import (METHODS, AdaRoundConfig, BRECQConfig, CFWSConfig, Entro
                          register_ptq_method)
 from qat_rep.quant import QuantConfig, backend
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BUILTIN = (MinMaxConfig, PercentileConfig, EntropyConfig, MSEConfig, CFWSConfig, AdaRoundConfig, BRECQConfig,
            MRECGConfig)
 
@@ -71,6 +73,7 @@ def _same_result(a: tuple[torch.nn.Module, Any], b: tuple[torch.nn.Module, Any])
     assert json.dumps(da, sort_keys=True) == json.dumps(db, sort_keys=True)  # NaN (not measured) equals NaN
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, name, options", [
     (MSEConfig(), "mse", {}),
     (CFWSConfig(improved_kl=False), "cfws", {"improved_kl": False}),

@@ -13,12 +13,15 @@ from qat_rep.blocks import QARepVGGBlock
 from qat_rep.ptq import ReconConfig, Unit, block_units, mixed_units, quantize_ptq
 from qat_rep.quant import QuantConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 tiny = functools.partial(tiny_rep_net, bn=BNRanges(bias=(-0.2, 0.2)))  # BN biases randomized too
 data = functools.partial(calib_batches, size=8)  # 8×8 images
 W4A4 = QuantConfig(w_bits=4, a_bits=4, first_last_8bit=False)
 
 
+@pytest.mark.slow
 def test_adaround_soft_rounding_ends_binary_and_beats_nearest() -> None:
     m, rep = quantize_ptq(tiny(), data(), W4A4, method="adaround", iters=300, batch_size=16, num_samples=64,
                           learn_act=False)
@@ -30,6 +33,7 @@ def test_adaround_soft_rounding_ends_binary_and_beats_nearest() -> None:
     assert sum(u.loss_after for u in rep.units) < sum(u.loss_before for u in rep.units)
 
 
+@pytest.mark.slow
 def test_published_schedule_alone_leaves_soft_rounding_undecided_at_cpu_run_lengths() -> None:
     # the control for the test above: without the hardening phase the same run ends with h(V) far from {0, 1}
     _, rep = quantize_ptq(tiny(), data(), W4A4, method="adaround", iters=300, batch_size=16, num_samples=64,
@@ -37,6 +41,7 @@ def test_published_schedule_alone_leaves_soft_rounding_undecided_at_cpu_run_leng
     assert max(u.round_gap for u in rep.units) > 1e-3
 
 
+@pytest.mark.slow
 def test_brecq_units_are_rep_blocks_plus_remaining_layers() -> None:
     m = tiny()
     m_q, rep = quantize_ptq(m, data(), W4A4, method="brecq", iters=30, batch_size=16, num_samples=64)
@@ -46,6 +51,7 @@ def test_brecq_units_are_rep_blocks_plus_remaining_layers() -> None:
     assert sum(u.loss_after < 0.95 * u.loss_before for u in rep.units) >= 3
 
 
+@pytest.mark.slow
 def test_mrecg_with_k0_reproduces_brecq_exactly() -> None:
     opts = dict(iters=25, batch_size=16, num_samples=64, qdrop=0.5, seed=7)
     a, ra = quantize_ptq(tiny(QARepVGGBlock), data(), W4A4, method="brecq", **opts)

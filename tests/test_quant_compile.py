@@ -19,7 +19,8 @@ from torch import nn
 from qat_rep import QARepVGGBlock, create_model
 from qat_rep.quant import QuantConfig, calibrate, prepare
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.mark.parametrize("arch", ["qarepvgg_a0", "repvgg_a0"])

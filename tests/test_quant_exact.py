@@ -15,6 +15,8 @@ from qat_rep import create_model
 from qat_rep.data import DataSpec, load_dataset
 from qat_rep.quant import QuantConfig, calibrate, convert, prepare
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def qat_trained(arch: str, cfg: QuantConfig, steps: int = 3, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     """``arch`` at 16×16 with non-trivial BN statistics, prepared, calibrated and trained for a few QAT steps
@@ -59,6 +61,7 @@ CASES = [(arch, gran, learn) for arch in ("repvgg_a0", "qarepvgg_a0")
          for gran in ("per_channel", "per_tensor") for learn in (False, True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,gran,learn", CASES)
 def test_eval_equals_converted_bit_for_bit(arch, gran, learn):
     model, x = qat_trained(arch, QuantConfig(w_granularity=gran, learn_amax=learn))
@@ -69,6 +72,7 @@ def test_eval_equals_converted_bit_for_bit(arch, gran, learn):
     assert torch.equal(y_qat, y_dep), float((y_qat - y_dep).abs().max())
 
 
+@pytest.mark.slow
 def test_post_bn_statistics_are_non_trivial_after_training():
     # the QARep case above only means something if the post-BNs moved away from (0, 1) during the steps
     model, _ = qat_trained("qarepvgg_a0", QuantConfig())

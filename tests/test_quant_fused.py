@@ -18,6 +18,8 @@ from torch import nn
 from qat_rep import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock
 from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 BLOCKS = [
     (RepVGGBlock, dict(in_channels=8, out_channels=8)),

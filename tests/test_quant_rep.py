@@ -14,6 +14,7 @@ from torch import nn
 from qat_rep import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock, create_model
 from qat_rep.quant import QuantConfig, RepQuant, calibrate, convert, prepare, quant_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BLOCKS = [
@@ -215,6 +216,7 @@ def test_convert_matches_qat_form_per_block(cls, kw, gran, device):
     torch.testing.assert_close(y_conv, y_qat, rtol=1e-5, atol=1e-5 * float(y_qat.abs().max()))
 
 
+@pytest.mark.slow
 def test_convert_model_state_dict_keys_rebuildable_and_outputs_agree():
     torch.manual_seed(0)
     m = create_model("qarepvgg_a0", num_classes=10, small_input=True)
@@ -259,6 +261,7 @@ def test_prepared_state_dict_keys_depend_only_on_architecture_and_config():
     assert isinstance(a.linear, nn.Linear) and type(a.linear) is nn.Linear
 
 
+@pytest.mark.slow
 def test_plain_conv_bn_folded_at_convert_efficientrep():
     torch.manual_seed(0)
     m = create_model("efficientrep_n", small_input=True, block="qarepvgg")

@@ -10,6 +10,8 @@ import torch
 from qat_rep import create_model
 from qat_rep.quant import PhaseRule, QuantConfig, Schedule, apply_schedule, prepare, rep_stages
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model():

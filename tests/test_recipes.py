@@ -304,6 +304,7 @@ def test_crafted_checkpoint_never_runs_its_payload(tmp_path: Path, name: str, mo
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_state_dict_checkpoint_loads_in_any_form(tmp_path: Path) -> None:
     """``--ckpt`` also takes a bare state dict — train form or fused, with or without a ``model.`` prefix."""
     from safetensors.torch import save_file
