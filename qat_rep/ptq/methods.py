@@ -251,9 +251,9 @@ class MRECGConfig(_ReconMethodConfig):
 def register_ptq_method(*config_types: type[PTQMethodConfig]) -> Callable[[_C], _C]:
     """Decorator: ``handler(ctx, method)`` runs :func:`~.api.quantize_ptq` for configs of these exact types.
 
-    Each type must be a dataclass subclassing :class:`PTQMethodConfig` (frozen, as the base) with a unique ``name``; the name also
-    becomes the method's string form (``quantize_ptq(..., method=name, **fields)``). Registering a type again
-    replaces its handler.
+    Each type must be a dataclass subclassing :class:`PTQMethodConfig` (frozen, as the base) with a unique ``name``;
+    the name also becomes the method's string form (``quantize_ptq(..., method=name, **fields)``). Registering a
+    type again replaces its handler.
     """
     for t in config_types:
         if not (isinstance(t, type) and issubclass(t, PTQMethodConfig) and is_dataclass(t)):
