@@ -9,25 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import calib_batches as data, tiny_rep_net as tiny
 from qat_rep.blocks import QARepVGGBlock, RepVGGBlock
 from qat_rep.ptq import CFWSConv2d, quantize_ptq, sensitivity_report
 from qat_rep.quant import DegenerateCalibrationError, QuantConfig, backend
 
-
-def tiny(block: type = RepVGGBlock, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    m = nn.Sequential(block(3, 8, stride=2), block(8, 8), block(8, 16, stride=2), block(16, 16),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-    for bn in [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]:
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.2, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-    return m.eval()
-
-
-def data(n: int = 64, bs: int = 16) -> list[tuple[torch.Tensor]]:
-    x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    return [(x[i:i + bs],) for i in range(0, n, bs)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,6 +44,7 @@ def test_calibration_methods_give_a_close_deployable_w8a8_model(method: str, opt
         assert _rel_err(q(x), ref) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["entropy", "cfws"])
 def test_kl_methods_build_the_expected_modules(method: str) -> None:
     q, rep = quantize_ptq(tiny(), data(), QuantConfig(), method=method)
@@ -138,6 +126,7 @@ def test_sensitivity_refuses_non_finite_batches() -> None:
         sensitivity_report(tiny(), batches)
 
 
+@pytest.mark.slow
 def test_every_layer_reports_which_threshold_rule_won() -> None:
     m = tiny()
     q, rep = quantize_ptq(m, data(), QuantConfig(), method="entropy")
@@ -159,6 +148,7 @@ def test_every_layer_reports_which_threshold_rule_won() -> None:
     assert rep.to_dict()["act_choice"]  # serializable with the rest of the report
 
 
+@pytest.mark.slow
 def test_guard_replaces_a_threshold_that_raises_the_output_error() -> None:
     # the 75th percentile clips a quarter of every layer's input (the 50th is 0 after a ReLU, refused as degenerate):
     # with the guard every such layer gets its maximum back

@@ -11,23 +11,22 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import BNRanges, randomize_bn
 from qat_rep.blocks import RepVGGBlock
 from qat_rep.ptq import (CFWSConv2d, Histogram, amax_from_histogram, cfws_split, histogram_quant_mse,
                          improved_kl_amax)
 from qat_rep.ptq.qmath import fake_quant, qbound
 from qat_rep.quant import backend
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _repvgg_kernel(seed: int = 0, cin: int = 16, cout: int = 16) -> torch.Tensor:
     """A fused RepVGG kernel with randomized BN statistics (large, channel-varying centre taps)."""
     torch.manual_seed(seed)
-    blk = RepVGGBlock(cin, cout)
-    for bn in [m for m in blk.modules() if isinstance(m, nn.BatchNorm2d)]:
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.01, 0.2)  # small variances → big fused identity/1x1 taps (the RepVGG failure)
-        bn.weight.data.uniform_(0.5, 2.0)
-    blk.eval()
-    return blk.equivalent_kernel_bias()[0].detach()
+    # small variances → big fused identity/1x1 taps (the RepVGG failure)
+    blk = randomize_bn(RepVGGBlock(cin, cout), ranges=BNRanges(mean=(-1, 1), var=(0.01, 0.2), weight=(0.5, 2.0)))
+    return blk.eval().equivalent_kernel_bias()[0].detach()
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

@@ -133,8 +133,8 @@ class SimQuantLayer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ activations
     def set_act_amax(self, amax: float | Tensor, learn: bool = False) -> None:
-        self.act_amax = nn.Parameter(torch.as_tensor(amax, dtype=torch.float32).reshape(()).clone(),
-                                     requires_grad=learn)
+        self.act_amax = nn.Parameter(torch.as_tensor(amax, dtype=torch.float32, device=self.weight.device)
+                                     .reshape(()).clone(), requires_grad=learn)
 
     def quant_input(self, x: Tensor) -> Tensor:
         if not self.quant_act:
@@ -218,7 +218,7 @@ def finalize(model: nn.Module) -> dict[str, str]:
             raise ValueError(f"layer {name!r} quantizes only its {'weight' if sim.quant_weight else 'input'}; "
                              "a deployable layer quantizes both or neither")
         if sim.cfws:
-            mod = CFWSConv2d.from_conv(sim.float_layer, sim.w_bits, sim.a_bits, sim.per_channel)
+            mod = CFWSConv2d.from_conv(sim.float_layer, sim.w_bits, sim.a_bits, sim.per_channel).to(sim.weight.device)
             mod.load_split(sim.weight, sim.bias, sim.act_amax.detach(), sim.cfws_fine_range)
             kinds[name] = "cfws"
         else:
