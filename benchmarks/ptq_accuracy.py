@@ -231,6 +231,10 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, m
     from rich.table import Table
 
     console = Console()
+    rank = {name: i for i, name in enumerate(list(RECIPES) + ["FP32"] + list(BITS)
+                                              + ["fp32", *CALIB_METHODS, *RECON_METHODS, *ORT_METHODS])}
+    rows = sorted(rows, key=lambda r: (rank.get(r["recipe"], 99), r["model"], r["seed"], rank.get(r["bits"], 99),
+                                       rank.get(r["method"], 99)))  # one order, whatever order the runs came in
     fp = {(r["recipe"], r["model"], r["seed"]): r["acc"] for r in rows if r["method"] == "fp32"}
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
