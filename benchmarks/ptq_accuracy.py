@@ -17,7 +17,8 @@ samples. ``--cached-only`` skips (model, recipe, seed) combinations whose FP32 w
 The outputs are rewritten (atomically) after every (recipe, model, seed), so a run that is stopped keeps what it
 finished (``meta.complete`` is false until the end). ``--merge a.json b.json`` combines runs — e.g. one process per
 recipe, or a re-run of some cells — into ``--out``; a later file's row replaces an earlier one for the same cell,
-only the rows of ``--methods`` are taken, and every run's settings and time are kept in ``meta.runs``. The table header gives each run's time.
+only the rows of ``--methods`` are taken, and every run's settings, time and commit are kept in ``meta.runs``. The
+table header gives the number of runs and their total time.
 """
 
 from __future__ import annotations
