@@ -15,7 +15,7 @@ What it does, in one run (so the ratios share the machine's load):
    same batches, after ORT's recommended ``quant_pre_process``), and for reference the TensorRT-style model in
    the ONNX Runtime layout (``int8_ours_trt_numerics``) and in the TensorRT layout (``int8_ours_trt_layout``), and
    the preset with per-tensor weights (``int8_ours_per_tensor``, the granularity ``quantize_static`` uses);
-3. times every file interleaved (:func:`qat_rep.export.ort_latency`), at batch 1 and 16, with ORT's precise INT8
+3. times every file interleaved (:func:`qat_rep.export.bench.ort_latency`), at batch 1 and 16, with ORT's precise INT8
    mode on (needed for correct results on CPUs without VNNI) and off, and records which kernels ORT runs after graph
    optimization (``QLinearConv`` = integer conv; ``Conv``/``FusedConv`` = float);
 4. prints a table and writes ``deploy_speed.json`` and ``deploy_speed.md`` under ``--out``.
@@ -43,7 +43,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import qat_rep  # noqa: E402
-from qat_rep.export import export_onnx, ort_latency, ort_op_counts  # noqa: E402
+from qat_rep.export import export_onnx  # noqa: E402
+from qat_rep.export.bench import ort_latency, ort_op_counts  # noqa: E402
 from qat_rep.export.atomic import write_bytes_atomic  # noqa: E402
 from qat_rep.quant import QuantConfig, calibrate, convert, prepare  # noqa: E402
 

@@ -10,7 +10,7 @@ schedule and epochs:
   float conv — QARepVGG's post-sum BN stays a real, trainable BN after it — then ordinary QAT of that plain network
   (``prepare`` turns each fused conv into a ``QuantConv2d``; ``convert`` folds the post-BN at the end).
 * ``progressive`` — equivalent-kernel QAT first, then every block collapsed into one trainable conv for the rest of
-  the run (the schedule's ``fused`` phase). Runs only where ``qat_rep.quant.PHASES`` has a ``fused`` phase.
+  the run (the schedule's ``fused`` phase). Runs only where ``qat_rep.quant.rep_qat.PHASES`` has a ``fused`` phase.
 
 FP32 models come from two training recipes of ``benchmarks/common.py`` (``--recipes``; default the benchmarks' own
 AdamW recipe and an independent SGD one), three seeds each. Settings (``SETTINGS``): W8A8 with per-tensor weights
@@ -79,7 +79,8 @@ from qat_rep import DataSpec, create_model, load_dataset, reparameterize  # noqa
 from qat_rep.blocks import RepBlock  # noqa: E402
 from qat_rep.fuse import fuse_bn_module  # noqa: E402
 from qat_rep.export.atomic import write_text_atomic  # noqa: E402
-from qat_rep.quant import PHASES, QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare  # noqa: E402
+from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare  # noqa: E402
+from qat_rep.quant.rep_qat import PHASES  # noqa: E402
 from qat_rep.quant.backend import QuantConv2d  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -170,7 +171,7 @@ ROUTES: dict[str, Route] = {
     "eqk": Route("eqk", _build_eqk),
     "fuse_first": Route("fuse_first", _build_fuse_first),
     "progressive": Route("progressive", _build_progressive, _has_fused_phase,
-                         "qat_rep.quant.PHASES has no 'fused' phase in this checkout"),
+                         "qat_rep.quant.rep_qat.PHASES has no 'fused' phase in this checkout"),
 }
 QAT_ROUTES = ("eqk", "fuse_first", "progressive")
 

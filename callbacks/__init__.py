@@ -8,20 +8,9 @@ Thin by design: every callback here delegates to the torch-only core in :mod:`qa
 * :class:`DistillConfig` — logit and channel-wise feature distillation from an FP32 teacher.
 """
 
-from .checkpoint import load_qat_checkpoint, weights_only_errors
-from .distill import DistillConfig, channel_kd_loss, logit_kd_loss
-from .metrics import quantizers_disabled
-from .rep_qat import STATE_KEY, RepQATCallback, config_mismatch, read_callback_state
+from . import _origin  # noqa: F401  (first: refuses to mix two checkouts)
+from .checkpoint import load_qat_checkpoint
+from .distill import DistillConfig
+from .rep_qat import RepQATCallback
 
-__all__ = [
-    "RepQATCallback",
-    "load_qat_checkpoint",
-    "weights_only_errors",
-    "DistillConfig",
-    "logit_kd_loss",
-    "channel_kd_loss",
-    "quantizers_disabled",
-    "config_mismatch",
-    "read_callback_state",
-    "STATE_KEY",
-]
+__all__ = ["RepQATCallback", "load_qat_checkpoint", "DistillConfig"]

@@ -12,8 +12,6 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-__all__ = ["FLAVORS", "CALLBACK_BASES", "is_instance_of_any"]
-
 
 def _try_import(name: str) -> ModuleType | None:
     try:

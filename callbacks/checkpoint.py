@@ -26,8 +26,6 @@ from qat_rep.quant import QuantConfig, Schedule, apply_schedule, prepare
 
 from .options import STATE_KEY, read_callback_state
 
-__all__ = ["load_qat_checkpoint", "weights_only_errors"]
-
 M = TypeVar("M", bound=nn.Module)
 
 

@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DistillConfig", "logit_kd_loss", "channel_kd_loss", "Distiller", "kd_grad_scale", "find_submodule"]
-
 
 @dataclass
 class DistillConfig:

@@ -14,8 +14,6 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["defines_configure_model", "run_after_configure_model", "restore_configure_model"]
-
 
 def defines_configure_model(module: nn.Module) -> bool:
     """True when a user class in ``module``'s MRO (not Lightning's own) defines ``configure_model``."""

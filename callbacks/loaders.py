@@ -11,8 +11,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["first_loader", "isolated_rng"]
-
 
 def first_loader(loaders: Any) -> Any:
     """The first loader of what Lightning holds (one loader, a list or a dict of them); ``None`` for none."""

@@ -16,8 +16,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from qat_rep.quant.state import quantizers_disabled
 
-__all__ = ["quantizers_disabled", "SideBySideAccuracy", "is_logits_output"]
-
 
 class SideBySideAccuracy:
     """Two ``MulticlassAccuracy`` (micro) metrics, created at the first update from the number of classes."""

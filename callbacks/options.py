@@ -11,13 +11,11 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from qat_rep.export import TARGETS as ONNX_TARGETS
+from qat_rep.export.onnx_export import TARGETS as ONNX_TARGETS
 from qat_rep.quant import QuantConfig, Schedule
 
 from ._compat import is_instance_of_any
 from .distill import DistillConfig
-
-__all__ = ["RepQATOptions", "check_int", "check_fit_setup", "STATE_KEY", "read_callback_state"]
 
 #: the key of the callback's state in a Lightning checkpoint's ``"callbacks"`` dict (one per Trainer)
 STATE_KEY = "RepQATCallback"

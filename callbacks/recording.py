@@ -3,7 +3,7 @@
 :class:`RepQATCallback <qat_rep.callbacks.RepQATCallback>` never guesses a model call from a batch. It watches the
 LightningModule and every submodule that holds all of its quantized layers (a backbone called twice per step by a
 siamese module, a network built in ``configure_model``); while a batch is being recorded, each call of a watched
-module is kept as a :class:`~qat_rep.export.ModelCall` (a detached CPU copy of its positional and keyword
+module is kept as a :class:`~qat_rep.export.calls.ModelCall` (a detached CPU copy of its positional and keyword
 arguments). The fit-end export traces one of those calls and the ONNX Runtime check replays them.
 """
 
@@ -13,12 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from qat_rep.export import ModelCall
-from qat_rep.quant import quant_layers
+from qat_rep.export.calls import ModelCall
+from qat_rep.quant.insert import quant_layers
 
 from .distill import find_submodule
-
-__all__ = ["CallRecorder", "export_candidates", "is_redirected_call"]
 
 
 def is_redirected_call(module: nn.Module) -> bool:

@@ -1,6 +1,7 @@
 """``RepQATCallback``: QAT of any LightningModule, as Lightning glue over the torch-only core: surgery before any
-checkpoint restore, calibration inside the user's own first training steps (:class:`qat_rep.quant.CalibrationSession`),
-the schedule, FP32-vs-fake-quant metrics, distillation, one :func:`qat_rep.export.deploy` of a recorded real call.
+checkpoint restore, calibration inside the user's own first training steps
+(:class:`qat_rep.quant.calibrate.CalibrationSession`), the schedule, FP32-vs-fake-quant metrics, distillation, one
+:func:`qat_rep.export.deploy` of a recorded real call.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing_extensions import override
 
 from qat_rep import __version__ as _QAT_REP_VERSION
 from qat_rep.blocks import RepBlock
-from qat_rep.export import DeployReport, VerifyResult, deploy
-from qat_rep.quant import (CalibrationSession, NotCalibratedError, QuantConfig, Schedule, apply_schedule, calibrate,
-                           get_config, is_calibrated, prepare)
+from qat_rep.export import deploy
+from qat_rep.export.deploy import DeployReport
+from qat_rep.export.verify import VerifyResult
+from qat_rep.quant import NotCalibratedError, QuantConfig, Schedule, apply_schedule, calibrate, prepare
+from qat_rep.quant.calibrate import CalibrationSession, is_calibrated
 from qat_rep.quant.foreign import fuse_foreign_blocks
-from qat_rep.quant.insert import CONFIG_ATTR, is_prepared
+from qat_rep.quant.insert import CONFIG_ATTR, get_config, is_prepared
 from qat_rep.quant.state import check_incoming_state, check_same_config, config_mismatch, quantizers_disabled
 
 from ._compat import CALLBACK_BASES
@@ -35,8 +38,6 @@ from .options import STATE_KEY, RepQATOptions, check_fit_setup, read_callback_st
 from .lazy import defines_configure_model, restore_configure_model, run_after_configure_model
 from .recording import CallRecorder, export_candidates
 from .scales import SharedScales
-
-__all__ = ["RepQATCallback", "STATE_KEY", "config_mismatch", "read_callback_state"]
 
 _STATE_VERSION = 1
 

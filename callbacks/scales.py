@@ -14,12 +14,11 @@ from typing import Any, Callable
 
 from torch import nn
 
-from qat_rep.quant import share_input_scales, tie_quantizers
+from qat_rep.quant import share_input_scales
+from qat_rep.quant.shared_scales import tie_quantizers
 
 from .loaders import isolated_rng
 from .recording import is_redirected_call
-
-__all__ = ["SharedScales"]
 
 
 class _Traced(Exception):

@@ -21,8 +21,6 @@ from torch import Tensor, nn
 
 from .fuse import add_centre, avgpool_kernel, fuse_bn_module, identity_centre
 
-__all__ = ["ConvBN", "SEBlock", "RepBlock", "RepVGGBlock", "QARepVGGBlock", "QARepVGGBlockV2", "BLOCK_TYPES", "get_block_type"]
-
 
 class ConvBN(nn.Sequential):
     """Conv (no bias) followed by BatchNorm; keys ``conv.weight`` and ``bn.*`` as in the official repositories."""

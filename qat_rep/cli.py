@@ -18,8 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main", "build_parser"]
-
 
 def _console():
     from rich.console import Console
@@ -47,7 +45,8 @@ def _input_shape(meta: dict, override: Sequence[int] | None, batch: int | None =
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .export import artifact_layers, load_quantized, read_metadata
+    from .export import load_quantized
+    from .export.artifact import artifact_layers, read_metadata
 
     meta = read_metadata(args.artifact)
     model = load_quantized(args.artifact)
@@ -84,7 +83,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import export_onnx, load_quantized, read_metadata
+    from .export import export_onnx, load_quantized
+    from .export.artifact import read_metadata
 
     meta = read_metadata(args.artifact)
     model = load_quantized(args.artifact)
@@ -105,7 +105,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from .data import DataSpec, load_dataset
-    from .export import load_quantized, read_metadata, verify_onnx
+    from .export import load_quantized, verify_onnx
+    from .export.artifact import read_metadata
 
     meta = read_metadata(args.artifact)
     model = load_quantized(args.artifact)
@@ -137,7 +138,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
     from rich.table import Table
 
-    from .export import export_onnx, load_quantized, ort_latency, read_metadata
+    from .export import export_onnx, load_quantized
+    from .export.artifact import read_metadata
+    from .export.bench import ort_latency
 
     meta = read_metadata(args.artifact)
     model = load_quantized(args.artifact)
@@ -172,7 +175,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``qat-rep`` (sub-commands ``inspect``, ``export``, ``verify``, ``bench``)."""
-    from .export import TARGETS
+    from .export.onnx_export import TARGETS
 
     parser = argparse.ArgumentParser(
         prog="qat-rep", description="INT8 deploy artifacts of re-parameterized CNNs (qat-rep).",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DataSpec", "load_dataset", "make_loaders", "IMAGE_EXTENSIONS"]
+__all__ = ["DataSpec", "load_dataset", "make_loaders"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _SPLIT_SEED = 20210111  # fixed: the train/val split never changes between runs

@@ -11,19 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "bn_scale",
-    "bn_module_scale",
-    "fuse_conv_bn",
-    "fuse_bn_module",
-    "fold_bn_into_conv_",
-    "pad_1x1_to_3x3",
-    "add_centre",
-    "identity_centre",
-    "identity_kernel",
-    "avgpool_kernel",
-]
-
 
 def bn_scale(running_var: Tensor, eps: float, gamma: Tensor | None = None) -> Tensor:
     """The per-channel scale of an eval-mode BatchNorm, ``t = γ / sqrt(var + eps)`` (``γ = 1`` without affine).

@@ -16,9 +16,6 @@ from torch import Tensor, nn
 
 from .blocks import RepBlock
 
-__all__ = ["FusedBlock", "ReparamReport", "reparameterize", "EquivalenceResult", "check_equivalence",
-           "find_rep_blocks", "convert_state_dict", "load_state_dict_any_form"]
-
 
 @dataclass(frozen=True)
 class FusedBlock:
@@ -101,13 +98,14 @@ class EquivalenceResult:
         return self.ok
 
 
-def _flatten(out: Any) -> list[Tensor]:
+def flatten_outputs(out: Any) -> list[Tensor]:
+    """The tensors of a model output (a tensor, or mappings and sequences of them), in order."""
     if isinstance(out, Tensor):
         return [out]
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flatten(v)]
+        return [t for v in out.values() for t in flatten_outputs(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
+        return [t for v in out for t in flatten_outputs(v)]
     raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
 
 
@@ -122,8 +120,8 @@ def check_equivalence(reference: nn.Module, candidate: nn.Module, *inputs: Any, 
     reference.eval()
     candidate.eval()
     try:
-        ref = _flatten(reference(*inputs, **kwargs))
-        got = _flatten(candidate(*inputs, **kwargs))
+        ref = flatten_outputs(reference(*inputs, **kwargs))
+        got = flatten_outputs(candidate(*inputs, **kwargs))
     finally:
         reference.train(modes[0])
         candidate.train(modes[1])

@@ -91,7 +91,8 @@ def run_qat(args: argparse.Namespace, fp32: ImageClassifier, dm: ImageDataModule
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run the recipe; returns the results dict on the main process (None on other DDP ranks)."""
-    from qat_rep.export import deploy, export_onnx, load_quantized, ort_latency
+    from qat_rep.export import deploy, export_onnx, load_quantized
+    from qat_rep.export.bench import ort_latency
 
     args = parse_args(argv)
     out = prepare_run(args)

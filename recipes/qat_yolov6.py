@@ -44,7 +44,8 @@ from qat_rep.detection.boxes import NMSConfig, decode_outputs, postprocess  # no
 from qat_rep.detection.data import DetectionSpec, make_detection_loaders  # noqa: E402
 from qat_rep.detection.loss import DetectionLoss  # noqa: E402
 from qat_rep.detection.metrics import coco_map  # noqa: E402
-from qat_rep.export import export_onnx, quantized_node_names  # noqa: E402
+from qat_rep.export import export_onnx  # noqa: E402
+from qat_rep.export.onnx_export import quantized_node_names  # noqa: E402
 from qat_rep.models import create_model  # noqa: E402
 from qat_rep.quant import QuantConfig, calibrate, prepare, share_input_scales  # noqa: E402
 

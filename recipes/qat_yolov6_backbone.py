@@ -218,7 +218,7 @@ def load_yolov6_keyed(module: SegModule, path: Path) -> list[str]:
     """Load a YOLOv6-keyed state dict (``backbone.*`` [+ ``head.*``], train or fused form; a ``model.`` or ``net.``
     prefix is stripped). The backbone must match exactly; returns the head keys that were missing (left random)."""
     from qat_rep import load_state_dict_any_form
-    from qat_rep.callbacks import weights_only_errors
+    from qat_rep.callbacks.checkpoint import weights_only_errors
 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         ver = verify_onnx(onnx_int8, module.net.eval(), val)
         ort_miou = mean_iou(ort_runner(onnx_int8), val)
         ort_fp32_miou = mean_iou(ort_runner(onnx_fp32), val)
-        from qat_rep.export import ort_latency
+        from qat_rep.export.bench import ort_latency
 
         lat = {r.label: r.median_ms for r in ort_latency({"fp32": onnx_fp32, "int8": onnx_int8},
                                                           (3, CANVAS, CANVAS), batch_sizes=(1,), threads=2)}

@@ -499,7 +499,7 @@ def load_classifier(path: str | os.PathLike, **module_kwargs: Any) -> ImageClass
     ``ImageClassifier(**module_kwargs)``.
     """
     from qat_rep import load_state_dict_any_form
-    from qat_rep.callbacks import weights_only_errors
+    from qat_rep.callbacks.checkpoint import weights_only_errors
 
     path = Path(path)
     if not path.is_file():

@@ -11,15 +11,42 @@ Helper functions (``randomize_bn``, ``tiny_rep_net``, ``calib_batches``, ``Pickl
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # helpers, reference_impl
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))  # the LightningModules of the callback tests
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))  # helpers, reference_impl
+sys.path.insert(0, str(TESTS / "scripts"))  # the LightningModules of the callback tests
+sys.path.insert(0, str(ROOT / "recipes"))  # recipe_common, recipe_ptq and the recipes, as a recipe script sees them
+sys.path.insert(0, str(ROOT / "benchmarks"))  # common and the benchmarks, likewise
+
+
+def _callbacks_from_this_checkout() -> None:
+    """``qat_rep.callbacks`` from this checkout even when another checkout is the installed one (``tests/devpath``):
+    here through a finder, in the interpreters tests start through ``PYTHONPATH``. A no-op where this checkout is
+    the installed one."""
+    import qat_rep
+
+    spec = importlib.util.find_spec("qat_rep.callbacks")
+    if Path(qat_rep.__file__).resolve().parent != ROOT / "qat_rep" or (
+        spec is not None and Path(spec.origin).resolve() == ROOT / "callbacks" / "__init__.py"
+    ):
+        return
+    devpath = TESTS / "devpath"
+    loader_spec = importlib.util.spec_from_file_location("qat_rep_devpath", devpath / "sitecustomize.py")
+    module = importlib.util.module_from_spec(loader_spec)
+    loader_spec.loader.exec_module(module)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(devpath), os.environ.get("PYTHONPATH")) if p)
+
+
+_callbacks_from_this_checkout()
 
 NO_CUDA = "no CUDA device: the GPU path runs with `python -m pytest -q -m cuda` on a machine with one"
 

@@ -22,18 +22,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import qat_rep
-from qat_rep.export import (
-    ARTIFACT_FILES,
-    META_FILE,
-    WEIGHTS_FILE,
-    ArtifactWriteError,
-    canonical_json,
-    export_onnx,
-    load_quantized,
-    save_quantized,
-)
-from qat_rep.export import atomic
-from qat_rep.quant import DegenerateCalibrationError, QuantConfig, calibrate, prepare
+from qat_rep.export import atomic, export_onnx, load_quantized, save_quantized
+from qat_rep.export.artifact import ARTIFACT_FILES, META_FILE, WEIGHTS_FILE, canonical_json
+from qat_rep.export.atomic import ArtifactWriteError
+from qat_rep.quant import QuantConfig, calibrate, prepare
+from qat_rep.quant.calibrate import DegenerateCalibrationError
 
 pytestmark = pytest.mark.slow  # every test saves or loads a full model's artifact
 

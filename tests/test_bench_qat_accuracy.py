@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from qat_rep import create_model
-from qat_rep.quant import RepQuant
+from qat_rep.quant.rep_qat import RepQuant
 from qat_rep.quant.backend import QuantConv2d
 
 ROOT = Path(__file__).resolve().parents[1]

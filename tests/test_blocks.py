@@ -8,8 +8,8 @@ from helpers import randomize_bn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qat_rep import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock, check_equivalence
-from qat_rep.blocks import get_block_type
+from qat_rep import check_equivalence
+from qat_rep.blocks import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock, get_block_type
 
 BLOCKS = [RepVGGBlock, QARepVGGBlock, QARepVGGBlockV2]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qat_rep.callbacks import DistillConfig, RepQATCallback, config_mismatch, read_callback_state
+from qat_rep.callbacks import DistillConfig, RepQATCallback
+from qat_rep.callbacks.rep_qat import config_mismatch, read_callback_state
 from qat_rep.quant import QuantConfig, Schedule
 
 

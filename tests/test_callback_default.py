@@ -108,7 +108,9 @@ def test_siamese_module_calls_its_backbone_twice(tmp_path):
 
 @pytest.mark.slow  # 3 epochs of a 17-conv network at 32x32
 def test_resnet18_style_network_without_rep_blocks(tmp_path):
-    from qat_rep.export import ModelCall, export_onnx, shared_scale_violations
+    from qat_rep.export import export_onnx
+    from qat_rep.export.calls import ModelCall
+    from qat_rep.export.onnx_export import shared_scale_violations
 
     # 3 epochs: after 2 the 17-conv network still has near-tied logits (one of 64 flipped at 0.88 output steps,
     # measured); after 3 it is at 69 % validation accuracy and every top-1 agrees

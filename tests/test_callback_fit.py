@@ -17,8 +17,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 
 import qat_lit_modules as M  # noqa: E402
 from qat_rep.blocks import RepBlock  # noqa: E402
-from qat_rep.callbacks import DistillConfig, RepQATCallback, logit_kd_loss  # noqa: E402
-from qat_rep.quant import NotCalibratedError, QuantConfig, RepQuant, is_calibrated, quantizers  # noqa: E402
+from qat_rep.callbacks import DistillConfig, RepQATCallback  # noqa: E402
+from qat_rep.callbacks.distill import logit_kd_loss  # noqa: E402
+from qat_rep.quant import NotCalibratedError, QuantConfig  # noqa: E402
+from qat_rep.quant.rep_qat import RepQuant  # noqa: E402
+from qat_rep.quant.calibrate import is_calibrated  # noqa: E402
+from qat_rep.quant.insert import quantizers  # noqa: E402
 from qat_rep.quant.backend import QuantConv2d, QuantLinear  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
@@ -77,7 +81,7 @@ def test_fp32_accuracy_is_the_unquantized_model_and_differs_from_fake_quant():
     module.eval()
     x = torch.cat([b[0] for b in val])
     y = torch.cat([b[1] for b in val])
-    from qat_rep.callbacks import quantizers_disabled
+    from qat_rep.callbacks.metrics import quantizers_disabled
 
     with torch.no_grad():
         fq = (module(x).argmax(1) == y).float().mean().item()
@@ -197,7 +201,7 @@ def test_kd_gradient_hook_equals_gradient_of_the_summed_loss():
     with torch.no_grad():
         t_feat = teacher.blocks[1](teacher.blocks[0](teacher.stem(x)))
         t_out = teacher(x)
-    from qat_rep.callbacks import channel_kd_loss
+    from qat_rep.callbacks.distill import channel_kd_loss
 
     loss = F.cross_entropy(out, y) + 0.7 * logit_kd_loss(out, t_out, 3.0) + 2.0 * channel_kd_loss(feats["s"], t_feat)
     loss.backward()
@@ -275,7 +279,8 @@ def test_fit_end_exports_a_deploy_artifact(tmp_path):
 def test_fit_end_saves_models_without_spec_in_the_one_artifact_format(tmp_path):
     from safetensors.torch import load_file
 
-    from qat_rep.export import load_quantized, read_metadata
+    from qat_rep.export import load_quantized
+    from qat_rep.export.artifact import read_metadata
 
     train, _ = M.loaders(n_train=16)
     module = M.ClassifierPL()  # TinyRepNet: qat_rep cannot rebuild it by name
@@ -300,8 +305,10 @@ def test_fit_end_writes_a_verified_qdq_onnx_file(tmp_path, layout):
     import onnx
     from pytorch_lightning.loggers import CSVLogger
 
-    from qat_rep.export import quantized_node_names, read_metadata, verify_onnx
-    from qat_rep.quant import quant_layers
+    from qat_rep.export import verify_onnx
+    from qat_rep.export.artifact import read_metadata
+    from qat_rep.export.onnx_export import quantized_node_names
+    from qat_rep.quant.insert import quant_layers
 
     torch.manual_seed(0)
     train, val = M.loaders(n_train=16, n_val=32)
@@ -488,7 +495,7 @@ def test_feature_kd_on_a_module_that_does_not_run_is_an_error():
 
 
 def test_channel_kd_needs_feature_maps():
-    from qat_rep.callbacks import channel_kd_loss
+    from qat_rep.callbacks.distill import channel_kd_loss
 
     with pytest.raises(ValueError, match=r"needs \[N, C, ...\] feature maps, got shape \(2, 3\)"):
         channel_kd_loss(torch.randn(2, 3), torch.randn(2, 3))

@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 
 import qat_lit_modules as M  # noqa: E402
 from qat_rep.callbacks import RepQATCallback, load_qat_checkpoint  # noqa: E402
-from qat_rep.quant import PhaseRule, QuantConfig, Schedule  # noqa: E402
+from qat_rep.quant import QuantConfig, Schedule  # noqa: E402
+from qat_rep.quant.schedule import PhaseRule  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
               pytest.mark.slow,  # multi-epoch fits and a fresh process

@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from qat_rep.cli import build_parser, main
-from qat_rep.export import META_FILE, save_quantized
+from qat_rep.export import save_quantized
+from qat_rep.export.artifact import META_FILE
 from test_export_onnx import SIZE, converted_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def _copy(artifact: Path, tmp_path: Path) -> Path:
 def _forge(directory: Path, edit) -> None:
     import hashlib
 
-    from qat_rep.export import canonical_json
+    from qat_rep.export.artifact import canonical_json
 
     meta = json.loads((directory / META_FILE).read_text())
     edit(meta)

@@ -19,7 +19,9 @@ from helpers import calib_batches, randomize_bn, tiny_rep_net
 from qat_rep import create_model
 from qat_rep.export import export_onnx, load_quantized, save_quantized, verify_onnx
 from qat_rep.ptq import CFWSConfig, MinMaxConfig, PTQMethodConfig, quantize_ptq
-from qat_rep.quant import QuantConfig, backend, calibrate, convert, is_calibrated, prepare, quantizers
+from qat_rep.quant import QuantConfig, backend, calibrate, convert, prepare
+from qat_rep.quant.calibrate import is_calibrated
+from qat_rep.quant.insert import quantizers
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow,  # CPU-vs-GPU runs of whole models: not the inner loop
               pytest.mark.usefixtures("one_thread")]

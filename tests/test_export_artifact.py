@@ -15,17 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qat_rep
-from qat_rep.export import (
-    FORMAT_VERSION,
-    META_FILE,
-    WEIGHTS_FILE,
-    ArtifactWriteError,
-    canonical_json,
-    artifact_layers,
-    load_quantized,
-    read_metadata,
-    save_quantized,
-)
+from qat_rep.export import load_quantized, save_quantized
+from qat_rep.blocks import QARepVGGBlock
+from qat_rep.export.artifact import (FORMAT_VERSION, META_FILE, WEIGHTS_FILE, artifact_layers, canonical_json,
+                                     read_metadata)
+from qat_rep.export.atomic import ArtifactWriteError
 from qat_rep.quant import QuantConfig, calibrate, prepare
 from test_export_onnx import SIZE, converted_copy, qat_digits
 
@@ -223,7 +217,7 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="input_shape must be 4 positive integers"):
         save_quantized(model, tmp_path / "a", input_shape=(3, SIZE, SIZE))
     spec = model.qat_rep_spec
-    model.qat_rep_spec = dict(spec, block=qat_rep.QARepVGGBlock)
+    model.qat_rep_spec = dict(spec, block=QARepVGGBlock)
     with pytest.raises(ValueError, match="JSON-safe"):
         save_quantized(model, tmp_path / "a")
     del model.qat_rep_spec

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from qat_rep.export import ModelCall, deploy, load_quantized, read_metadata
+from qat_rep.export import deploy, load_quantized
+from qat_rep.export.artifact import read_metadata
+from qat_rep.export.calls import ModelCall
 from qat_rep.quant import QuantConfig, calibrate, prepare
 
 

@@ -21,17 +21,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qat_rep
 from qat_rep.data import DataSpec, load_dataset
-from qat_rep.export import (
-    ArtifactWriteError,
-    export_onnx,
-    ort_latency,
-    ort_op_counts,
-    quantized_node_names,
-    shared_scale_violations,
-    verify_onnx,
-)
+from qat_rep.reparam import find_rep_blocks
+from qat_rep.export import export_onnx, verify_onnx
+from qat_rep.export.atomic import ArtifactWriteError
+from qat_rep.export.bench import ort_latency, ort_op_counts
+from qat_rep.export.onnx_export import quantized_node_names, shared_scale_violations
 from qat_rep.export.verify import ort_session
-from qat_rep.quant import QuantConfig, calibrate, convert, prepare, quant_layers
+from qat_rep.quant import QuantConfig, calibrate, convert, prepare
+from qat_rep.quant.insert import quant_layers
 from qat_rep.quant.backend import TensorQuantizer
 
 SIZE = 8
@@ -248,7 +245,7 @@ def test_fp32_export_matches_fused_float_model(tmp_path):
     out = ort_session(rep.path).run(None, {"input": x.numpy()})[0]  # dynamic batch: 4 rows through a 1-row export
     ref = model(x).detach().numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
-    assert not any(b.fused for _, b in qat_rep.find_rep_blocks(model))  # the caller's model is untouched
+    assert not any(b.fused for _, b in find_rep_blocks(model))  # the caller's model is untouched
     # The FP32 export of a quantized model disables its quantizers in a copy.
     rep = export_onnx(converted_copy(), tmp_path / "fp32q.onnx", example(), quantized=False)
     assert "QuantizeLinear" not in Counter(n.op_type for n in onnx.load(str(rep.path)).graph.node)

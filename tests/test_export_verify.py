@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from qat_rep.export import VerifyResult, verify_onnx
+from qat_rep.export import verify_onnx
+from qat_rep.export.verify import VerifyResult
 
 
 def _net(zero: bool = False) -> nn.Module:

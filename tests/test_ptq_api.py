@@ -11,8 +11,10 @@ from torch import nn
 
 from helpers import calib_batches as data, tiny_rep_net as tiny
 from qat_rep.blocks import QARepVGGBlock, RepVGGBlock
-from qat_rep.ptq import CFWSConv2d, quantize_ptq, sensitivity_report
-from qat_rep.quant import DegenerateCalibrationError, QuantConfig, backend
+from qat_rep.ptq import quantize_ptq, sensitivity_report
+from qat_rep.ptq.cfws import CFWSConv2d
+from qat_rep.quant import QuantConfig, backend
+from qat_rep.quant.calibrate import DegenerateCalibrationError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,7 +176,7 @@ def _sims_with_choices(model: nn.Module, batches: list, a_bits: int, fraction: f
     """``model`` in its PTQ working form with every layer's threshold at ``fraction`` of its input maximum, as if
     each layer's own check had chosen it; returns (quantized model, sims, float model, choices)."""
     from qat_rep import reparameterize
-    from qat_rep.ptq import collect_input_histograms
+    from qat_rep.ptq.kl import collect_input_histograms
     from qat_rep.ptq.act_guard import ActChoice
     from qat_rep.ptq.layers import install_sim
     from qat_rep.quant.calibrate import default_forward

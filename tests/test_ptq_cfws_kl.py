@@ -13,8 +13,8 @@ from torch import nn
 
 from helpers import BNRanges, randomize_bn
 from qat_rep.blocks import RepVGGBlock
-from qat_rep.ptq import (CFWSConv2d, Histogram, amax_from_histogram, cfws_split, histogram_quant_mse,
-                         improved_kl_amax)
+from qat_rep.ptq.cfws import CFWSConv2d, cfws_split
+from qat_rep.ptq.kl import Histogram, amax_from_histogram, histogram_quant_mse, improved_kl_amax
 from qat_rep.ptq.qmath import fake_quant, qbound
 from qat_rep.quant import backend
 

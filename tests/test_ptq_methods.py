@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from helpers import calib_batches, tiny_rep_net
-from qat_rep.ptq import (METHODS, AdaRoundConfig, BRECQConfig, CFWSConfig, EntropyConfig, MinMaxConfig, MRECGConfig,
-                         MSEConfig, PercentileConfig, PTQContext, PTQMethodConfig, ReconConfig, quantize_ptq,
-                         register_ptq_method)
+from qat_rep.ptq import (AdaRoundConfig, BRECQConfig, CFWSConfig, EntropyConfig, MinMaxConfig, MRECGConfig, MSEConfig,
+                         PercentileConfig, PTQMethodConfig, quantize_ptq, register_ptq_method)
+from qat_rep.ptq.api import METHODS, PTQContext
+from qat_rep.ptq.reconstruct import ReconConfig
 from qat_rep.quant import QuantConfig, backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,8 @@ from torch import nn
 
 from helpers import BNRanges, calib_batches, tiny_rep_net
 from qat_rep.blocks import QARepVGGBlock
-from qat_rep.ptq import ReconConfig, Unit, block_units, mixed_units, quantize_ptq
+from qat_rep.ptq import quantize_ptq
+from qat_rep.ptq.reconstruct import ReconConfig, Unit, block_units, mixed_units
 from qat_rep.quant import QuantConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

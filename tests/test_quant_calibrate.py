@@ -7,18 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from qat_rep import QARepVGGBlock, create_model
-from qat_rep.quant import (
-    DegenerateCalibrationError,
-    NotCalibratedError,
-    QuantConfig,
-    calibrate,
-    check_calibrated,
-    histogram_mse_amax,
-    is_calibrated,
-    prepare,
-    quantizers,
-)
+from qat_rep import create_model
+from qat_rep.blocks import QARepVGGBlock
+from qat_rep.quant import NotCalibratedError, QuantConfig, calibrate, prepare
+from qat_rep.quant.calibrate import DegenerateCalibrationError, check_calibrated, histogram_mse_amax, is_calibrated
+from qat_rep.quant.insert import quantizers
 from qat_rep.quant.backend import (  # pytorch-quantization's own functions: the references under test
     HistogramCalibrator,
     MaxCalibrator,

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from qat_rep import QARepVGGBlock, create_model
+from qat_rep import create_model
+from qat_rep.blocks import QARepVGGBlock
 from qat_rep.quant import QuantConfig, calibrate, prepare
 
 pytestmark = [pytest.mark.slow,

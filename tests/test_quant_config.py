@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from qat_rep import create_model
-from qat_rep.quant import NotCalibratedError, QuantConfig, convert, get_config, onnx_export_mode, prepare
+from qat_rep.quant import NotCalibratedError, QuantConfig, convert, prepare
+from qat_rep.quant.insert import get_config
+from qat_rep.quant.backend import onnx_export_mode
 from qat_rep.quant.backend import (
     PQTensorQuantizer,
     QuantConv2d,

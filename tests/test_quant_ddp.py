@@ -11,8 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from qat_rep import QARepVGGBlock
-from qat_rep.quant import QuantConfig, calibrate, prepare, quantizers
+from qat_rep.blocks import QARepVGGBlock
+from qat_rep.quant import QuantConfig, calibrate, prepare
+from qat_rep.quant.insert import quantizers
 
 METHODS = ("max", "percentile")
 

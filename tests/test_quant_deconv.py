@@ -12,9 +12,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from qat_rep.export import export_onnx, quantized_node_names, shared_scale_violations, verify_onnx
-from qat_rep.quant import (DegenerateCalibrationError, QuantConfig, calibrate, check_calibrated, convert, prepare,
-                           quant_layers)
+from qat_rep.export import export_onnx, verify_onnx
+from qat_rep.export.onnx_export import quantized_node_names, shared_scale_violations
+from qat_rep.quant import QuantConfig, calibrate, convert, prepare
+from qat_rep.quant.calibrate import DegenerateCalibrationError, check_calibrated
+from qat_rep.quant.insert import quant_layers
 from qat_rep.quant.backend import QuantConvTranspose2d
 
 

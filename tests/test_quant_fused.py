@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import randomize_bn
 from torch import nn
 
-from qat_rep import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock
+from qat_rep.blocks import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock
 from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")

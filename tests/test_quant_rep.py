@@ -11,8 +11,11 @@ import torch.nn.functional as F
 from helpers import randomize_bn
 from torch import nn
 
-from qat_rep import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock, create_model
-from qat_rep.quant import QuantConfig, RepQuant, calibrate, convert, prepare, quant_layers
+from qat_rep import create_model
+from qat_rep.blocks import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock
+from qat_rep.quant import QuantConfig, calibrate, convert, prepare
+from qat_rep.quant.rep_qat import RepQuant
+from qat_rep.quant.insert import quant_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

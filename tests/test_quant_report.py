@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from qat_rep import QARepVGGBlock
+from qat_rep.blocks import QARepVGGBlock
 from qat_rep.quant import NotCalibratedError, QuantConfig, calibrate, convert, layer_report, prepare
 
 

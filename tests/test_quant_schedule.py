@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qat_rep import create_model
-from qat_rep.quant import PhaseRule, QuantConfig, Schedule, apply_schedule, prepare, rep_stages
+from qat_rep.quant import QuantConfig, Schedule, apply_schedule, prepare
+from qat_rep.quant.schedule import PhaseRule, rep_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

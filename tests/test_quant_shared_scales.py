@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_rep import create_model
-from qat_rep.quant import QuantConfig, calibrate, prepare, quantizers, share_input_scales, tie_quantizers
+from qat_rep.quant import QuantConfig, calibrate, prepare, share_input_scales
+from qat_rep.quant.insert import quantizers
+from qat_rep.quant.shared_scales import tie_quantizers
 
 
 class _Residual(nn.Module):

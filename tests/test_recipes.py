@@ -50,8 +50,10 @@ def qat_b0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_qat_b0_fast_artifacts_load_and_match_the_report(qat_b0_run: Path) -> None:
     from qat_rep.callbacks import load_qat_checkpoint
-    from qat_rep.export import load_quantized, read_metadata, verify_onnx
-    from qat_rep.quant import is_calibrated, quant_layers
+    from qat_rep.export import load_quantized, verify_onnx
+    from qat_rep.export.artifact import read_metadata
+    from qat_rep.quant.calibrate import is_calibrated
+    from qat_rep.quant.insert import quant_layers
 
     out = qat_b0_run
     results = json.loads((out / "results.json").read_text())
@@ -114,7 +116,8 @@ def test_qat_b0_ddp_two_processes_writes_the_same_artifacts(qat_b0_run: Path, tm
 def test_qat_b0_onnxruntime_target_is_integer_from_conv_to_conv(tmp_path: Path) -> None:
     import onnx
 
-    from qat_rep.export import load_quantized, ort_op_counts, verify_onnx
+    from qat_rep.export import load_quantized, verify_onnx
+    from qat_rep.export.bench import ort_op_counts
 
     out = tmp_path / "ort"
     run_recipe("qat_b0.py", "--fast", "--deploy-target", "onnxruntime", "--out", str(out))

@@ -14,9 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["make_anchors", "dist2bbox", "bbox2dist", "split_outputs", "decode_outputs", "box_iou", "box_giou", "pairwise_iou",
-           "batched_nms", "NMSConfig", "postprocess"]
-
 
 def make_anchors(shapes: Sequence[tuple[int, int]], strides: Sequence[int], offset: float = 0.5,
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:

@@ -27,9 +27,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import IMAGE_EXTENSIONS
 
-__all__ = ["DetectionSpec", "DetectionDataset", "load_detection", "make_detection_loaders", "collate_detection",
-           "glyph_split"]
-
 _GLYPH_SPLIT_SEED = 20240615
 _CANVAS_SEEDS = {"train": 1101, "val": 2202}
 

@@ -23,8 +23,6 @@ from torch import Tensor
 
 from .boxes import box_giou, dist2bbox, make_anchors, pairwise_iou, split_outputs
 
-__all__ = ["TaskAlignedAssigner", "DetectionLossConfig", "DetectionLoss", "varifocal_loss"]
-
 
 @dataclass(frozen=True)
 class TaskAlignedAssigner:

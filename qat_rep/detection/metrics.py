@@ -15,8 +15,6 @@ from typing import Sequence
 import numpy as np
 from torch import Tensor
 
-__all__ = ["coco_map"]
-
 
 def _xywh(boxes: Tensor) -> np.ndarray:
     b = boxes.detach().cpu().double().numpy().reshape(-1, 4)

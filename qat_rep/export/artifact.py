@@ -17,10 +17,10 @@ width, the granularity, ``num_classes``) or a modified weights file is refused, 
 It then rebuilds the structure from the JSON alone — ``create_model`` → ``prepare`` → ``convert`` on PyTorch's
 ``meta`` device, so a description of an absurd model allocates nothing — compares every tensor's name, shape and
 dtype with the file, loads the tensors with :func:`safetensors.torch.load` (a JSON header and raw buffers; nothing is
-unpickled), checks every stored ``amax`` (:func:`qat_rep.quant.check_calibrated`) and each layer's bits against the
-config. Every refusal is a ``ValueError`` naming the file and the fix. :func:`save_quantized` writes into a temporary
-directory that replaces the target in one atomic exchange, and replaces only an artifact this project wrote that
-holds nothing but :data:`ARTIFACT_FILES` (see :mod:`.atomic`).
+unpickled), checks every stored ``amax`` (:func:`qat_rep.quant.calibrate.check_calibrated`) and each layer's bits
+against the config. Every refusal is a ``ValueError`` naming the file and the fix. :func:`save_quantized` writes into
+a temporary directory that replaces the target in one atomic exchange, and replaces only an artifact this project
+wrote that holds nothing but :data:`ARTIFACT_FILES` (see :mod:`.atomic`).
 """
 
 from __future__ import annotations
@@ -39,20 +39,6 @@ import torch
 from torch import nn
 
 from .atomic import atomic_directory
-
-__all__ = [
-    "ARTIFACT_FILES",
-    "canonical_json",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "WEIGHTS_FILE",
-    "META_FILE",
-    "LayerInfo",
-    "save_quantized",
-    "load_quantized",
-    "read_metadata",
-    "artifact_layers",
-]
 
 FORMAT_NAME = "qat-rep-int8"
 FORMAT_VERSION = 2  # 2: artifact_sha256 covers the whole description; layer_bits
@@ -122,7 +108,8 @@ def _class_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def _quant_api():
-    from ..quant import convert, get_config, quant_layers  # noqa: F401
+    from ..quant import convert  # noqa: F401
+    from ..quant.insert import get_config, quant_layers  # noqa: F401
 
     return convert, get_config, quant_layers
 
@@ -142,8 +129,8 @@ def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequenc
     recorded for tools that export or benchmark the artifact later. An existing ``directory`` is replaced only if
     it is empty or an artifact written by qat-rep that holds nothing but :data:`ARTIFACT_FILES`; otherwise
     :class:`~.atomic.ArtifactWriteError` names the foreign files and nothing is touched. Raises
-    :class:`~qat_rep.quant.DegenerateCalibrationError` for an amax that would quantize a layer to zero. Returns the
-    directory.
+    :class:`~qat_rep.quant.calibrate.DegenerateCalibrationError` for an amax that would quantize a layer to zero.
+    Returns the directory.
 
     ``allow_unregistered=True`` also saves a model without ``qat_rep_spec`` (any user network): same two files,
     with ``"model": {"name": null, "class": ...}``; :func:`load_quantized` cannot rebuild it and says how to load
@@ -151,8 +138,8 @@ def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequenc
     """
     from safetensors.torch import save as st_save
 
-    from ..quant import check_calibrated
-    from .onnx_export import _uncalibrated
+    from ..quant.calibrate import check_calibrated
+    from .onnx_export import uncalibrated_quantizers
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -163,7 +150,7 @@ def save_quantized(model: nn.Module, directory: str | Path, input_shape: Sequenc
         raise ValueError("model has no quantized layers: run qat_rep.quant.prepare(model, config) and "
                          "qat_rep.quant.calibrate(model, batches) before save_quantized")
     config = get_config(model)
-    missing = _uncalibrated(model)
+    missing = uncalibrated_quantizers(model)
     if missing:
         raise ValueError(
             f"cannot save before calibration: {len(missing)} quantizer(s) have no amax (e.g. {missing[0]}); run "
@@ -359,7 +346,7 @@ def load_quantized(directory: str | Path) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
-    from ..quant import DegenerateCalibrationError, check_calibrated
+    from ..quant.calibrate import DegenerateCalibrationError, check_calibrated
 
     directory = Path(directory)
     meta = read_metadata(directory)

@@ -29,8 +29,6 @@ try:
 except ImportError:  # pragma: no cover - Windows: stale temporaries are recognised by age instead
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ArtifactWriteError", "atomic_file", "atomic_directory", "write_bytes_atomic", "write_text_atomic"]
-
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
 _TEMP_RE = re.compile(r"^\.(?P<base>.+)\.[A-Za-z0-9_]{8}\.(tmp|old)$")  # tempfile's 8 random characters

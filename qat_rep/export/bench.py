@@ -19,8 +19,6 @@ import numpy as np
 
 from .verify import ort_session
 
-__all__ = ["LatencyResult", "ort_latency", "ort_op_counts"]
-
 
 @dataclass(frozen=True)
 class LatencyResult:

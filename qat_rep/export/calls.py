@@ -17,8 +17,6 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelCall"]
-
 
 def _flatten(value: Any, name: str) -> Iterator[tuple[str, Tensor]]:
     if isinstance(value, Tensor):

@@ -26,14 +26,12 @@ from typing import Any, Iterable
 
 from torch import Tensor, nn
 
-from ..quant import get_config
+from ..quant.insert import get_config
 from .artifact import META_FILE, WEIGHTS_FILE, save_quantized
 from .atomic import write_text_atomic
 from .calls import ModelCall
 from .onnx_export import TARGETS, export_onnx
 from .verify import VerifyResult, verify_onnx
-
-__all__ = ["deploy", "DeployReport", "ONNX_FILE", "VERIFY_FILE", "MIN_AGREEMENT"]
 
 #: the QDQ ONNX file and its ONNX Runtime check, beside the deploy checkpoint
 ONNX_FILE = "model_int8.onnx"

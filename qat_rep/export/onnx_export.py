@@ -47,14 +47,6 @@ from torch import Tensor, nn
 from .atomic import atomic_file
 from .calls import ModelCall
 
-__all__ = [
-    "ExportReport",
-    "export_onnx",
-    "quantized_node_names",
-    "shared_scale_violations",
-    "TARGETS",
-]
-
 log = logging.getLogger(__name__)
 
 TARGETS = ("onnxruntime", "tensorrt")
@@ -101,7 +93,8 @@ def _first_conv_in_channels(model: nn.Module) -> int | None:
     return None
 
 
-def _uncalibrated(model: nn.Module) -> list[str]:
+def uncalibrated_quantizers(model: nn.Module) -> list[str]:
+    """Names of the active, static quantizers of ``model`` that were never calibrated."""
     tq = _tensor_quantizer_cls()
     bad = []
     for name, m in model.named_modules():
@@ -512,14 +505,14 @@ def export_onnx(
                 "model has no quantized layers: run qat_rep.quant.prepare(model, config) and "
                 "qat_rep.quant.calibrate(model, batches) first, or pass quantized=False for an FP32 export"
             )
-        missing = _uncalibrated(model)
+        missing = uncalibrated_quantizers(model)
         if missing:
             shown = ", ".join(missing[:4]) + (" …" if len(missing) > 4 else "")
             raise ValueError(
                 f"cannot export before calibration: {len(missing)} quantizer(s) have no amax ({shown}); run "
                 "qat_rep.quant.calibrate(model, batches) (or load a calibrated checkpoint) first"
             )
-        from ..quant import check_calibrated
+        from ..quant.calibrate import check_calibrated
 
         check_calibrated(model)  # an amax of 0 would write QuantizeLinear scale 0: ORT then outputs zeros
         narrow = _not_8bit(model)

@@ -28,9 +28,6 @@ from torch import Tensor, nn
 
 from .calls import ModelCall
 
-__all__ = ["VerifyResult", "verify_onnx", "ort_session", "PRECISE_INT8_KEY", "DEFAULT_MIN_AGREEMENT",
-           "DEFAULT_MAX_STEPS"]
-
 #: top-1 agreement below this fails the check (one sample in 200)
 DEFAULT_MIN_AGREEMENT = 0.995
 #: a max logit difference above this many output quantization steps fails the check (ORT's requantization

@@ -18,9 +18,6 @@ from torch import Tensor, nn
 from ..blocks import RepBlock, get_block_type
 from .registry import register_model
 
-__all__ = ["ConvModule", "ConvBNReLU", "ConvBlock", "RepBlockStack", "SimSPPF", "SimCSPSPPF", "EfficientRep",
-           "scale_channels", "scale_repeats", "efficientrep_channels"]
-
 _BASE_CHANNELS = (64, 128, 256, 512, 1024)
 _BASE_REPEATS = (1, 6, 12, 18, 6)
 _SIZES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.60, 0.75)}

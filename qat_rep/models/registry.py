@@ -7,8 +7,6 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_entrypoint"]
-
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 

@@ -10,8 +10,6 @@ from torch import Tensor, nn
 from ..blocks import RepBlock, get_block_type
 from .registry import register_model
 
-__all__ = ["RepVGGCfg", "RepVGG", "MODEL_CFGS"]
-
 # Layers 2, 4, …, 26 counted over the whole net (stage0 is layer 0) take the group conv in the g2/g4 variants.
 _GROUPWISE_LAYERS = tuple(range(2, 27, 2))
 

@@ -28,8 +28,6 @@ from ..detection.boxes import decode_outputs
 from .efficientrep import ConvBlock, EfficientRep, RepBlockStack, scale_channels, scale_repeats
 from .registry import register_model
 
-__all__ = ["Transpose", "BiFusion", "RepBiFPANNeck", "EffiDeHead", "YOLOv6", "YOLOv6Cfg", "MODEL_CFGS"]
-
 _BACKBONE_CHANNELS = (64, 128, 256, 512, 1024)
 _BACKBONE_REPEATS = (1, 6, 12, 18, 6)
 _NECK_CHANNELS = (256, 128, 128, 256, 256, 512)

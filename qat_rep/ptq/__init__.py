@@ -16,20 +16,12 @@ Each method is a frozen config dataclass (``MinMaxConfig``, ``PercentileConfig``
 :func:`register_ptq_method` (see :mod:`qat_rep.ptq.methods`).
 """
 
-from .api import METHODS, PTQContext, PTQReport, quantize_ptq, sensitivity_report
-from .cfws import CFWSConv2d, CFWSSplit, cfws_split
+from .api import quantize_ptq, sensitivity_report
 from .methods import (AdaRoundConfig, BRECQConfig, CFWSConfig, EntropyConfig, MinMaxConfig, MRECGConfig, MSEConfig,
                       PercentileConfig, PTQMethodConfig, register_ptq_method)
-from .kl import (HIST_METHODS, Histogram, amax_from_histogram, collect_input_histograms, histogram_quant_mse,
-                 improved_kl_amax)
-from .reconstruct import ReconConfig, Unit, UnitResult, block_units, layer_units, mixed_units, module_capacity
-from .sensitivity import LayerSensitivity, layer_sensitivity
 
 __all__ = [
-    "METHODS",
     "quantize_ptq",
-    "PTQReport",
-    "PTQMethodConfig",
     "MinMaxConfig",
     "PercentileConfig",
     "EntropyConfig",
@@ -38,25 +30,7 @@ __all__ = [
     "AdaRoundConfig",
     "BRECQConfig",
     "MRECGConfig",
+    "PTQMethodConfig",
     "register_ptq_method",
-    "PTQContext",
     "sensitivity_report",
-    "LayerSensitivity",
-    "layer_sensitivity",
-    "CFWSConv2d",
-    "CFWSSplit",
-    "cfws_split",
-    "Histogram",
-    "HIST_METHODS",
-    "improved_kl_amax",
-    "amax_from_histogram",
-    "histogram_quant_mse",
-    "collect_input_histograms",
-    "ReconConfig",
-    "Unit",
-    "UnitResult",
-    "layer_units",
-    "block_units",
-    "mixed_units",
-    "module_capacity",
 ]

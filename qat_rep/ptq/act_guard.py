@@ -32,8 +32,6 @@ from torch import Tensor, nn
 
 from .layers import SimQuantLayer
 
-__all__ = ["ActChoice", "NetworkChoice", "choose_act_amax", "check_network"]
-
 
 @dataclass(frozen=True)
 class ActChoice:

@@ -39,10 +39,8 @@ from .kl import amax_from_histogram, collect_input_histograms
 from .layers import SimQuantLayer, finalize, install_sim, sim_layers
 from .methods import BUILTIN_METHODS, MinMaxConfig, PTQMethodConfig, method_config, ptq_handler
 from .qmath import mse_weight_amax
-from .reconstruct import UnitResult, _connected
+from .reconstruct import UnitResult, connected
 from .sensitivity import LayerSensitivity, layer_sensitivity
-
-__all__ = ["METHODS", "PTQContext", "PTQReport", "quantize_ptq", "sensitivity_report"]
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +206,7 @@ class PTQContext:
 
     def connected(self, a: str, b: str) -> bool:
         """True when module ``b`` consumes exactly what module ``a`` produces (checked on one float batch)."""
-        return _connected(self.float_model, a, b, self.batches[0], self.forward)
+        return connected(self.float_model, a, b, self.batches[0], self.forward)
 
     def progress_bar(self, label: str) -> ContextManager[Any]:
         """A ``rich`` progress bar for :func:`~.reconstruct.reconstruct` when ``progress``, else ``None``."""

@@ -32,8 +32,6 @@ from torch import Tensor, nn
 
 from .qmath import channel_amax, mse_weight_amax, qbound
 
-__all__ = ["CFWSSplit", "cfws_split", "CFWSConv2d", "FINE_RANGES"]
-
 FINE_RANGES = ("mse", "max")
 
 

@@ -28,9 +28,6 @@ from torch import Tensor, nn
 
 from .qmath import fake_quant, qbound
 
-__all__ = ["Histogram", "HIST_METHODS", "improved_kl_amax", "amax_from_histogram", "histogram_quant_mse",
-           "collect_input_histograms"]
-
 
 @dataclass
 class Histogram:
@@ -205,7 +202,7 @@ def amax_from_histogram(hist: Histogram, method: str, num_bits: int = 8, percent
 
     ``percentile`` is pytorch-quantization's algorithm (through the backend), ``entropy`` TensorRT's KL
     calibration (:func:`improved_kl_amax` with ``tensorrt=True``); ``mse`` is the core's CPU
-    histogram search (:func:`qat_rep.quant.histogram_mse_amax`); ``improved_kl`` is :func:`improved_kl_amax`.
+    histogram search (:func:`qat_rep.quant.calibrate.histogram_mse_amax`); ``improved_kl`` is :func:`improved_kl_amax`.
     Both KL thresholds fall back to the maximum where they would quantize the histogram's values with a larger
     error than the maximum does (:func:`histogram_quant_mse`).
     """
@@ -223,6 +220,6 @@ def amax_from_histogram(hist: Histogram, method: str, num_bits: int = 8, percent
     counts, edges = hist.counts.numpy().copy(), hist.edges.numpy().copy()
     if method == "percentile":
         return float(backend.pq_compute_amax_percentile(counts, edges, percentile))
-    from ..quant import histogram_mse_amax
+    from ..quant.calibrate import histogram_mse_amax
 
     return float(histogram_mse_amax(counts, edges, num_bits, False, 1, min(128, len(counts) - 1)))

@@ -20,8 +20,6 @@ from ..blocks import RepBlock
 from .cfws import CFWSConv2d, cfws_split
 from .qmath import channel_amax, fake_quant, fake_quant_ste, qbound
 
-__all__ = ["SimQuantLayer", "find_layers", "install_sim", "sim_layers", "finalize", "set_module", "matches_any"]
-
 # AdaRound's rectified sigmoid stretch (Nagel et al., 2020)
 _ZETA, _GAMMA = 1.1, -0.1
 

@@ -40,10 +40,6 @@ from .reconstruct import (ReconConfig, Unit, block_units, data_capacity, layer_u
 if TYPE_CHECKING:
     from .api import PTQContext
 
-__all__ = ["PTQMethodConfig", "MinMaxConfig", "PercentileConfig", "EntropyConfig", "MSEConfig", "CFWSConfig",
-           "AdaRoundConfig", "BRECQConfig", "MRECGConfig", "BUILTIN_METHODS", "register_ptq_method", "method_config",
-           "ptq_handler", "gather_batches"]
-
 PTQHandler = Callable[["PTQContext", Any], None]
 _HANDLERS: dict[type, PTQHandler] = {}
 _C = TypeVar("_C", bound=PTQHandler)
@@ -304,7 +300,7 @@ def method_config(method: PTQMethodConfig | str, options: dict[str, Any]) -> PTQ
 
 
 # ------------------------------------------------------------------------------------------------- handlers
-#: the methods this package registers, in the order of ``qat_rep.ptq.METHODS``
+#: the methods this package registers, in the order of ``qat_rep.ptq.api.METHODS``
 BUILTIN_METHODS: tuple[type[PTQMethodConfig], ...] = (MinMaxConfig, PercentileConfig, EntropyConfig, MSEConfig,
                                                       CFWSConfig, AdaRoundConfig, BRECQConfig, MRECGConfig)
 

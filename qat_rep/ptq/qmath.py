@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["qbound", "channel_amax", "mse_weight_amax", "fake_quant", "fake_quant_ste", "round_ste"]
-
 _EPS = 1.0 / (1 << 24)  # as the backend: a smaller amax quantizes everything to 0
 
 

@@ -50,9 +50,6 @@ from ..blocks import RepBlock
 from .layers import SimQuantLayer, matches_any, sim_layers
 from .qmath import qbound
 
-__all__ = ["ReconConfig", "Unit", "UnitResult", "layer_units", "block_units", "module_capacity",
-           "data_capacity", "mixed_units", "reconstruct", "capture"]
-
 log = logging.getLogger(__name__)
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -294,7 +291,7 @@ def _links(fmodel: nn.Module, pairs: Sequence[tuple[str, str]], batch: Any, forw
     return [a != b and outs[a].shape == ins[b].shape and torch.equal(outs[a], ins[b]) for a, b in pairs]
 
 
-def _connected(fmodel: nn.Module, a: str, b: str, batch: Any, forward: ForwardFn) -> bool:
+def connected(fmodel: nn.Module, a: str, b: str, batch: Any, forward: ForwardFn) -> bool:
     """True when module ``b`` consumes exactly what module ``a`` produces (so the pair can run as a chain)."""
     return _links(fmodel, [(a, b)], batch, forward)[0]
 

@@ -14,10 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..reparam import _flatten
+from ..reparam import flatten_outputs
 from .layers import sim_layers
-
-__all__ = ["LayerSensitivity", "layer_sensitivity"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +29,8 @@ class LayerSensitivity:
 
 @torch.no_grad()
 def _outputs(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any]) -> list[Tensor]:
-    return [torch.cat([t.flatten(1) if t.dim() > 1 else t.reshape(-1, 1) for t in _flatten(forward(model, b))], 1)
-            for b in batches]
+    return [torch.cat([t.flatten(1) if t.dim() > 1 else t.reshape(-1, 1)
+                       for t in flatten_outputs(forward(model, b))], 1) for b in batches]
 
 
 @torch.no_grad()

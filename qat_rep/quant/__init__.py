@@ -12,60 +12,22 @@ Typical use (framework-free)::
     convert(model)                    # deployable fused form (QuantConv2d per block, post-BN folded)
 """
 
-from .backend import NotCalibratedError, onnx_export_mode
-from .calibrate import (
-    AMAX_FLOOR,
-    CalibrationSession,
-    CalibReport,
-    DegenerateCalibrationError,
-    calibrate,
-    check_calibrated,
-    check_finite_batch,
-    histogram_mse_amax,
-    is_calibrated,
-)
+from .backend import NotCalibratedError
+from .calibrate import calibrate
 from .config import QuantConfig
-from .insert import PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax
-from .rep_qat import PHASES, RepQuant
-from .report import LayerReport, LayerRow, layer_report
-from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages, reset_optimizer_state
-from .shared_scales import share_input_scales, tie_quantizers
-from .state import check_incoming_state, check_same_config, config_mismatch, quantizers_disabled
+from .insert import convert, prepare
+from .report import layer_report
+from .schedule import Schedule, apply_schedule
+from .shared_scales import share_input_scales
 
 __all__ = [
     "QuantConfig",
     "prepare",
-    "PrepareReport",
     "calibrate",
-    "CalibrationSession",
-    "CalibReport",
-    "is_calibrated",
-    "check_calibrated",
-    "check_finite_batch",
-    "DegenerateCalibrationError",
-    "AMAX_FLOOR",
-    "histogram_mse_amax",
     "convert",
-    "quant_layers",
-    "quantizers",
-    "refresh_weight_amax",
-    "get_config",
-    "share_input_scales",
-    "tie_quantizers",
-    "RepQuant",
-    "PHASES",
     "Schedule",
-    "PhaseRule",
     "apply_schedule",
-    "reset_optimizer_state",
-    "rep_stages",
     "layer_report",
-    "LayerReport",
-    "LayerRow",
+    "share_input_scales",
     "NotCalibratedError",
-    "config_mismatch",
-    "check_same_config",
-    "check_incoming_state",
-    "quantizers_disabled",
-    "onnx_export_mode",
 ]

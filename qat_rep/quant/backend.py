@@ -41,69 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _import_library() -> None:
-    """Import pytorch-quantization without doubling every log line of the process.
-
-    Its ``__init__`` calls ``absl.logging.use_absl_handler()``, which puts absl's handler on the *root* logger; and
-    every absl call runs ``logging.basicConfig()`` whenever the root logger has no handler. Either way Lightning,
-    which lets records propagate to a configured root logger, then prints each INFO line twice (once in absl's
-    format, after a "Logging before flag parsing goes to stderr" notice). When this import added absl's handler, it
-    is replaced by one that prints WARNING and above as Python's last-resort handler would (``levelname:name:msg``),
-    so INFO chatter appears once and warnings still reach stderr. An absl application re-installs absl's handler in
-    ``absl.app.run``; ``logging.basicConfig(force=True)`` replaces ours.
-    """
-    before = list(logging.root.handlers)
-    import pytorch_quantization  # noqa: F401
-
-    added = [h for h in logging.root.handlers if h not in before and type(h).__name__ == "ABSLHandler"]
-    for handler in added:
-        logging.root.removeHandler(handler)
-    if added and not logging.root.handlers:
-        quiet = logging.StreamHandler()
-        quiet.setLevel(logging.WARNING)
-        quiet.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
-        logging.root.addHandler(quiet)
-
-
-_import_library()
-
-from . import qmath as qm  # noqa: E402
-
-from pytorch_quantization import calib as _pq_calib  # noqa: E402
-from pytorch_quantization import nn as _pq_nn  # noqa: E402
-from pytorch_quantization.calib.histogram import (  # noqa: E402
+from . import pq_import  # noqa: F401  (first: pytorch-quantization imported with single log lines)
+from pytorch_quantization import calib as _pq_calib
+from pytorch_quantization import nn as _pq_nn
+from pytorch_quantization.calib.histogram import (
     _compute_amax_entropy as pq_compute_amax_entropy,
     _compute_amax_mse as pq_compute_amax_mse,
     _compute_amax_percentile as pq_compute_amax_percentile,
 )
-from pytorch_quantization.nn.modules.tensor_quantizer import TensorQuantizer as _PQTensorQuantizer  # noqa: E402
-from pytorch_quantization.tensor_quant import QuantDescriptor, fake_tensor_quant  # noqa: E402
+from pytorch_quantization.nn.modules.tensor_quantizer import TensorQuantizer as _PQTensorQuantizer
+from pytorch_quantization.tensor_quant import QuantDescriptor, fake_tensor_quant
 
-__all__ = [
-    "TensorQuantizer",
-    "QuantDescriptor",
-    "QuantConv2d",
-    "QuantLinear",
-    "QuantConvTranspose2d",
-    "QuantAvgPool",
-    "MaxCalibrator",
-    "HistogramCalibrator",
-    "NotCalibratedError",
-    "make_quantizer",
-    "int32_bias",
-    "quant_conv2d",
-    "quant_matmul",
-    "onnx_export_mode",
-    "fake_tensor_quant",
-    "pq_compute_amax_entropy",
-    "pq_compute_amax_percentile",
-    "pq_compute_amax_mse",
-    "CALIBRATORS",
-    "PQTensorQuantizer",
-    "PQQuantConv2d",
-    "PQQuantLinear",
-]
+from . import qmath as qm
 
 #: pytorch-quantization's own classes, unchanged — for comparisons against the stock library (benchmarks)
 PQTensorQuantizer = _PQTensorQuantizer

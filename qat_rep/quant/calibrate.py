@@ -36,9 +36,6 @@ from .backend import TensorQuantizer, pq_compute_amax_percentile
 from .config import QuantConfig
 from .insert import get_config, quantizers, refresh_weight_amax
 
-__all__ = ["CalibReport", "CalibrationSession", "calibrate", "is_calibrated", "histogram_mse_amax", "histogram_entropy_amax", "compute_amax",
-           "default_forward", "check_calibrated", "check_finite_batch", "DegenerateCalibrationError", "AMAX_FLOOR"]
-
 #: the smallest ``amax`` a quantizer may hold: below it every value quantizes to 0 (``2^-24``, the floor below which
 #: pytorch-quantization also treats an ``amax`` as zero). An activation ``amax`` this small means the calibration
 #: data reached the layer as constant zeros.
@@ -162,7 +159,7 @@ def check_calibrated(model: nn.Module, *, allow_uncalibrated: bool = False) -> i
                 raise DegenerateCalibrationError(
                     f"the weight quantizer of layer {layer!r} has amax below {AMAX_FLOOR:.3g} for channel(s) "
                     f"{channels[:8]} whose weights are not zero: those weights would quantize to 0 — refresh the "
-                    "weight amax (qat_rep.quant.refresh_weight_amax) or recalibrate")
+                    "weight amax (qat_rep.quant.insert.refresh_weight_amax) or recalibrate")
         checked += 1
     return checked
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["QuantConfig", "GRANULARITIES", "CALIBRATOR_NAMES"]
-
 GRANULARITIES = ("per_channel", "per_tensor")
 CALIBRATOR_NAMES = ("max", "percentile", "entropy", "mse")
 

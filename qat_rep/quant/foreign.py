@@ -15,8 +15,6 @@ from torch import nn
 from ..blocks import RepBlock
 from ..reparam import reparameterize
 
-__all__ = ["foreign_blocks", "fuse_foreign_blocks"]
-
 _METHODS = ("switch_to_deploy", "reparameterize")
 
 

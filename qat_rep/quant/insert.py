@@ -22,9 +22,6 @@ from .backend import QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinea
 from .config import QuantConfig
 from .rep_qat import RepQuant, deploy_kernel_bias
 
-__all__ = ["PrepareReport", "prepare", "convert", "quant_layers", "quantizers", "refresh_weight_amax",
-           "is_prepared", "get_config"]
-
 CONFIG_ATTR = "qat_rep_quant_config"
 _PLAIN = (QuantConv2d, QuantLinear, QuantConvTranspose2d)
 

@@ -16,9 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["EPS", "bounds", "scale_from_amax", "quantize_to_int", "RoundSTE", "ClippedSTE", "lsq_fake_quant",
-           "round_to_grid_ste", "reduce_amax", "LeanQuantConv", "conv_or_linear"]
-
 #: amax below this quantizes everything to 0, as in pytorch-quantization
 EPS = 1.0 / (1 << 24)
 

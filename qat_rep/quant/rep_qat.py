@@ -47,8 +47,6 @@ from ..blocks import RepBlock
 from ..fuse import bn_module_scale
 from .backend import TensorQuantizer, int32_bias, quant_conv2d, quant_matmul
 
-__all__ = ["RepQuant", "PHASES", "block_kernel_bias", "folded_kernel_bias", "deploy_kernel_bias"]
-
 PHASES = ("float", "qat", "frozen", "fused")
 _T_MIN = 1e-8
 

@@ -21,8 +21,6 @@ from .calibrate import default_forward
 from .insert import get_config, quant_layers
 from .rep_qat import RepQuant, deploy_kernel_bias, folded_kernel_bias
 
-__all__ = ["LayerRow", "LayerReport", "layer_report"]
-
 
 def _db(signal: float, noise: float) -> float:
     if noise <= 0:

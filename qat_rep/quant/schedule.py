@@ -32,8 +32,6 @@ from torch import nn
 from ..blocks import RepBlock
 from .rep_qat import PHASES, RepQuant
 
-__all__ = ["PhaseRule", "Schedule", "apply_schedule", "rep_stages", "reset_optimizer_state"]
-
 UNITS = ("epoch", "step")
 
 

@@ -20,8 +20,6 @@ from torch import nn
 from .backend import TensorQuantizer
 from .insert import is_prepared, quantizers
 
-__all__ = ["share_input_scales", "tie_quantizers"]
-
 # Ops whose inputs and output must keep one scale: concatenation and addition (a runtime moves the consumer's
 # quantize above a Concat and wants both operands of an Add on one grid), and ops that commute with a per-tensor
 # quantizer (ReLU, max-pool, copies). Names as ``__torch_function__`` sees them (functions and Tensor methods).
@@ -91,7 +89,7 @@ def _traced_call(model: nn.Module) -> Iterator[None]:
 
 
 def _named_quantizers(model: nn.Module, role: str | None = None) -> list[tuple[str, TensorQuantizer]]:
-    """Like :func:`~qat_rep.quant.quantizers`, but a tied quantizer is listed under each of its names."""
+    """Like :func:`~qat_rep.quant.insert.quantizers`, but a tied quantizer is listed under each of its names."""
     return [(n, m) for n, m in model.named_modules(remove_duplicate=False)
             if isinstance(m, TensorQuantizer) and (role is None or getattr(m, "qat_rep_role", None) == role)]
 

@@ -17,8 +17,6 @@ from torch import Tensor, nn
 from .config import QuantConfig
 from .insert import quantizers
 
-__all__ = ["config_mismatch", "check_same_config", "check_incoming_state", "is_quant_key", "quantizers_disabled"]
-
 
 def config_mismatch(saved: Mapping[str, Any], current: QuantConfig) -> dict[str, tuple[Any, Any]]:
     """Fields where a saved ``QuantConfig`` dict differs from ``current``: name → (saved, current)."""

@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import qat_lit_modules as M  # noqa: E402
 from qat_rep.blocks import RepBlock  # noqa: E402
-from qat_rep.callbacks import load_qat_checkpoint, quantizers_disabled  # noqa: E402
+from qat_rep.callbacks import load_qat_checkpoint  # noqa: E402
+from qat_rep.callbacks.metrics import quantizers_disabled  # noqa: E402
 
 
 def main() -> None:

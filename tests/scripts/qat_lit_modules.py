@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from qat_rep import QARepVGGBlock, RepVGGBlock, create_model  # noqa: E402
+from qat_rep import create_model  # noqa: E402
+from qat_rep.blocks import QARepVGGBlock, RepVGGBlock  # noqa: E402
 from qat_rep.data import DataSpec, load_dataset  # noqa: E402
 
 FLAVORS = {"pytorch_lightning": pl, "lightning.pytorch": lp}
