@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     args = p.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
-    todo = [(b, s) for b in args.blocks for s in args.seeds]
+    todo = [(b, s) for s in args.seeds for b in args.blocks]  # seed by seed: a partial table covers every block
     done: dict[tuple[str, int], dict[str, Any]] = {}
     settings = (f"yolov6_n, embedded detection set (64×64 canvases, 2000 train / 500 validation), FP32 "
                 f"{args.epochs} epochs, QAT {args.qat_epochs} epochs, seeds {', '.join(map(str, args.seeds))}; "
