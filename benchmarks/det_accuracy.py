@@ -91,7 +91,9 @@ def targets(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def markdown(runs: dict[str, list[dict[str, Any]]], settings: str) -> str:
     checks = targets(runs)
-    lines = [table(runs), "", settings, "", "Targets (on the seed means, mAP@0.5:0.95 points):", ""]
+    commits = sorted({r.get("commit", "unknown") for rs in runs.values() for r in rs})
+    lines = [table(runs), "", f"{settings} Runs made on commit {', '.join(commits)}.", "",
+             "Targets (on the seed means, mAP@0.5:0.95 points):", ""]
     lines += [f"- {'holds' if c['holds'] else 'FAILS'}: {c['target']} ({c['value']})" for c in checks]
     return "\n".join(lines)
 

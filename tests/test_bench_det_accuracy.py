@@ -66,7 +66,7 @@ def test_table_is_mean_and_half_spread_in_points(bench):
     md = bench.markdown(runs, "settings line")
     fp32_row = next(line for line in md.splitlines() if line.startswith("| FP32 "))
     assert "61.0 ± 1.0 / 81.0 ± 1.0" in fp32_row
-    assert "(n=2)" in md and "settings line" in md and "holds: repvgg: QAT W8A8 within 0.5 of FP32" in md
+    assert "(n=2)" in md and "settings line Runs made on commit unknown." in md and "holds: repvgg: QAT W8A8 within 0.5 of FP32" in md
 
 
 def test_reuses_only_runs_with_the_same_settings(bench, tmp_path):
