@@ -20,16 +20,10 @@ import default_lit_modules as D  # noqa: E402
 import qat_lit_modules as M  # noqa: E402
 from qat_rep.callbacks import RepQATCallback  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread"),
+              pytest.mark.slow]  # every test is a Trainer fit
 EPOCHS = 2
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _fit(flavor, make, loaders, out_dir, epochs=EPOCHS, ckpt_dir=None, ckpt_path=None, **options):

@@ -47,6 +47,7 @@ def qat_b0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_qat_b0_fast_artifacts_load_and_match_the_report(qat_b0_run: Path) -> None:
     from qat_rep.callbacks import load_qat_checkpoint
     from qat_rep.export import load_quantized, read_metadata, verify_onnx
@@ -93,6 +94,7 @@ def _artifact_set(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.endswith(".log")}
 
 
+@pytest.mark.slow
 def test_qat_b0_ddp_two_processes_writes_the_same_artifacts(qat_b0_run: Path, tmp_path: Path) -> None:
     from qat_rep.export import load_quantized, verify_onnx
 
@@ -108,6 +110,7 @@ def test_qat_b0_ddp_two_processes_writes_the_same_artifacts(qat_b0_run: Path, tm
     assert ver.agreement >= 0.995
 
 
+@pytest.mark.slow
 def test_qat_b0_onnxruntime_target_is_integer_from_conv_to_conv(tmp_path: Path) -> None:
     import onnx
 
@@ -126,6 +129,7 @@ def test_qat_b0_onnxruntime_target_is_integer_from_conv_to_conv(tmp_path: Path) 
     assert ver.agreement >= 0.995 and ver.max_diff_steps <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,main_method,bits", [("ptq_cfws.py", "cfws", 8), ("ptq_mrecg.py", "mrecg", 8)])
 def test_ptq_recipes_on_a_trained_checkpoint(qat_b0_run: Path, tmp_path: Path, script: str, main_method: str,
                                              bits: int) -> None:
@@ -152,6 +156,7 @@ def test_ptq_recipes_on_a_trained_checkpoint(qat_b0_run: Path, tmp_path: Path, s
     check_png(out / "accuracy.png")
 
 
+@pytest.mark.slow
 def test_qat_yolov6_backbone_fast(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -299,6 +304,7 @@ def test_crafted_checkpoint_never_runs_its_payload(tmp_path: Path, name: str, mo
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_state_dict_checkpoint_loads_in_any_form(tmp_path: Path) -> None:
     """``--ckpt`` also takes a bare state dict — train form or fused, with or without a ``model.`` prefix."""
     from safetensors.torch import save_file
