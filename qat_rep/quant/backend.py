@@ -53,6 +53,7 @@ from pytorch_quantization.nn.modules.tensor_quantizer import TensorQuantizer as 
 from pytorch_quantization.tensor_quant import QuantDescriptor, fake_tensor_quant
 
 from . import qmath as qm
+from ..fuse import fuse_bn_module
 
 #: pytorch-quantization's own classes, unchanged — for comparisons against the stock library (benchmarks)
 PQTensorQuantizer = _PQTensorQuantizer
@@ -316,8 +317,24 @@ class QuantConv2d(_pq_nn.QuantConv2d):
     """pytorch-quantization's ``QuantConv2d`` (``_input_quantizer``, ``_weight_quantizer``) built from a float conv.
 
     The forward is :func:`quant_conv2d`: the library's with the bias on the int32 accumulator grid
-    (:func:`int32_bias`).
+    (:func:`int32_bias`). A conv that :func:`~qat_rep.quant.prepare` paired with the BatchNorm after it
+    (:meth:`fold_bn`) runs, in evaluation mode, the conv that :func:`~qat_rep.quant.convert` writes — the BN folded
+    into the kernel and bias, then quantized — while that BN passes its input through; so ``model.eval()(x)`` equals
+    ``convert(copy.deepcopy(model))(x)`` bit for bit for conv+BN pairs as for rep blocks. Training runs conv then BN
+    (batch statistics), as before.
     """
+
+    def fold_bn(self, bn: "FoldedBatchNorm2d") -> None:
+        """Fold ``bn`` (the BN right after this conv) in evaluation mode. Plain references, not submodules: the
+        state-dict keys do not change."""
+        object.__setattr__(self, "_eval_bn", bn)
+        object.__setattr__(bn, "_folded_by", self)
+
+    def unfold_bn(self) -> None:
+        """Forget the pairing (``convert`` folded the BN for good)."""
+        bn = self.__dict__.pop("_eval_bn", None)
+        if bn is not None:
+            bn.__dict__.pop("_folded_by", None)
 
     def forward(self, input: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
@@ -325,6 +342,11 @@ class QuantConv2d(_pq_nn.QuantConv2d):
             padding = (0, 0)
         else:
             padding = self.padding
+        bn = self.__dict__.get("_eval_bn")
+        if bn is not None and not self.training and not bn.training:  # convert's folded conv
+            weight, bias = fuse_bn_module(self.weight, bn, self.bias)
+            return quant_conv2d(input, weight, bias, self._input_quantizer, self._weight_quantizer, self.stride,
+                                padding, self.dilation, self.groups)
         if self.training:  # the lean step (int8-saved input), bias added after the conv
             y = quant_matmul(input, self.weight, self._input_quantizer, self._weight_quantizer, self.stride, padding,
                              self.dilation, self.groups)
@@ -347,6 +369,28 @@ class QuantConv2d(_pq_nn.QuantConv2d):
         q._input_quantizer = input_quantizer
         q._weight_quantizer = weight_quantizer
         return q.to(device=conv.weight.device)
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """The BatchNorm after a :class:`QuantConv2d` that folds it in evaluation mode (:meth:`QuantConv2d.fold_bn`):
+    then the identity (the conv already applied it), otherwise an ordinary ``BatchNorm2d``. Same state-dict keys."""
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm2d":
+        """A ``FoldedBatchNorm2d`` holding ``bn``'s own parameters and buffers (the same objects)."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        for k, v in bn._parameters.items():
+            new._parameters[k] = v
+        for k, v in bn._buffers.items():
+            new._buffers[k] = v
+        new.train(bn.training)
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        conv = self.__dict__.get("_folded_by")
+        if conv is not None and not self.training and not conv.training:
+            return input
+        return super().forward(input)
 
 
 class QuantLinear(_pq_nn.QuantLinear):

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..blocks import RepBlock
 from ..fuse import bn_module_scale, fold_bn_into_conv_
-from .backend import QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear, TensorQuantizer, make_quantizer
+from .backend import (FoldedBatchNorm2d, QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear, TensorQuantizer,
+                      make_quantizer)
 from .config import QuantConfig
 from .rep_qat import RepQuant, deploy_kernel_bias
 
@@ -183,6 +184,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
             q.train(m.training)
             _set_child(model, name, q)
             report.plain[name] = (w_bits, a_bits)
+    _pair_conv_bn(model)
     pool_bits = 8 if config.first_last_8bit else config.a_bits  # the pool feeds the (8-bit) classifier
     device = next((b.device for b in model.buffers()), None)
     for name, m in pools:
@@ -191,6 +193,28 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
         report.pools[name] = pool_bits
     setattr(model, CONFIG_ATTR, config)
     return report
+
+
+def _pair_conv_bn(model: nn.Module) -> int:
+    """Pair every quantized plain conv with the BN that :func:`convert` will fold into it, so that evaluation mode
+    computes the converted conv (:meth:`QuantConv2d.fold_bn`). Only where convert's fold is exact: a dynamic,
+    not learned weight quantizer (the amax of the folded kernel is taken from it) and a plain ``BatchNorm2d`` of
+    the conv's width. Returns the number of pairs."""
+    n = 0
+    for name, layer in [(n_, m) for n_, m in model.named_modules() if type(m) is QuantConv2d]:
+        wq = layer._weight_quantizer
+        if not wq.dynamic or wq.learn_amax:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        found = bn_after(parent, child, layer)
+        if found is None or type(found[1]) is not nn.BatchNorm2d or found[1].num_features != layer.out_channels:
+            continue
+        bn = FoldedBatchNorm2d.from_bn(found[1])
+        setattr(parent, found[0], bn)
+        layer.fold_bn(bn)
+        n += 1
+    return n
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -294,6 +318,7 @@ def convert(model: nn.Module) -> nn.Module:
         if found is None or found[1].num_features != layer.out_channels:
             continue
         bn_name, bn = found
+        layer.unfold_bn()
         fold_bn_into_conv_(layer, bn)
         wq = layer._weight_quantizer
         if not wq.learn_amax:

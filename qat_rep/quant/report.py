@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fuse import fuse_bn_module
 from .backend import QuantConv2d, QuantConvTranspose2d, TensorQuantizer
 from .calibrate import default_forward
 from .insert import get_config, quant_layers
@@ -92,7 +93,11 @@ def _float_out(layer: nn.Module, args: tuple) -> Tensor:
         return block.conv(x, k, b)
     x = args[0]
     if isinstance(layer, QuantConv2d):
-        return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        weight, bias = layer.weight, layer.bias
+        bn = layer.__dict__.get("_eval_bn")
+        if bn is not None:  # eval mode: the layer outputs the BN-folded conv; compare with its float
+            weight, bias = fuse_bn_module(weight, bn, bias)
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     if isinstance(layer, QuantConvTranspose2d):
         return F.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding,
                                   layer.groups, layer.dilation)
