@@ -28,25 +28,22 @@ import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from rich.console import Console
+from rich.table import Table
+
+import qat_rep
+from qat_rep.export import export_onnx
+from qat_rep.export.bench import ort_latency, ort_op_counts
+from qat_rep.export.atomic import write_bytes_atomic
+from qat_rep.quant import QuantConfig, calibrate, convert, prepare
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-import qat_rep  # noqa: E402
-from qat_rep.export import export_onnx  # noqa: E402
-from qat_rep.export.bench import ort_latency, ort_op_counts  # noqa: E402
-from qat_rep.export.atomic import write_bytes_atomic  # noqa: E402
-from qat_rep.quant import QuantConfig, calibrate, convert, prepare  # noqa: E402
 
 
 @torch.no_grad()

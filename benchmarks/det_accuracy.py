@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import markdown_table, stamp, write_atomic, write_results
 
-from common import markdown_table, stamp, write_atomic, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = ROOT / "recipes" / "qat_yolov6.py"
 STAGES = (("fp32", "FP32"), ("ptq_w8a8_per_channel", "PTQ minmax W8A8, per-channel weights"),
@@ -154,7 +153,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     pending = [t for t in todo if t not in done]
     running: dict[tuple[str, int], tuple[subprocess.Popen, float, str]] = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     failed = []
     while pending or running:
         while pending and len(running) < args.jobs:

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, median_time, write_results  # noqa: E402
-
-import qat_rep  # noqa: E402
+import qat_rep
+from common import markdown_table, median_time, write_results
 
 
 def main(argv: list[str] | None = None) -> dict:

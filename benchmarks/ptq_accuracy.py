@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,14 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import CACHE, RECIPES, stamp, train_fp32
+from qat_rep import DataSpec, load_dataset, reparameterize
+from qat_rep.ptq import quantize_ptq
+from qat_rep.quant import QuantConfig
+from qat_rep.export.atomic import write_text_atomic as _atomic_write
 
-from benchmarks.common import CACHE, RECIPES, stamp, train_fp32  # noqa: E402
-from qat_rep import DataSpec, load_dataset, reparameterize  # noqa: E402
-from qat_rep.ptq import quantize_ptq  # noqa: E402
-from qat_rep.quant import QuantConfig  # noqa: E402
-from qat_rep.export.atomic import write_text_atomic as _atomic_write  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BITS: dict[str, QuantConfig] = {
     "W8A8-pt": QuantConfig(w_bits=8, a_bits=8, w_granularity="per_tensor"),

@@ -71,17 +71,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import CACHE, RECIPES, stamp, train_fp32  # noqa: E402
-from qat_rep import DataSpec, create_model, load_dataset, reparameterize  # noqa: E402
-from qat_rep.blocks import RepBlock  # noqa: E402
-from qat_rep.fuse import fuse_bn_module  # noqa: E402
-from qat_rep.export.atomic import write_text_atomic  # noqa: E402
-from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare  # noqa: E402
-from qat_rep.quant.rep_qat import PHASES  # noqa: E402
-from qat_rep.quant.backend import QuantConv2d  # noqa: E402
+from common import CACHE, RECIPES, stamp, train_fp32
+from qat_rep import DataSpec, create_model, load_dataset, reparameterize
+from qat_rep.blocks import RepBlock
+from qat_rep.fuse import fuse_bn_module
+from qat_rep.export.atomic import write_text_atomic
+from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare
+from qat_rep.quant.rep_qat import PHASES
+from qat_rep.quant.backend import QuantConv2d
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "qat_accuracy"

@@ -51,11 +51,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from qat_rep import create_model, reparameterize  # noqa: E402
-from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare  # noqa: E402
-from qat_rep.quant.backend import (  # noqa: E402
+from qat_rep import create_model, reparameterize
+from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare
+from qat_rep.quant.backend import (
     PQQuantConv2d,
     PQQuantLinear,
     QuantConv2d,
@@ -63,7 +61,7 @@ from qat_rep.quant.backend import (  # noqa: E402
     TensorQuantizer,
     make_quantizer,
 )
-from qat_rep.export.atomic import write_text_atomic as _atomic_write  # noqa: E402
+from qat_rep.export.atomic import write_text_atomic as _atomic_write
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
-from qat_rep.export.atomic import write_text_atomic as _atomic_write  # noqa: E402
+from qat_rep.export.atomic import write_text_atomic as _atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"

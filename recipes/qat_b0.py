@@ -30,9 +30,9 @@ from recipe_common import (ImageClassifier, ImageDataModule, ResultRow, Stopwatc
     collect_batches, console, evaluate_accuracy, finish_distributed, make_trainer, plot_accuracy, prepare_run,
     results_markdown, results_table, train_or_load_fp32)
 
-import torch  # noqa: E402  (after recipe_common, which makes qat_rep importable)
+import torch
 
-from qat_rep.quant import QuantConfig, Schedule, calibrate, prepare  # noqa: E402
+from qat_rep.quant import QuantConfig, Schedule, calibrate, prepare
 
 PTQ_BITS = (8, 6, 4)
 

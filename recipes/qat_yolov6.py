@@ -34,20 +34,20 @@ from typing import Any, Sequence
 
 import recipe_common as common  # recipes/recipe_common.py (python puts this script's folder on sys.path)
 
-import pytorch_lightning as pl  # noqa: E402
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import pytorch_lightning as pl
+import numpy as np
+import onnx
+import torch
+from torch import Tensor
 
-from qat_rep.detection.boxes import NMSConfig, decode_outputs, postprocess  # noqa: E402
-from qat_rep.detection.data import DetectionSpec, make_detection_loaders  # noqa: E402
-from qat_rep.detection.loss import DetectionLoss  # noqa: E402
-from qat_rep.detection.metrics import coco_map  # noqa: E402
-from qat_rep.export import export_onnx  # noqa: E402
-from qat_rep.export.onnx_export import quantized_node_names  # noqa: E402
-from qat_rep.models import create_model  # noqa: E402
-from qat_rep.quant import QuantConfig, calibrate, prepare, share_input_scales  # noqa: E402
+from qat_rep.detection.boxes import NMSConfig, decode_outputs, postprocess
+from qat_rep.detection.data import DetectionSpec, make_detection_loaders
+from qat_rep.detection.loss import DetectionLoss
+from qat_rep.detection.metrics import coco_map
+from qat_rep.export import export_onnx
+from qat_rep.export.onnx_export import quantized_node_names
+from qat_rep.models import create_model
+from qat_rep.quant import QuantConfig, calibrate, prepare, share_input_scales
 
 
 class YOLOv6Detector(pl.LightningModule):

@@ -39,16 +39,16 @@ import recipe_common as common
 from recipe_common import (ResultRow, Stopwatch, check_common_args, console, finish_distributed, make_trainer,
     plot_accuracy, prepare_run, results_markdown, results_table)
 
-import numpy as np  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchmetrics  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from qat_rep import create_model, load_dataset  # noqa: E402
-from qat_rep.quant import QuantConfig  # noqa: E402
+from qat_rep import create_model, load_dataset
+from qat_rep.quant import QuantConfig
 
 NUM_CLASSES = 11  # background + digits 0-9
 CANVAS = 64

@@ -3,8 +3,8 @@ argument parsing, the output folder, rich tables, the markdown report and the ac
 
 This is *example* code. The product's API is :class:`qat_rep.callbacks.RepQATCallback`, which works with any
 LightningModule; the classes here only show one way to hold a model and feed it data. Recipes are run from the
-repository root (``python recipes/qat_b0.py``): Python then puts ``recipes/`` on ``sys.path`` (so
-``import recipe_common`` works), and :func:`ensure_qat_rep_importable` adds the repository root when qat-rep is not installed.
+repository root (``python recipes/qat_b0.py``) with qat-rep installed (``pip install -e .``): Python puts the
+script's folder ``recipes/`` on ``sys.path``, so ``import recipe_common`` works from any working directory.
 """
 
 from __future__ import annotations
@@ -20,40 +20,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-RECIPES_DIR = Path(__file__).resolve().parent
-REPO_ROOT = RECIPES_DIR.parent
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
-
-def ensure_qat_rep_importable() -> None:
-    """Make ``import qat_rep`` work from a source checkout that is not pip-installed."""
-    try:
-        import qat_rep  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(REPO_ROOT))
-        import qat_rep  # noqa: F401
-
-
-ensure_qat_rep_importable()
-
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchmetrics  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-from qat_rep import DataSpec, create_model, load_dataset  # noqa: E402
-from qat_rep.export.atomic import write_text_atomic  # noqa: E402
+from qat_rep import DataSpec, create_model, load_dataset
+from qat_rep.export.atomic import write_text_atomic
 
 log = logging.getLogger("qat_rep.recipes")
 console = Console(stderr=False, highlight=False)
 
 __all__ = [
-    "ensure_qat_rep_importable", "ImageClassifier", "ImageDataModule", "base_parser", "parse_bits", "prepare_run",
+    "ImageClassifier", "ImageDataModule", "base_parser", "parse_bits", "check_common_args", "prepare_run",
     "make_trainer", "evaluate_accuracy", "collect_batches", "ResultRow", "results_table", "results_markdown",
     "plot_accuracy", "write_report", "finish_run", "atomic_write_text", "atomic_write_json", "Stopwatch", "console",
+    "cpu_seconds", "environment_markdown", "load_classifier", "classifier_kwargs", "train_or_load_fp32",
+    "finish_distributed",
 ]
 
 

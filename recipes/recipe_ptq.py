@@ -15,14 +15,14 @@ import recipe_common as common
 from recipe_common import (ImageDataModule, ResultRow, Stopwatch, check_common_args, console, evaluate_accuracy,
     plot_accuracy, prepare_run, results_markdown, results_table, train_or_load_fp32)
 
-import torch  # noqa: E402
+import torch
 
-from qat_rep.ptq import quantize_ptq  # noqa: E402
-from qat_rep.quant import QuantConfig  # noqa: E402
+from qat_rep.ptq import quantize_ptq
+from qat_rep.quant import QuantConfig
 
 log = logging.getLogger("qat_rep.recipes")
 
-__all__ = ["PTQMethod", "ptq_parser", "run_ptq_recipe", "ONNX_8BIT_ONLY"]
+__all__ = ["PTQMethod", "ptq_parser", "parse_ptq_args", "run_ptq_recipe", "ONNX_8BIT_ONLY"]
 
 #: why models below 8 bits get no ONNX file: opset-13 QuantizeLinear/DequantizeLinear take int8/uint8 only
 ONNX_8BIT_ONLY = "not exported: ONNX QDQ (opset 13) holds 8-bit integers only; below 8 bits the model is simulated"

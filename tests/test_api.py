@@ -126,3 +126,21 @@ def test_no_module_imports_another_modules_private_name(folder):
         package_dir = path.parent if (path.parent / "__init__.py").is_file() else None
         found += private_imports(path.read_text(), path.relative_to(ROOT).as_posix(), package_dir, own)
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("shared,folder", [("recipe_common", "recipes"), ("recipe_ptq", "recipes")])
+def test_shared_script_module_all_is_current(shared, folder):
+    # the module the recipes share lists what they take from it, and nothing that is gone
+    module = importlib.import_module(shared)
+    assert all(hasattr(module, name) for name in module.__all__), shared
+    taken = set()
+    for path in (ROOT / folder).glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == shared:
+                taken.update(alias.name for alias in node.names)
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in {shared, "common"} and path.stem != shared):
+                if shared == "recipe_common" or node.value.id == shared:
+                    taken.add(node.attr)
+    assert taken <= set(module.__all__), sorted(taken - set(module.__all__))

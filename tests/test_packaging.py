@@ -1,6 +1,8 @@
-"""The wheel ships ``qat_rep.callbacks`` (from the top-level ``callbacks/`` folder) and no top-level ``callbacks``."""
+"""The wheel ships ``qat_rep.callbacks`` (from the top-level ``callbacks/`` folder) and no top-level ``callbacks``;
+an editable install of a fresh copy runs every script from any folder."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -34,13 +36,59 @@ def test_wheel_layout_and_import(tmp_path):
                                        str(target / "qat_rep" / "callbacks" / "__init__.py")]
 
 
-def test_source_tree_import_from_repo_root():
-    # `python` started in the repository root finds the source folder qat_rep/ first: callbacks must resolve too.
-    code = "import qat_rep.callbacks, os; print(os.path.realpath(qat_rep.callbacks.__file__))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": ""})
+SCRIPTS = sorted([*(ROOT / "recipes").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+SHARED = {"recipe_common", "recipe_ptq", "common"}  # the modules the scripts share, not scripts themselves
+
+
+def test_fresh_checkout_editable_install_runs_everything_from_any_folder(tmp_path):
+    # what the README's install does: `pip install -e .` in a fresh copy of the sources. Then qat_rep.callbacks is
+    # the copy's top-level callbacks/ folder (setuptools' package-dir mapping, nothing in qat_rep extends its
+    # __path__), and every recipe and benchmark finds its shared module beside it, started from any folder.
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".git", "out", "__pycache__", "*.egg-info", "build",
+                                                               ".cache", ".pytest_cache", ".hypothesis"))
+    venv = tmp_path / "venv"  # sees this interpreter's packages (torch, Lightning, ...): no download
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(clone)],
+                   check=True, capture_output=True, timeout=600, env=env)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import importlib.util, qat_rep, qat_rep.callbacks; print(qat_rep.__file__); "
+            "print(qat_rep.callbacks.__file__); print(importlib.util.find_spec('qat_rep.qat_rep'))")
+    out = subprocess.run([python, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str((ROOT / "callbacks" / "__init__.py").resolve())
+    assert out.stdout.splitlines() == [str(clone / "qat_rep" / "__init__.py"), str(clone / "callbacks" / "__init__.py"),
+                                       "None"]
+    for script in SCRIPTS:
+        if script.stem in SHARED:
+            continue
+        run = subprocess.run([python, str(clone / script.relative_to(ROOT)), "--help"], cwd=elsewhere, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and "usage:" in run.stdout, (script.name, run.stderr[-2000:])
+
+
+def test_callbacks_of_another_checkout_are_refused(tmp_path):
+    # qat_rep from one checkout with the callbacks/ folder of another (an editable install of a second checkout)
+    other = tmp_path / "other"
+    shutil.copytree(ROOT / "callbacks", other / "callbacks", ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"""
+import importlib.util, sys
+import qat_rep
+spec = importlib.util.spec_from_file_location("qat_rep.callbacks", {str(other / "callbacks" / "__init__.py")!r},
+                                              submodule_search_locations=[{str(other / "callbacks")!r}])
+module = importlib.util.module_from_spec(spec)
+sys.modules["qat_rep.callbacks"] = module
+try:
+    spec.loader.exec_module(module)
+except ImportError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "two different checkouts" in out.stdout, out.stdout
 
 
 def test_import_leaves_log_lines_single_and_export_quiet(tmp_path):

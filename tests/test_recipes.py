@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
-if str(RECIPES) not in sys.path:
-    sys.path.insert(0, str(RECIPES))
+import recipe_common as common  # recipes/ is on sys.path (tests/conftest.py), as it is for a recipe script
 
-import recipe_common as common  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
