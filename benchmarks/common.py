@@ -17,8 +17,9 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
+from qat_rep.export.atomic import atomic_file
 from qat_rep.export.atomic import write_text_atomic as write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,9 +55,21 @@ def stamp() -> dict[str, Any]:
     }
 
 
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A GitHub markdown table: one header row, one row per ``rows`` entry (cells through ``str``), no trailing newline.
+
+    ``align`` holds one letter per column, ``l`` or ``r`` (default ``l`` for every column). A row of another length
+    than ``headers`` is refused: it would render as a broken table.
+    """
+    align = align or "l" * len(headers)
+    if len(align) != len(headers) or set(align) - {"l", "r"}:
+        raise ValueError(f"align needs one of 'l'/'r' per column ({len(headers)}), got {align!r}")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" ---: " if a == "r" else " --- " for a in align) + "|"]
+    for row in rows:
+        cells = [str(c) for c in row]
+        if len(cells) != len(headers):
+            raise ValueError(f"a row of {len(cells)} cells in a table of {len(headers)} columns: {cells}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -154,9 +167,8 @@ def train_fp32(model_name: str, recipe: FP32Recipe | str, seed: int, *, cache: P
         log(f"trained {model_name} with {recipe.name}, seed {seed}, in {time.time() - t0:.0f} s")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save(model.state_dict(), tmp)
     return model.eval()
 
 

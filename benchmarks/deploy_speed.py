@@ -43,6 +43,8 @@ from qat_rep.export.bench import ort_latency, ort_op_counts
 from qat_rep.export.atomic import write_bytes_atomic
 from qat_rep.quant import QuantConfig, calibrate, convert, prepare
 
+from common import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -177,10 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
     for col in ("session", "batch", "fp32", "int8 ours", "quantize_static", "TRT numerics", "TRT layout",
                 "per-tensor", "ours/fp32", "ours/qs", "per-tensor/qs"):
         out_table.add_column(col, justify="right")
-    md = ["| session | batch | FP32 ms | INT8 ours (ORT preset) ms | quantize_static ms | ours, TensorRT numerics ms "
-          "| ours, TensorRT layout ms | ours, per-tensor weights ms | ours/FP32 | ours/quantize_static | "
-          "per-tensor/quantize_static |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    md_head = ["session", "batch", "FP32 ms", "INT8 ours (ORT preset) ms", "quantize_static ms",
+               "ours, TensorRT numerics ms", "ours, TensorRT layout ms", "ours, per-tensor weights ms", "ours/FP32",
+               "ours/quantize_static", "per-tensor/quantize_static"]
+    md_rows = []
     for mode, per_b in table.items():
         for b, v in per_b.items():
             r = ratios[mode][b]
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{v['int8_ours_per_tensor']:.1f}", f"{r['ours/fp32']:.2f}", f"{r['ours/quantize_static']:.2f}",
                      f"{r['per_tensor/quantize_static']:.2f}"]
             out_table.add_row(*cells)
-            md.append("| " + " | ".join(cells) + " |")
+            md_rows.append(cells)
+    md = markdown_table(md_head, md_rows, align="l" + "r" * 10).split("\n")
     console.print(out_table)
     kt = Table(title="kernels ONNX Runtime runs after graph optimization (precise INT8 session)")
     kt.add_column("file")

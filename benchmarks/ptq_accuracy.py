@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import CACHE, RECIPES, stamp, train_fp32
+from common import CACHE, RECIPES, markdown_table, stamp, train_fp32
 from qat_rep import DataSpec, load_dataset, reparameterize
 from qat_rep.ptq import quantize_ptq
 from qat_rep.quant import QuantConfig
@@ -313,7 +313,8 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, m
           f"{recon_text}. {run_text}. "
           "Cells: top-1 % mean ± std over seeds (mean drop vs FP32; the worst seed's drop where it exceeds the "
           "mean by more than 0.5 point).",
-          "", "| model | bits | method | " + " | ".join(recipes) + " |", "|---|---|---|" + "---|" * len(recipes)]
+          ""]
+    md_rows = []
     table = Table(title="PTQ accuracy (digits val)")
     for col in ["model", "bits", "method"] + recipes:
         table.add_column(col)
@@ -328,11 +329,11 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, m
             worst = "" if s is None or s["drop_max"] <= s["drop_mean"] + 0.5 else f", worst {s['drop_max']:+.2f}"
             vals.append("" if s is None else f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} ({s['drop_mean']:+.2f}{worst})"
                         + ("" if s["n"] == 3 else f" n={s['n']}"))
-        md.append(f"| {model} | {bits} | {method} | " + " | ".join(vals) + " |")
+        md_rows.append([model, bits, method, *vals])
         table.add_row(model, bits, method, *vals)
-    md += ["", "| target | held |", "|---|---|"]
-    md += [f"| {t['target']} | {'n/a (not run)' if t['held'] is None else ('yes' if t['held'] else 'NO')} |"
-           for t in targets]
+    md += [markdown_table(["model", "bits", "method", *recipes], md_rows), ""]
+    md.append(markdown_table(["target", "held"], [
+        [t["target"], "n/a (not run)" if t["held"] is None else ("yes" if t["held"] else "NO")] for t in targets]))
     _atomic_write(out.with_suffix(".md"), "\n".join(md) + "\n")
     if not show:
         return

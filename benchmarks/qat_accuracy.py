@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import CACHE, RECIPES, stamp, train_fp32
+from common import CACHE, RECIPES, markdown_table, stamp, train_fp32
 from qat_rep import DataSpec, create_model, load_dataset, reparameterize
 from qat_rep.blocks import RepBlock
 from qat_rep.fuse import fuse_bn_module
@@ -498,16 +498,15 @@ def _memory_table(data: dict[str, Any]) -> list[str]:
     fp = {(m["model"], m["image_size"], m["batch_size"]): m for m in mem if m["route"] == "fp32"}
     head = ["model", "input", "setting", "route", "peak step memory MiB", "× FP32 multi-branch", "step s (probe)",
             "× FP32", "code"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     order = {r: i for i, r in enumerate(ROUTES)}
     for m in sorted(mem, key=lambda m: (m["model"], m["image_size"], m["setting"] or "", order[m["route"]])):
         base = fp.get((m["model"], m["image_size"], m["batch_size"]))
         ratio = f"{m['peak_mib'] / base['peak_mib']:.2f}" if base else ""
         tratio = f"{m['step_s'] / base['step_s']:.2f}" if base else ""
-        lines.append(f"| {m['model']} | {m['image_size']}×{m['image_size']} b{m['batch_size']} | "
-                     f"{m['setting'] or '—'} | {m['route']} | {m['peak_mib']:.1f} | {ratio} | "
-                     f"{m['step_s']:.3f} | {tratio} | {m.get('commit', '')} |")
-    return lines
+        cells.append([m["model"], f"{m['image_size']}×{m['image_size']} b{m['batch_size']}", m["setting"] or "—",
+                      m["route"], f"{m['peak_mib']:.1f}", ratio, f"{m['step_s']:.3f}", tratio, m.get("commit", "")])
+    return markdown_table(head, cells).split("\n")
 
 
 def render(data: dict[str, Any]) -> str:
@@ -518,7 +517,7 @@ def render(data: dict[str, Any]) -> str:
     fp_mem = {m["model"]: m for m in data.get("memory", []) if m["route"] == "fp32"}
     head = ["FP32 recipe", "model", "setting", "route", "seeds", "top-1 deployed (mean ± spread)", "drop vs FP32",
             "unshifted view", "trained = deployed", "s/step", "× eqk", "QAT wall s", "step memory × FP32"]
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     eqk_step = {(r["recipe"], r["model"], r["setting"]): r["step_s"] for r in rows if r["route"] == "eqk"}
     for r in rows:
         if r["setting"] == "FP32":
@@ -532,7 +531,8 @@ def render(data: dict[str, Any]) -> str:
                      f"{r['top1_unshifted']:.2f}", f"{r['agreement']:.1f} %",
                      f"{r['step_s']:.3f}", "" if not e else f"{r['step_s'] / e:.2f}", f"{r['qat_s']:.0f}",
                      "" if not (m and f) else f"{m['peak_mib'] / f['peak_mib']:.2f}"]
-        md.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    md = markdown_table(head, table).split("\n")
     notes = []
     if meta:
         shift = meta.get("val_shift", 1)

@@ -63,6 +63,8 @@ from qat_rep.quant.backend import (
 )
 from qat_rep.export.atomic import write_text_atomic as _atomic_write
 
+from common import markdown_table
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory ratio to fp32", "compile s")
     for c in cols:
         table.add_column(c, justify="right" if c != "mode" else "left")
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md_rows = []
     for r in rows:
         ff = by.get((r["size"], "fuse_first"))
         cells = (f"{r['size']}x{r['size']} b{r['batch']}", r["mode"], f"{r['median_s']:.4f}",
@@ -274,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['memory_ratio_to_fp32']:.2f}" if r["memory_ratio_to_fp32"] is not None else "-",
                  f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-")
         table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
+        md_rows.append(cells)
+    md = markdown_table(cols, md_rows).split("\n")
     console.print(table)
     targets = _targets(by, sizes)
     for name, ok in targets.items():

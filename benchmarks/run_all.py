@@ -26,7 +26,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+from qat_rep.export.atomic import atomic_file
 from qat_rep.export.atomic import write_text_atomic as _atomic_write
+
+from common import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -104,8 +108,8 @@ def collect_recipe(out: Path, name: str) -> None:
             f"{secs.get('cpu', float('nan')):.0f} s_")
     _atomic_write(RESULTS / f"{name}.md", note + "\n\n" + table + f"\n\n![{name}](benchmarks/results/{name}.png)\n")
     _atomic_write(RESULTS / f"{name}.json", json.dumps(results, indent=2) + "\n")
-    shutil.copyfile(out / "accuracy.png", RESULTS / f".{name}.png.tmp")
-    os.replace(RESULTS / f".{name}.png.tmp", RESULTS / f"{name}.png")
+    with atomic_file(RESULTS / f"{name}.png") as tmp:
+        shutil.copyfile(out / "accuracy.png", tmp)
 
 
 def results_section(results_dir: Path = RESULTS) -> str:
@@ -147,16 +151,16 @@ def problem_table(results_dir: Path = RESULTS) -> str | None:
     lines = [PROBLEM_START,
              "The problem, from our own benchmark (`python benchmarks/ptq_accuracy.py`: A0 models trained on the "
              "embedded digits with " + " and ".join(describe(r) for r in recipes) + "; top-1 % on the validation "
-             "split, mean over seeds; CFWS is the fix for plain PTQ):", "",
-             "| top-1 % | recipe | " + " | ".join(head) + " |", "| --- | --- |" + " --- |" * len(head)]
+             "split, mean over seeds; CFWS is the fix for plain PTQ):", ""]
+    rows = []
     for model in ("repvgg_a0", "qarepvgg_a0"):
         for r in recipes:
             vals = []
             for b, m in PROBLEM_COLUMNS:
                 s = cell.get((r, model, b, m))
                 vals.append("n/a" if s is None else f"{s['acc_mean']:.2f}")
-            lines.append(f"| {names[model]} | {r} | " + " | ".join(vals) + " |")
-    lines.append(PROBLEM_END)
+            rows.append([names[model], r, *vals])
+    lines += [markdown_table(["top-1 %", "recipe", *head], rows), PROBLEM_END]
     return "\n".join(lines)
 
 

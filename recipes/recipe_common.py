@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from qat_rep import DataSpec, create_model, load_dataset
-from qat_rep.export.atomic import write_text_atomic
+from qat_rep.export.atomic import atomic_file, write_text_atomic
 
 log = logging.getLogger("qat_rep.recipes")
 console = Console(stderr=False, highlight=False)
@@ -415,15 +414,11 @@ def plot_accuracy(rows: Sequence[ResultRow], path: str | os.PathLike, title: str
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
