@@ -3,9 +3,9 @@
 For every (block, seed) this runs ``recipes/qat_yolov6.py`` in its own process (FP32 training → plain minmax W8A8
 PTQ with per-channel and per-tensor weights → QAT with the default callback and shared scales → QDQ ONNX → ONNX
 Runtime) and tabulates mAP@0.5:0.95 and mAP@0.5 per stage as the mean over seeds with the spread
-((max − min) / 2), then checks the issue's targets on the means. The table and the JSON are rewritten (atomically)
-after every finished run, so an interrupted benchmark leaves a valid partial table; a run whose ``results.json`` in
-``--out`` was written with the same settings is reused, not repeated (``--no-resume`` repeats it).
+((max − min) / 2), then checks its targets (:func:`targets`) on the means. The table and the JSON are rewritten
+(atomically) after every finished run, so an interrupted benchmark leaves a valid partial table; a run whose
+``results.json`` in ``--out`` was written with the same settings is reused, not repeated (``--no-resume`` repeats it).
 
     python benchmarks/det_accuracy.py                          # writes benchmarks/results/det_accuracy.{json,md}
     python benchmarks/det_accuracy.py --seeds 0 1 2 --epochs 12 --qat-epochs 2 --jobs 2
@@ -31,7 +31,7 @@ RECIPE = ROOT / "recipes" / "qat_yolov6.py"
 STAGES = (("fp32", "FP32"), ("ptq_w8a8_per_channel", "PTQ minmax W8A8, per-channel weights"),
           ("ptq_w8a8_per_tensor", "PTQ minmax W8A8, per-tensor weights"), ("qat_w8a8", "QAT W8A8 (fake quant)"),
           ("ort_int8", "ONNX Runtime INT8 (QDQ file)"))
-#: the issue's targets, in mAP points (0-100)
+#: the targets this benchmark checks, in mAP points (0-100)
 QAT_VS_FP32 = 0.5
 ORT_VS_FAKE_QUANT = 0.2
 
@@ -58,7 +58,7 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def targets(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The issue's targets on the seed means: QAT within 0.5 of FP32 and ONNX Runtime within 0.2 of fake quant
+    """The targets on the seed means: QAT within 0.5 of FP32 and ONNX Runtime within 0.2 of fake quant
     (mAP@0.5:0.95 points, per block), RepVGG-block PTQ losing more than QARep-block PTQ against their own FP32
     models (the block types' FP32 models differ); plus the TensorRT-layout checks."""
     out = []

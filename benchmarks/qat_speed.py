@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _targets(by: dict, sizes: list[tuple[int, int]]) -> dict[str, bool | None]:
-    """The issue's targets, each over every size (``None`` when a needed row was not run)."""
+    """The targets this benchmark checks, each over every size (``None`` when a needed row was not run)."""
     def check(mode: str, ref: str, key: str, bound: float, op=lambda a, b: a <= b) -> bool | None:
         vals = []
         for size, _ in sizes:

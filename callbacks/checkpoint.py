@@ -2,7 +2,8 @@
 
 ``LightningModule.load_from_checkpoint`` builds the module from its saved hyper-parameters and loads the state dict
 strictly; a QAT checkpoint's state dict has quantizer keys (``..._input_quantizer._amax``) that a freshly built
-module does not, so it fails (the complaint that sank Lightning 1.x's QAT callback, #6457).
+module does not, so it fails (the complaint that sank Lightning 1.x's QAT callback: issue 6457 of
+Lightning-AI/pytorch-lightning on GitHub).
 :func:`load_qat_checkpoint` reads the ``QuantConfig`` and schedule position that :class:`RepQATCallback` stored in
 the checkpoint and inserts the same quantizers before the weights are loaded — through Lightning's own loader, so
 hyper-parameters, ``configure_model`` and the module's ``on_load_checkpoint`` behave exactly as usual.

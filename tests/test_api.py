@@ -144,3 +144,16 @@ def test_shared_script_module_all_is_current(shared, folder):
                 if shared == "recipe_common" or node.value.id == shared:
                     taken.add(node.attr)
     assert taken <= set(module.__all__), sorted(taken - set(module.__all__))
+
+
+def test_comments_cite_only_what_a_reader_can_find():
+    # no notes files outside the repository, no bare issue numbers ("#5"), no "the issue's target": a reference
+    # names the file in this repository, or the other project and its issue
+    pattern = re.compile(r"(?<![\w&/])#\d+\b|\b(?:FACTS|DESIGN|STYLE)\.md\b|\bthe issue(?:'s)?\b", re.IGNORECASE)
+    found = []
+    for folder in ("qat_rep", "callbacks", "recipes", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not found, "\n".join(found)

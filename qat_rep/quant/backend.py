@@ -6,7 +6,7 @@ Why subclasses instead of the library's classes as they are (the library keeps s
   depend on whether it was calibrated, and loading an ``_amax`` into a quantizer without one calls ``.cuda()``.
   Our :class:`TensorQuantizer` registers ``_amax`` at construction, filled with NaN until calibrated: the keys
   depend only on the architecture and the config, and "never calibrated" travels with the state dict.
-* An uncalibrated quantizer fails with ``'TensorQuantizer' object has no attribute '_amax'`` (issue #439). Ours
+* An uncalibrated quantizer fails with ``'TensorQuantizer' object has no attribute '_amax'``. Ours
   raises :class:`NotCalibratedError` naming the layer and the fix.
 * The fake quantization runs through ``torch.fake_quantize_per_{tensor,channel}_affine`` (one fused CPU/GPU kernel
   with a clipped straight-through gradient) instead of the library's Python composition: same numbers
