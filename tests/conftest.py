@@ -7,6 +7,8 @@
   where no GPU is present; ``python -m pytest -q -m cuda`` runs it on a GPU machine.
 
 Helper functions (``randomize_bn``, ``tiny_rep_net``, ``calib_batches``, ``PicklePayload``) are in ``helpers.py``.
+``recipes/`` and ``benchmarks/`` are on ``sys.path`` for the tests that import a script's module, as they are for the
+scripts themselves; ``qat_rep.callbacks`` comes from this checkout even beside an install of another one.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # qat_rep from the install, as for a user
     return subprocess.run([sys.executable, "recipes/qat_yolov6.py", *args, "--threads", "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
