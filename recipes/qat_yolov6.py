@@ -20,8 +20,9 @@ boxes are decoded and NMS'd after the file, in :mod:`qat_rep.detection.boxes`.
 Options: ``--distill`` adds YOLOv6's channel-wise distillation (KL of each channel's spatial softmax) from the FP32
 model on the three neck outputs during QAT (:class:`qat_rep.callbacks.DistillConfig`, added to the gradient, the
 training step untouched). ``--sensitivity N`` ranks every quantized layer by the mAP it costs when quantized alone
-on N validation images (:func:`qat_rep.ptq.sensitivity_report` with a ``metric``; the ranking goes into ``results.json`` and ``report.md``), and
-``--keep-float K`` keeps the K costliest in floating point during QAT (``QuantConfig.skip``).
+on N validation images (:func:`qat_rep.ptq.sensitivity_report` with a ``metric``; the ranking goes into
+``results.json`` and ``report.md``), and ``--keep-float K`` keeps the K costliest in floating point during QAT
+(``QuantConfig.skip``).
 
 The LightningModule :class:`YOLOv6Detector` is meant to be copied: training on the raw outputs with
 :class:`qat_rep.detection.loss.DetectionLoss`, validation mAP@0.5:0.95 and mAP@0.5 from the decoded, NMS'd boxes.
