@@ -5,6 +5,7 @@ Run from the repository root::
     python recipes/qat_yolov6.py                       # yolov6_n, QARep-V2 blocks, the embedded digits detection set
     python recipes/qat_yolov6.py --block repvgg        # the same with plain RepVGG blocks
     python recipes/qat_yolov6.py --data ~/my_yolo_set --ckpt upstream_yolov6n.pt-state-dict.safetensors
+    python recipes/qat_yolov6.py --distill --sensitivity 128 --keep-float 3
 
 Steps: (1) train the FP32 detector on the embedded detection set (digits pasted on 64×64 canvases) or a YOLO-format
 folder, or load ``--ckpt`` (a state dict with upstream keys, read with ``weights_only=True``); (2) plain minmax W8A8
@@ -16,10 +17,18 @@ calibration: :func:`qat_rep.quant.share_input_scales`); (4) QDQ ONNX files in bo
 shared-scale violations and Q/DQ on every conv; ``onnxruntime``: run in ONNX Runtime) holding the raw head outputs —
 boxes are decoded and NMS'd after the file, in :mod:`qat_rep.detection.boxes`.
 
+Options: ``--distill`` adds YOLOv6's channel-wise distillation (KL of each channel's spatial softmax) from the FP32
+model on the three neck outputs during QAT (:class:`qat_rep.callbacks.DistillConfig`, added to the gradient, the
+training step untouched). ``--sensitivity N`` ranks every quantized layer by the mAP it costs when quantized alone
+on N validation images (:func:`qat_rep.ptq.sensitivity_report` with a ``metric``; the ranking goes into
+``results.json`` and ``report.md``), and ``--keep-float K`` keeps the K costliest in floating point during QAT
+(``QuantConfig.skip``).
+
 The LightningModule :class:`YOLOv6Detector` is meant to be copied: training on the raw outputs with
 :class:`qat_rep.detection.loss.DetectionLoss`, validation mAP@0.5:0.95 and mAP@0.5 from the decoded, NMS'd boxes.
-Everything lands in ``--out`` (default ``out/qat_yolov6-<block>``): ``model_trt.onnx``, ``model_ort.onnx``,
-``results.json``.
+Everything lands in ``--out`` (default ``out/qat_yolov6-<block>``): ``fp32.safetensors`` (the FP32 weights, upstream
+keys: ``--ckpt`` takes it back), ``model_trt.onnx``, ``model_ort.onnx``, ``qat_fit/`` (the QAT deploy artifact),
+``results.json``, ``report.md`` and ``map.png``.
 """
 
 from __future__ import annotations
@@ -150,6 +159,95 @@ def ptq(model: torch.nn.Module, batches: list[Tensor], config: QuantConfig) -> t
     return q
 
 
+#: the neck outputs (strides 8, 16, 32) that --distill matches channel-wise to the FP32 teacher's
+NECK_OUTPUTS = ("neck.Rep_p3", "neck.Rep_n3", "neck.Rep_n4")
+STAGE_LABELS = {"fp32": "FP32", "ptq_w8a8_per_channel": "PTQ W8A8 (per-channel W)",
+                "ptq_w8a8_per_tensor": "PTQ W8A8 (per-tensor W)", "qat_w8a8": "QAT W8A8 (fake quant)",
+                "ort_int8": "ONNX Runtime INT8"}
+
+
+def load_state(path: Path) -> dict[str, Tensor]:
+    """A state dict from safetensors or a ``torch.save`` file (``weights_only=True``: nothing is unpickled), with a
+    ``"model"``/``"state_dict"`` wrapper removed."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def save_state(model: torch.nn.Module, path: Path) -> Path:
+    """The model's state dict (upstream keys) as safetensors, written atomically."""
+    from safetensors.torch import save
+
+    from qat_rep.export.atomic import write_bytes_atomic
+
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    return write_bytes_atomic(path, save(state, metadata={"format": "pt"}))
+
+
+def map_sensitivity(model: torch.nn.Module, calib: list[Tensor], val: Any, images: int,
+                    config: QuantConfig) -> list[Any]:
+    """Every quantized layer ranked by the mAP@0.5:0.95 it costs when quantized alone (``config``, the QAT
+    config), on the first ``images`` validation images: one mAP evaluation per layer."""
+    from qat_rep.ptq import sensitivity_report
+
+    subset, n = [], 0
+    for x, targets in val:
+        take = min(len(x), images - n)
+        subset.append((x[:take], targets[targets[:, 0] < take]))
+        n += take
+        if n >= images:
+            break
+    return sensitivity_report(copy.deepcopy(model).eval(), [(x,) for x in calib], config,
+                              metric=lambda m: evaluate_map(m, subset)["map"])
+
+
+def plot_map(results: dict[str, Any], path: Path, title: str) -> Path:
+    """A bar chart of mAP@0.5:0.95 and mAP@0.5 per stage, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qat_rep.export.atomic import atomic_file
+
+    stages = [k for k in STAGE_LABELS if k in results["map"]]
+    fig, ax = plt.subplots(figsize=(7.2, 3.8), dpi=110)
+    for i, (key, label) in enumerate((("map", "mAP@0.5:0.95"), ("map_50", "mAP@0.5"))):
+        vals = [results["map"][s][key] * 100 for s in stages]
+        bars = ax.bar([j + (i - 0.5) * 0.38 for j in range(len(stages))], vals, 0.38, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(stages)), [STAGE_LABELS[s] for s in stages], fontsize=7, rotation=12)
+    ax.set_ylabel("mAP (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    """The report's table: mAP per stage, and the sensitivity ranking when there is one."""
+    lines = ["| stage | mAP@0.5:0.95 | mAP@0.5 |", "|---|---:|---:|"]
+    lines += [f"| {label} | {results['map'][k]['map'] * 100:.2f} | {results['map'][k]['map_50'] * 100:.2f} |"
+              for k, label in STAGE_LABELS.items() if k in results["map"]]
+    lines += ["", f"TensorRT-layout file: {len(results['shared_scale_violations'])} shared-scale violation(s); "
+              f"convs with Q/DQ {results['trt_convs_with_qdq'][0]}/{results['trt_convs_with_qdq'][1]}."]
+    if results.get("keep_float"):
+        lines.append(f"Kept in floating point during QAT (costliest by mAP): {', '.join(results['keep_float'])}.")
+    if results.get("sensitivity"):
+        lines += ["", "| layer (quantized alone) | mAP@0.5:0.95 drop | output MSE |", "|---|---:|---:|"]
+        lines += [f"| {r['name']} | {r['map_drop'] * 100:+.2f} | {r['mse']:.3g} |" for r in results["sensitivity"][:15]]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="yolov6_n", choices=["yolov6_n", "yolov6_s"])
@@ -165,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out/qat_yolov6-{block}")
+    p.add_argument("--distill", action="store_true",
+                   help="channel-wise distillation from the FP32 model on the neck outputs during QAT")
+    p.add_argument("--sensitivity", type=int, default=0, metavar="N",
+                   help="rank the quantized layers by the mAP each costs alone, on N validation images (0: off)")
+    p.add_argument("--keep-float", type=int, default=0, metavar="K",
+                   help="keep the K layers that cost most mAP in floating point during QAT (needs --sensitivity)")
     p.add_argument("--fast", action="store_true", help="a tiny run for tests (few images, one short epoch each)")
     return p
 
@@ -174,6 +278,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.epochs < 0 or args.qat_epochs < 1 or args.batch_size < 1 or args.threads < 1:
         parser.error("--epochs must be >= 0 and --qat-epochs, --batch-size, --threads >= 1")
+    if args.sensitivity < 0 or args.keep_float < 0:
+        parser.error("--sensitivity and --keep-float must be >= 0")
+    if args.keep_float and not args.sensitivity:
+        parser.error("--keep-float K needs --sensitivity N (the ranking it keeps the top K of)")
+    if args.ckpt and not Path(args.ckpt).is_file():
+        parser.error(f"--ckpt {args.ckpt}: no such file")
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     out = Path(args.out.format(block=args.block))
@@ -192,11 +302,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       default_root_dir=str(out))
     if args.ckpt:
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        module.model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state, strict=True)
+        module.model.load_state_dict(load_state(Path(args.ckpt)), strict=True)
     elif args.epochs:
         pl.Trainer(max_epochs=args.epochs, limit_train_batches=2 if args.fast else None, **trainer_kw).fit(
             module, train)
+    save_state(module.model, out / "fp32.safetensors")
     times["fp32"] = time.time() - t0
     results: dict[str, Any] = {"model": args.model, "block": args.block, "seed": args.seed,
                                "data": args.data, "image_size": args.image_size, "args": vars(args), "map": {}}
@@ -205,15 +315,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for gran in ("per_channel", "per_tensor"):
         q = ptq(module.model, calib, QuantConfig(w_granularity=gran))
         results["map"][f"ptq_w8a8_{gran}"] = evaluate_map(q, val)
+    config = QuantConfig()
+    if args.sensitivity:
+        t0 = time.time()
+        rows = map_sensitivity(module.model, calib, val, args.sensitivity, config)
+        times["sensitivity"] = time.time() - t0
+        results["sensitivity"] = [{"name": r.name, "skip_name": r.skip_name, "map_drop": r.metric_drop,
+                                   "mse": r.mse} for r in rows]
+        results["keep_float"] = [r.skip_name for r in rows[:args.keep_float]]
+        # the callback prepares the LightningModule: its layer names start with the attribute holding the detector
+        config = QuantConfig(skip=tuple(f"model.{n}" for n in results["keep_float"]))
     t0 = time.time()
-    from qat_rep.callbacks import RepQATCallback
+    from qat_rep.callbacks import DistillConfig, RepQATCallback
 
     qat = copy.deepcopy(module)
     qat.hparams.lr = args.qat_lr
-    cb = RepQATCallback(QuantConfig(), onnx=None, compare_fp32=False, progress=False, export_dir=str(out / "qat_fit"))
-    pl.Trainer(max_epochs=args.qat_epochs, limit_train_batches=2 if args.fast else None, callbacks=[cb],
-               **trainer_kw).fit(qat, train)
+    distill = {}
+    if args.distill:
+        distill = dict(teacher=copy.deepcopy(module.model).eval(),
+                       distill=DistillConfig(logit_weight=0.0, student="model",
+                                             features={f"model.{n}": n for n in NECK_OUTPUTS}))
+    cb = RepQATCallback(config, onnx=None, compare_fp32=False, progress=False, export_dir=str(out / "qat_fit"),
+                        **distill)
+    trainer = pl.Trainer(max_epochs=args.qat_epochs, limit_train_batches=2 if args.fast else None, callbacks=[cb],
+                         **trainer_kw)
+    trainer.fit(qat, train)
     times["qat"] = time.time() - t0
+    if args.distill:  # the last step's channel-wise KL, summed over the three neck outputs
+        results["kd_feature"] = float(trainer.callback_metrics["qat/kd_feature"])
     results["map"]["qat_w8a8"] = evaluate_map(qat.model, val)
     export_model = copy.deepcopy(qat.model).eval()
     export_model.export = True
@@ -227,7 +356,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["map"]["ort_int8"] = evaluate_onnx_map(ort.path, val, qat.model.strides, len(names))
     results["seconds"] = {k: round(v, 1) for k, v in times.items()}
     common.atomic_write_json(out / "results.json", results)
-    print(json.dumps(results, indent=2))
+    title = f"{args.model} ({args.block} blocks), seed {args.seed}, {args.data}"
+    plot_map(results, out / "map.png", title)
+    common.write_report(out / "report.md", title, [("mAP per stage", report_markdown(results)),
+                                                   ("Seconds", json.dumps(results["seconds"]))])
+    print(report_markdown(results))
     return results
 
 

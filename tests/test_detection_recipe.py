@@ -40,6 +40,35 @@ def test_fast_run_writes_every_stage(tmp_path):
     assert [o.name for o in graph.output] == ["output0", "output1", "output2"]  # raw outputs: decoding is outside
 
 
+@pytest.mark.slow
+def test_sensitivity_keep_float_and_distillation(tmp_path):
+    out = tmp_path / "run"
+    proc = _run("--fast", "--epochs", "1", "--qat-epochs", "1", "--batch-size", "16", "--out", str(out),
+                "--sensitivity", "16", "--keep-float", "2", "--distill")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    rows = res["sensitivity"]
+    assert len(rows) == 69  # every Conv2d of the fused detector quantized alone (the 2 upsampling ConvTranspose2d
+    # are not post-training-quantization layers)
+    drops = [r["map_drop"] for r in rows]
+    assert drops == sorted(drops, reverse=True) and all(-1.0 <= d <= 1.0 for d in drops)
+    assert res["keep_float"] == [r["skip_name"] for r in rows[:2]]
+    # the two kept layers have no quantized weight in the deployed file; every other conv has Q/DQ
+    assert res["trt_convs_with_qdq"] == [69, 71]
+    assert res["kd_feature"] > 0  # the channel-wise KL against the FP32 teacher was computed and is not trivial
+    assert (out / "report.md").read_text().count("| ") > 10 and (out / "map.png").stat().st_size > 0
+    # the FP32 weights written beside the run load back, strictly, into a fresh run that skips FP32 training
+    again = _run("--fast", "--epochs", "0", "--qat-epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "re"),
+                 "--ckpt", str(out / "fp32.safetensors"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "re" / "results.json").read_text())["map"]["fp32"] == res["map"]["fp32"]
+
+
+def test_keep_float_without_sensitivity_exits_2(tmp_path):
+    proc = _run("--fast", "--keep-float", "2", "--out", str(tmp_path / "out"), timeout=600)
+    assert proc.returncode == 2 and "--keep-float K needs --sensitivity N" in proc.stderr
+
+
 def test_bad_data_folder_exits_2_with_one_line(tmp_path):
     proc = _run("--fast", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), timeout=600)
     assert proc.returncode == 2

@@ -73,6 +73,46 @@ def test_sensitivity_report_leaves_the_model_untouched() -> None:
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
+def test_sensitivity_by_a_task_metric_ranks_the_layer_that_costs_the_metric_first() -> None:
+    # block 2 gets one weight 50x larger than the rest: with per-tensor 4-bit weights every other weight of its
+    # fused kernel rounds to 0, so quantizing that layer alone wrecks the predictions
+    m = tiny()
+    with torch.no_grad():
+        m[2].rbr_dense.conv.weight[0, 0, 1, 1] = 50 * m[2].rbr_dense.conv.weight.abs().max()
+    x = torch.cat([b[0] for b in data()])
+
+    def classes(out: torch.Tensor) -> torch.Tensor:  # class priors removed: the random net's raw argmax is one class
+        return (out - out.mean(0)).argmax(1)
+
+    with torch.no_grad():
+        labels = classes(m(x))
+    assert len(labels.unique()) == 4
+    calls = []
+
+    def agreement(model: nn.Module) -> float:  # the task metric: top-1 agreement with the float model
+        calls.append(model.training)
+        with torch.no_grad():
+            return float((classes(model(x)) == labels).float().mean())
+
+    cfg = QuantConfig(w_bits=4, a_bits=8, w_granularity="per_tensor")
+    rows = sensitivity_report(m, data(), cfg, metric=agreement)
+    assert len(calls) == len(rows) + 1 and not any(calls)  # the float reference, then one call per layer, eval mode
+    drops = [r.metric_drop for r in rows]
+    assert drops == sorted(drops, reverse=True)
+    assert rows[0].name == "2.rbr_reparam" and rows[0].skip_name == "2" and rows[0].metric_drop > 0.3
+    assert all(d < rows[0].metric_drop for d in drops[1:])
+    assert [r.name for r in rows] != [r.name for r in sorted(rows, key=lambda r: -r.mse)]  # the metric ranks
+    assert {r.name: r.skip_name for r in rows}["6"] == "6"  # the classifier: not a rep block
+    assert all(r.metric_drop is None for r in sensitivity_report(m, data(), cfg))  # MSE only without a metric
+    # the skip name keeps exactly that block float, and the quantized model gets its predictions back
+    hit = {}
+    for skip in ((), (rows[0].skip_name,)):
+        q, rep = quantize_ptq(copy.deepcopy(m), data(), dataclasses.replace(cfg, skip=skip), method="minmax")
+        hit[skip] = agreement(q)
+    assert "2.rbr_reparam" not in rep.layers
+    assert hit[(rows[0].skip_name,)] > hit[()]
+
+
 def test_skip_keeps_a_block_float() -> None:
     q, rep = quantize_ptq(tiny(), data(), QuantConfig(skip=("1",)), method="minmax")
     assert "1.rbr_reparam" not in rep.layers

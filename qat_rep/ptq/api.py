@@ -304,15 +304,21 @@ def _check_ptq_config(config: QuantConfig) -> None:
 
 def sensitivity_report(model: nn.Module, calib_loader: Iterable[Any], config: QuantConfig | None = None, *,
                        calibrator: str | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
-                       bins: int = 2048, act_guard: bool = True) -> list[LayerSensitivity]:
+                       bins: int = 2048, act_guard: bool = True,
+                       metric: Callable[[nn.Module], float] | None = None) -> list[LayerSensitivity]:
     """Per-layer sensitivity of a float model (not modified): each layer quantized alone, output MSE/SQNR.
 
     Layer names are those of the fused model (``stage1.0.rbr_reparam``; put the block name ``stage1.0`` in
     ``QuantConfig.skip`` to keep it float — the QAT callback and :func:`quantize_ptq` both accept that).
     Activation thresholds as in :func:`quantize_ptq` (``calibrator``, default ``config.calibrator``; ``act_guard``),
     on ``config.calib_batches`` batches.
+
+    ``metric``: a task score of the model (``fn(model) -> float``, higher is better, e.g. mAP on a validation
+    subset; the model is in eval mode and returns what the float model returns). Each layer is then also scored by
+    the metric it costs when quantized alone (``LayerSensitivity.metric_drop``), and the rows are ranked by that.
+    One evaluation per layer: keep the metric's data small.
     """
     ctx = _prepare(copy.deepcopy(model), calib_loader, config, MinMaxConfig(), forward, bins, act_guard, False,
                    "sensitivity")
     ctx.calibrate_activations(calibrator or ctx.config.calibrator)
-    return layer_sensitivity(ctx.model, ctx.batches, ctx.forward)
+    return layer_sensitivity(ctx.model, ctx.batches, ctx.forward, metric)
