@@ -190,8 +190,8 @@ def parse_bits(text: str) -> list[int]:
 
 
 def base_parser(description: str, *, epochs: int, qat_epochs: int | None, out: str, bits: str = "8",
-                block: str | None = "qarepvgg", blocks: Sequence[str] = ("qarepvgg", "repvgg")
-                ) -> argparse.ArgumentParser:
+                block: str | None = "qarepvgg", blocks: Sequence[str] = ("qarepvgg", "repvgg"),
+                image_size: int | None = 32) -> argparse.ArgumentParser:
     """The flags every recipe shares; each one documented for ``--help`` (``qat_epochs=None``: no QAT stage)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=int, default=epochs,
@@ -213,9 +213,13 @@ def base_parser(description: str, *, epochs: int, qat_epochs: int | None, out: s
     p.add_argument("--fast", action="store_true",
                    help="smoke-test mode: tiny model, few batches and epochs (about a minute or two)")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, data order)")
+    if image_size is not None:
+        p.add_argument("--image-size", type=int, default=image_size,
+                       help="input size in pixels (images are resized to it; the embedded digits are 8x8 originally)")
     if block is not None:
         p.add_argument("--block", default=block, choices=list(blocks),
                        help="rep block type: qarepvgg (QARepVGG, quantization-friendly), repvgg (plain RepVGG)"
+                            + (", both (one model of each, compared)" if "both" in blocks else "")
                             + (", qarepvggv2 (QARepVGG-V2, with an avg-pool branch)" if "qarepvggv2" in blocks
                                else ""))
     p.add_argument("--threads", type=int, default=0,
@@ -235,6 +239,8 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(f"--ckpt {args.ckpt!r} is not a file")
     if args.epochs == 0 and args.ckpt is None:
         parser.error("--epochs 0 needs --ckpt (a trained FP32 model to start from)")
+    if getattr(args, "image_size", 32) < 8:
+        parser.error(f"--image-size must be >= 8, got {args.image_size}")
     if getattr(args, "calib_batches", 1) < 1:
         parser.error(f"--calib-batches must be >= 1, got {args.calib_batches}")
     if getattr(args, "model", "") is None:
@@ -260,6 +266,9 @@ def prepare_run(args: argparse.Namespace) -> Path:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # an upstream deprecation inside Lightning's own pytree helper (not actionable here); recipes only — the library
+    # never filters its users' warnings
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,22 +278,42 @@ def prepare_run(args: argparse.Namespace) -> Path:
 def make_trainer(args: argparse.Namespace, out: Path, *, max_epochs: int, callbacks: Sequence[Any] = (),
                  name: str = "fit", limit_batches: int | float | None = None,
                  enable_progress: bool = True) -> pl.Trainer:
-    """A CPU Trainer writing its CSV logs under ``out/logs/<name>``, with rich progress, no automatic checkpoints
-    (recipes save the checkpoints they document)."""
+    """A CPU Trainer writing its CSV logs under ``out/logs/<name>``, no automatic checkpoints (recipes save the
+    checkpoints they document), and progress: a rich bar on a terminal, one line per epoch otherwise (a log file)."""
     from pytorch_lightning.callbacks import RichProgressBar
     from pytorch_lightning.loggers import CSVLogger
 
     cbs = list(callbacks)
     if enable_progress:
-        cbs.append(RichProgressBar(leave=False))
+        cbs.append(RichProgressBar(leave=False) if console.is_terminal else EpochLines(name))
     kw: dict[str, Any] = {}
     if limit_batches is not None:
         kw.update(limit_train_batches=limit_batches, limit_val_batches=limit_batches)
     return pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy=args.strategy, max_epochs=max_epochs,
         callbacks=cbs, logger=CSVLogger(str(out / "logs"), name=name), enable_checkpointing=False,
-        enable_model_summary=False, deterministic=False, num_sanity_val_steps=0, log_every_n_steps=5, **kw,
+        enable_model_summary=False, deterministic=False, num_sanity_val_steps=0, log_every_n_steps=5,
+        enable_progress_bar=enable_progress and console.is_terminal, **kw,
     )
+
+
+class EpochLines(pl.Callback):
+    """Progress for a log file: one plain line per finished epoch (epoch, time, the logged metrics), rank 0 only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = " ".join(f"{k} {float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items())
+                           if getattr(v, "numel", lambda: 1)() == 1)
+        console.print(f"{self.name}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
+                      f"({time.perf_counter() - self.t0:.0f} s) {metrics}", soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -378,21 +407,36 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def results_table(rows: Sequence[ResultRow], title: str, metric: str = "top-1 %") -> Table:
-    """The rows as a rich table."""
+def _columns(rows: Sequence[ResultRow], metric: str, extra_columns: Sequence[str]
+             ) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    """(header, justification) pairs and cell texts shared by the rich and the markdown table."""
+    setting = any("setting" in r.extra for r in rows)
+    cols = [(c, "left") for c in extra_columns] + [("method", "left"), ("setting" if setting else "bits", "left"),
+                                                    (metric, "right"), ("latency ms", "right"), ("notes", "left")]
+    cells = [[str(r.extra.get(c, "")) for c in extra_columns]
+             + [r.method, str(r.extra.get("setting", r.bits)), _fmt(r.accuracy), _fmt(r.latency_ms), r.notes]
+             for r in rows]
+    return cols, cells
+
+
+def results_table(rows: Sequence[ResultRow], title: str, metric: str = "top-1 %",
+                  extra_columns: Sequence[str] = ()) -> Table:
+    """The rows as a rich table (``extra_columns``: keys of ``ResultRow.extra`` shown first)."""
     t = Table(title=title)
-    for col, just in (("method", "left"), ("bits", "left"), (metric, "right"), ("latency ms", "right"),
-                      ("notes", "left")):
+    cols, cells = _columns(rows, metric, extra_columns)
+    for col, just in cols:
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for r in rows:
-        t.add_row(r.method, r.bits, _fmt(r.accuracy), _fmt(r.latency_ms), r.notes)
+    for c in cells:
+        t.add_row(*c)
     return t
 
 
-def results_markdown(rows: Sequence[ResultRow], metric: str = "top-1 %") -> str:
-    """The rows as a GitHub markdown table."""
-    lines = [f"| method | bits | {metric} | latency ms | notes |", "|---|---|---:|---:|---|"]
-    lines += [f"| {r.method} | {r.bits} | {_fmt(r.accuracy)} | {_fmt(r.latency_ms)} | {r.notes} |" for r in rows]
+def results_markdown(rows: Sequence[ResultRow], metric: str = "top-1 %", extra_columns: Sequence[str] = ()) -> str:
+    """The rows as a GitHub markdown table (``extra_columns``: keys of ``ResultRow.extra`` shown first)."""
+    cols, cells = _columns(rows, metric, extra_columns)
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |",
+             "|" + "|".join("---:" if j == "right" else "---" for _, j in cols) + "|"]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines)
 
 
@@ -427,6 +471,14 @@ def plot_accuracy(rows: Sequence[ResultRow], path: str | os.PathLike, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
     os.close(fd)
@@ -524,12 +576,14 @@ def load_classifier(path: str | os.PathLike, **module_kwargs: Any) -> ImageClass
 
 
 def classifier_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
-    """ImageClassifier arguments from the recipe flags (``--model``, ``--block``, ``--lr``)."""
-    return dict(model_name=f"{args.block}_{args.model}", num_classes=num_classes, small_input=False, lr=args.lr)
+    """ImageClassifier arguments from the recipe flags (``--model``, ``--block``, ``--lr``, ``--image-size``: below
+    32 pixels the first block keeps the resolution, as for CIFAR-sized inputs)."""
+    return dict(model_name=f"{args.block}_{args.model}", num_classes=num_classes,
+                small_input=getattr(args, "image_size", 32) < 32, lr=args.lr)
 
 
 def train_or_load_fp32(args: argparse.Namespace, dm: ImageDataModule, out: Path, sw: Stopwatch,
-                       limit_batches: int | None = None) -> ImageClassifier:
+                       limit_batches: int | None = None, label: str = "FP32 training") -> ImageClassifier:
     """The FP32 starting point: ``--ckpt`` when given, else ``--epochs`` of training saved to ``out/fp32.ckpt``."""
     kwargs = classifier_kwargs(args, dm.num_classes)
     if args.ckpt:
@@ -537,7 +591,7 @@ def train_or_load_fp32(args: argparse.Namespace, dm: ImageDataModule, out: Path,
             module = load_classifier(args.ckpt, **kwargs)
             console.print(f"loaded FP32 model from [bold]{args.ckpt}[/] ({module.hparams.model_name})")
         return module
-    with sw("FP32 training"):
+    with sw(label):
         module = ImageClassifier(**kwargs)
         trainer = make_trainer(args, out, max_epochs=args.epochs, name="fp32", limit_batches=limit_batches)
         trainer.fit(module, datamodule=dm)
