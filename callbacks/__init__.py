@@ -8,7 +8,7 @@ Thin by design: every callback here delegates to the torch-only core in :mod:`qa
 * :class:`DistillConfig` — logit and channel-wise feature distillation from an FP32 teacher.
 """
 
-from .checkpoint import load_qat_checkpoint
+from .checkpoint import load_qat_checkpoint, weights_only_errors
 from .distill import DistillConfig, channel_kd_loss, logit_kd_loss
 from .metrics import quantizers_disabled
 from .rep_qat import STATE_KEY, RepQATCallback, config_mismatch, read_callback_state
@@ -16,6 +16,7 @@ from .rep_qat import STATE_KEY, RepQATCallback, config_mismatch, read_callback_s
 __all__ = [
     "RepQATCallback",
     "load_qat_checkpoint",
+    "weights_only_errors",
     "DistillConfig",
     "logit_kd_loss",
     "channel_kd_loss",

@@ -1,6 +1,6 @@
 """Knowledge distillation from an FP32 teacher during QAT, without touching the user's ``training_step``.
 
-YOLOv6 needed distillation to recover accuracy in QAT (FACTS.md §3): logit KD with a temperature and channel-wise
+YOLOv6 needed distillation to recover accuracy in QAT: logit KD with a temperature and channel-wise
 feature distillation (KL of the per-channel spatial softmax). Here both are added to the gradient, not to the
 returned loss: a forward hook on the student records its inputs, runs the teacher on the same inputs, and registers
 a gradient hook on the student's output (and on each chosen feature map) that adds ``d(weight · KD)/d(output)``.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DistillConfig", "logit_kd_loss", "channel_kd_loss", "Distiller"]
+__all__ = ["DistillConfig", "logit_kd_loss", "channel_kd_loss", "Distiller", "kd_grad_scale", "find_submodule"]
 
 
 @dataclass
@@ -124,9 +124,9 @@ class Distiller:
         """Install the hooks; validates every module name first (a typo is a ``ValueError`` naming it)."""
         self.detach()
         cfg = self.config
-        student = _get_submodule(root, cfg.student, "student module (DistillConfig.student)")
-        s_feats = {s: _get_submodule(root, s, "student feature module") for s in cfg.features}
-        t_feats = {t: _get_submodule(self.teacher, t, "teacher feature module") for t in cfg.features.values()}
+        student = find_submodule(root, cfg.student, "student module (DistillConfig.student)")
+        s_feats = {s: find_submodule(root, s, "student feature module") for s in cfg.features}
+        t_feats = {t: find_submodule(self.teacher, t, "teacher feature module") for t in cfg.features.values()}
         for name, mod in s_feats.items():
             self._handles.append(mod.register_forward_hook(functools.partial(self._keep, self._student_feats, name)))
         for name, mod in t_feats.items():
@@ -212,7 +212,18 @@ class Distiller:
         return loss_value
 
 
-def _get_submodule(root: nn.Module, name: str, what: str) -> nn.Module:
+def kd_grad_scale(trainer: Any) -> float:
+    """The factor the KD gradient needs to match the user's loss gradient: ``1 / accumulate_grad_batches``, times
+    the AMP loss scale when a grad scaler is active."""
+    scale = 1.0 / max(1, int(trainer.accumulate_grad_batches))
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+        scale *= float(scaler.get_scale())
+    return scale
+
+
+def find_submodule(root: nn.Module, name: str, what: str) -> nn.Module:
+    """``root.get_submodule(name)`` (``root`` for ``""``); a missing one is a ``ValueError`` naming ``what``."""
     if not name:
         return root
     try:

@@ -8,31 +8,15 @@ their float equivalent kernel, which equals the multi-branch float model in eval
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from qat_rep.quant import quantizers
+from qat_rep.quant.state import quantizers_disabled
 
 __all__ = ["quantizers_disabled", "SideBySideAccuracy", "is_logits_output"]
-
-
-@contextlib.contextmanager
-def quantizers_disabled(model: nn.Module) -> Iterator[None]:
-    """Disable every qat_rep quantizer of ``model`` inside the block; their previous state is always restored."""
-    qs = [q for _, q in quantizers(model)]
-    previous = [q._disabled for q in qs]
-    for q in qs:
-        q.disable()
-    try:
-        yield
-    finally:
-        for q, was_disabled in zip(qs, previous):
-            if not was_disabled:
-                q.enable()
 
 
 class SideBySideAccuracy:
@@ -50,6 +34,28 @@ class SideBySideAccuracy:
         self.fakequant.update(fakequant_logits.detach(), target)
         if fp32_logits is not None:
             self.fp32.update(fp32_logits.detach(), target)
+
+    def update_from_step(self, model: nn.Module, outputs: object, recorded_output: object,
+                         rerun: Callable[[], Tensor] | None) -> None:
+        """Update from a step's outputs when they follow the contract; ``rerun()`` repeats the step's recorded
+        forward, run here with every quantizer disabled for the FP32-equivalent logits (when its output had the
+        logits' shape)."""
+        if not is_logits_output(outputs):
+            return
+        fp32 = None
+        if rerun is not None and isinstance(recorded_output, Tensor) and \
+                recorded_output.shape == outputs["logits"].shape:
+            with torch.no_grad(), quantizers_disabled(model):
+                fp32 = rerun()
+        self.update(outputs["logits"], outputs["target"], fp32)
+
+    def log(self, module: nn.Module, prefix: str) -> dict[str, float]:
+        """Log ``qat/<prefix>_acc_*`` through ``module.log`` (rank zero only) and return them, keyed without
+        ``qat/``."""
+        values = {f"{prefix}_{k}": v for k, v in self.compute().items()}
+        for name, value in values.items():
+            module.log(f"qat/{name}", value, rank_zero_only=True)
+        return values
 
     def compute(self) -> dict[str, float]:
         """``{"acc_fakequant": ..., "acc_fp32": ...}`` synced across ranks (torchmetrics); empty if never updated."""

@@ -1,6 +1,6 @@
 """Structurally re-parameterizable blocks: RepVGG, QARepVGG and QARepVGG-V2.
 
-Each block exists in two forms with the official state-dict keys (FACTS.md §1–2):
+Each block exists in two forms with the official state-dict keys:
 
 * train form — parallel branches (``rbr_dense``, ``rbr_1x1``, ``rbr_identity``, and for V2 a parameter-free 3×3
   average pool); QARep blocks add a post-sum BatchNorm ``bn``;
@@ -54,9 +54,11 @@ class RepBlock(nn.Module):
     """Base of every re-parameterizable block in this package.
 
     Subclasses implement :meth:`branches` (the multi-branch sum), :meth:`_branch_kernel_bias` (its equivalent
-    kernel) and may override :meth:`post` (what follows the sum). ``rep_quant`` is an optional submodule installed
-    by :mod:`qat_rep.quant`; when set (and the block is not fused) the block runs ``post(rep_quant(self, x))`` — one
-    conv of the fake-quantized equivalent kernel instead of the branches.
+    kernel) and may override :meth:`post_bn` (a BatchNorm after the sum; none by default). What follows the sum is
+    ``post(y) = activation(post_bn(y))``. ``rep_quant`` is an optional submodule installed by :mod:`qat_rep.quant`;
+    when set (and the block is not fused) the block runs ``activation(rep_quant(self, x))`` — one conv of the
+    fake-quantized equivalent kernel instead of the branches; ``rep_quant`` applies :meth:`post_bn` itself, or folds
+    it into that conv (evaluation: the deployed arithmetic).
     """
 
     has_post_bn: bool = False
@@ -136,15 +138,23 @@ class RepBlock(nn.Module):
     def branches(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def post(self, y: Tensor) -> Tensor:
-        """What follows the branch sum (or the fused conv): SE, then ReLU."""
+    def post_bn(self, y: Tensor) -> Tensor:
+        """The BatchNorm after the branch sum (QARep blocks); the identity for blocks without one."""
+        return y
+
+    def activation(self, y: Tensor) -> Tensor:
+        """What follows the (post-BN) sum: SE, then ReLU."""
         return self.nonlinearity(self.se(y))
+
+    def post(self, y: Tensor) -> Tensor:
+        """Everything after the branch sum (or the fused conv): ``activation(post_bn(y))``."""
+        return self.activation(self.post_bn(y))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rbr_reparam is not None:
             return self.post(self.rbr_reparam(x))
         if self.rep_quant is not None:
-            return self.post(self.rep_quant(self, x))
+            return self.activation(self.rep_quant(self, x))
         return self.post(self.branches(x))
 
     # ----------------------------------------------------------------------------------------------- fusion
@@ -192,6 +202,44 @@ class RepBlock(nn.Module):
         """timm/MobileOne name of :meth:`switch_to_deploy`."""
         self.switch_to_deploy()
 
+    # ----------------------------------------------------------------------------------------------- collapse
+    @torch.no_grad()
+    def collapse_to_dense_(self) -> list[nn.Parameter]:
+        """Collapse the branches into the dense branch's own parameters, in place; returns the rewritten parameters.
+
+        Progressive re-parameterization *during training*: unlike :meth:`switch_to_deploy`, no module or parameter
+        is created or removed (an optimizer and a DDP wrapper built before stay valid). The equivalent kernel is
+        written into ``rbr_dense.conv.weight`` (minus the parameter-free branches' constant kernel), its bias into
+        ``rbr_dense.bn.bias``; the dense BN becomes the identity map (``mean 0``, ``var + eps == 1``, ``γ = 1``) and
+        every other parametric branch contributes exactly zero. Afterwards :meth:`collapsed_kernel_bias` — the dense
+        weight and bias, read directly — equals :meth:`equivalent_kernel_bias` bit for bit, and a trainer updates
+        one conv per block. The caller resets the optimizer state of the returned parameters (their values changed
+        meaning). Refused on a fused block.
+        """
+        if self.rbr_reparam is not None:
+            raise ValueError(f"{type(self).__name__} is already fused (rbr_reparam); there are no branches to collapse")
+        kernel, bias = self._branch_kernel_bias()
+        const = self._constant_kernel(kernel)
+        if const is not None:
+            kernel = kernel - const
+        dense = self.rbr_dense
+        dense.conv.weight.copy_(kernel)
+        _make_identity_bn_(dense.bn, bias)
+        self._zero_other_branches_()
+        return [p for n, p in self.named_parameters() if n.startswith("rbr_")]
+
+    def collapsed_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The equivalent kernel and bias of a block collapsed by :meth:`collapse_to_dense_`, read from the dense
+        branch (plus the constant kernel of parameter-free branches) — one conv's worth of parameters."""
+        return self.rbr_dense.conv.weight, self.rbr_dense.bn.bias
+
+    def _constant_kernel(self, like: Tensor) -> Tensor | None:
+        """The kernel of the parameter-free branches (QARep identity, V2 average pool), or ``None``."""
+        return None
+
+    def _zero_other_branches_(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def fold_post_bn(self) -> bool:
         """Fold the post-sum BN into ``rbr_reparam`` (fusing first if needed). Returns whether anything changed."""
         return False
@@ -237,6 +285,13 @@ class RepVGGBlock(RepBlock):
     def _drop_branches(self) -> None:
         self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
 
+    def _zero_other_branches_(self) -> None:
+        self.rbr_1x1.conv.weight.zero_()
+        for bn in (self.rbr_1x1.bn, self.rbr_identity):
+            if bn is not None:
+                bn.weight.zero_()
+                bn.bias.zero_()
+
 
 class QARepVGGBlock(RepBlock):
     """QARepVGG block, the paper's final design (Chu et al., AAAI 2024), with YOLOv6's key names.
@@ -267,10 +322,8 @@ class QARepVGGBlock(RepBlock):
             y = y + x
         return y
 
-    def post(self, y: Tensor) -> Tensor:
-        if self.bn is not None:
-            y = self.bn(y)
-        return self.nonlinearity(self.se(y))
+    def post_bn(self, y: Tensor) -> Tensor:
+        return y if self.bn is None else self.bn(y)
 
     def _branch_kernel_bias(self) -> tuple[Tensor, Tensor]:
         kernel, bias = fuse_bn_module(self.rbr_dense.conv.weight, self.rbr_dense.bn)
@@ -282,6 +335,23 @@ class QARepVGGBlock(RepBlock):
 
     def _drop_branches(self) -> None:
         self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
+
+    def _constant_kernel(self, like: Tensor) -> Tensor | None:
+        if self.rbr_identity is None:
+            return None
+        eye = identity_centre(self.in_channels, self.groups, dtype=like.dtype, device=like.device)
+        return add_centre(torch.zeros_like(like), eye)
+
+    def _zero_other_branches_(self) -> None:
+        self.rbr_1x1.weight.zero_()
+
+    def collapsed_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        # the same float operations as _branch_kernel_bias on a collapsed block (W·1, + (0 + I) on the centre)
+        kernel, bias = self.rbr_dense.conv.weight, self.rbr_dense.bn.bias
+        if self.rbr_identity is not None:
+            eye = identity_centre(self.in_channels, self.groups, dtype=kernel.dtype, device=kernel.device)
+            kernel = add_centre(kernel.clone(), eye)
+        return kernel, bias
 
     @torch.no_grad()
     def fold_post_bn(self) -> bool:
@@ -323,6 +393,36 @@ class QARepVGGBlockV2(QARepVGGBlock):
     def _drop_branches(self) -> None:
         super()._drop_branches()
         self.rbr_avg = None
+
+    def _constant_kernel(self, like: Tensor) -> Tensor | None:
+        const = super()._constant_kernel(like)
+        if self.rbr_avg is not None:
+            const = const + avgpool_kernel(self.in_channels, self.groups, dtype=like.dtype, device=like.device)
+        return const
+
+    def collapsed_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        kernel, bias = super().collapsed_kernel_bias()
+        if self.rbr_avg is not None:
+            kernel = kernel + avgpool_kernel(self.in_channels, self.groups, dtype=kernel.dtype, device=kernel.device)
+        return kernel, bias
+
+
+def _make_identity_bn_(bn: nn.BatchNorm2d, bias: Tensor) -> None:
+    """Turn an eval-mode BN into ``y = x + bias`` exactly: ``mean 0``, ``γ 1``, ``β = bias`` and a running variance
+    with ``var + eps == 1`` in the BN's dtype (so the fold ``γ / sqrt(var + eps)`` is exactly 1)."""
+    one = torch.ones((), dtype=bn.running_var.dtype, device=bn.running_var.device)
+    var = one - bn.eps
+    for _ in range(8):  # at most a few ulps away
+        total = var + bn.eps
+        if total == one:
+            break
+        var = torch.nextafter(var, var + (one - total))
+    else:  # pragma: no cover - eps so small that 1 - eps rounds to 1 and 1 + eps too
+        raise ValueError(f"no running variance v with v + eps == 1 for eps={bn.eps}")
+    bn.running_mean.zero_()
+    bn.running_var.fill_(float(var))
+    bn.weight.fill_(1.0)
+    bn.bias.copy_(bias)
 
 
 BLOCK_TYPES: dict[str, Callable[..., RepBlock]] = {

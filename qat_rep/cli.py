@@ -53,13 +53,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     model = load_quantized(args.artifact)
     rows = artifact_layers(model)
     if args.json:
-        out = {"metadata": meta, "layers": [r.__dict__ | {"input_scale": r.input_scale} for r in rows]}
-        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        layers = [{k: (None if isinstance(v, float) and v != v else v)  # NaN is not JSON
+                   for k, v in (r.__dict__ | {"input_scale": r.input_scale}).items()} for r in rows]
+        sys.stdout.write(json.dumps({"metadata": meta, "layers": layers}, indent=2, allow_nan=False) + "\n")
         return 0
     console = _console()
     spec = ", ".join(f"{k}={v}" for k, v in meta["model"].items())
     console.print(f"[bold]{args.artifact}[/bold]: {meta['format']} v{meta['format_version']}, {spec}")
-    console.print(f"W{meta.get('w_bits')}A{meta.get('a_bits')} {meta.get('w_granularity')}, "
+
+    def seen(values: set) -> str:  # what the layers' quantizers hold, not what the header claims
+        return "/".join(map(str, sorted(values)))
+
+    console.print(f"W{seen({r.w_bits for r in rows})}A{seen({r.a_bits for r in rows})} "
+                  f"{seen({r.granularity for r in rows})} (from the layers), "
                   f"sha256 {meta['sha256'][:16]}…, input {meta.get('input_shape')}, "
                   f"written with torch {meta.get('versions', {}).get('torch')}")
     table = Table(title=f"{len(rows)} quantized layers")
@@ -106,7 +112,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     size = args.image_size or _input_shape(meta, None)[-1]
     _, val, _ = load_dataset(DataSpec(source=args.data, image_size=size))
     loader = DataLoader(val, batch_size=args.batch_size, shuffle=False)
-    result = verify_onnx(args.onnx, model, loader, max_batches=args.max_batches)
+    kwargs = {"min_agreement": args.min_agreement} if args.min_agreement is not None else {}
+    result = verify_onnx(args.onnx, model, loader, max_batches=args.max_batches, max_steps=args.max_diff_steps,
+                         **kwargs)
     if args.json is not None:
         from .export.atomic import write_bytes_atomic
 
@@ -117,9 +125,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for k, v in result.rows():
         table.add_row(k, v)
     _console().print(table)
-    if args.min_agreement is not None and result.agreement is not None and result.agreement < args.min_agreement:
-        _console().print(f"[red]agreement {result.agreement:.4f} is below --min-agreement {args.min_agreement}")
-        return 1
+    if not result.ok:
+        if args.min_agreement is not None:  # a gate: the check fails the command
+            _console().print(f"[red]check failed:[/red] {' '.join(result.failures)}", highlight=False)
+            return 1
+        _console().print(f"[yellow]warning:[/yellow] {' '.join(result.failures)}", highlight=False)
     return 0
 
 
@@ -203,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--min-agreement", type=float, default=None,
-                   help="exit with status 1 when the top-1 agreement is below this fraction (e.g. 0.995)")
+                   help="exit with status 1 when the check fails: top-1 agreement below this fraction (e.g. 0.995; "
+                        "ties count as disagreement), max logit difference above --max-diff-steps or constant "
+                        "outputs (without it, a failed check only warns)")
+    p.add_argument("--max-diff-steps", type=float, default=4.0,
+                   help="bound on the max logit difference, in output quantization steps (default 4)")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON here")
     p.set_defaults(func=_cmd_verify)
 
@@ -229,12 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qat-rep`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .export import ArtifactWriteError
-
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ArtifactWriteError) as e:
-        _console().print(f"[red]qat-rep {args.command}: error:[/red] {e}", highlight=False)
+    except (ValueError, TypeError, OSError) as e:  # OSError: missing, unreadable or misplaced paths
+        text = " ".join(str(e).split())  # one line, whatever the message holds
+        _console().print(f"[red]qat-rep {args.command}: error:[/red] {text}", highlight=False, soft_wrap=True)
         return 2
 
 

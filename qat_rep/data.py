@@ -4,6 +4,10 @@ The default is scikit-learn's handwritten digits (1,797 8×8 images shipped insi
 upsampled to 32×32 with 3 channels, split once with a fixed seed, normalized with the training-split statistics.
 The same :class:`DataSpec` points the code at a folder of images (one subfolder per class) or at CIFAR-10's python
 batches already on disk.
+
+CIFAR-10's python batches are pickles. They are read with a restricted unpickler that admits only what those files
+hold — dicts, lists, str, bytes, numbers and numpy arrays (rebuilt by numpy's own array constructors) — so a crafted
+file in a data folder cannot run code: any other global it names is refused before it is called.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,11 +103,74 @@ def _image_folder(root: Path, spec: DataSpec) -> tuple[Tensor, Tensor, list[str]
     return x, y, classes
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """What ``_codecs.encode`` does in a protocol-2 pickle of ``bytes`` written by Python 3 — latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("only latin-1 encoded bytes are allowed")
+    return text.encode("latin1")
+
+
+def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's array-pickle constructor (protocol < 5), for plain ``np.ndarray`` only."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("only plain numpy arrays are allowed")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    """numpy's array-pickle constructor (protocol 5): a copy of the raw buffer in ``dtype``/``shape``."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError("only numeric numpy arrays are allowed")
+    return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order).copy()
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only numpy's array/dtype constructors and a latin-1 ``bytes`` rebuild; every other global is refused
+    (so ``os.system``, ``builtins.eval`` or any class's ``__reduce__`` payload never runs)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _np_reconstruct
+        if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
+            return _np_frombuffer
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 batch")
+
+
+def _read_cifar_pickle(path: Path) -> dict[str, Any]:
+    """A CIFAR-10 python batch as a dict with str keys, through :class:`_CifarUnpickler` (no code runs)."""
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, RecursionError) as e:
+        raise ValueError(f"{str(path)!r} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); qat-rep reads "
+                         "only the dicts, lists and numpy arrays of CIFAR-10's own files — use the files from "
+                         "cifar-10-python.tar.gz or an image folder") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{str(path)!r} is not a CIFAR-10 python batch: it holds a {type(d).__name__}, not a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
 def _cifar10(root: Path, spec: DataSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
-        with open(root / name, "rb") as f:  # the user's own files on disk: CIFAR-10's documented pickle format
-            d = pickle.load(f, encoding="latin1")
-        return d["data"], np.asarray(d["labels"])
+        path = root / name
+        d = _read_cifar_pickle(path)
+        data, labels = d.get("data"), d.get("labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{str(path)!r} is not a CIFAR-10 batch: 'data' must be a uint8 array of shape (N, 3072)")
+        if not isinstance(labels, list) or len(labels) != len(data) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10 for v in labels):
+            raise ValueError(f"{str(path)!r} is not a CIFAR-10 batch: 'labels' must be a list of {len(data)} "
+                             "integers in 0..9")
+        return data, np.asarray(labels, dtype=np.int64)
 
     parts = [batch(f"data_batch_{i}") for i in range(1, 6)]
     xtr = np.concatenate([p[0] for p in parts])
@@ -111,8 +179,10 @@ def _cifar10(root: Path, spec: DataSpec) -> tuple[Tensor, Tensor, Tensor, Tensor
     meta = root / "batches.meta"
     classes = [str(i) for i in range(10)]
     if meta.exists():
-        with open(meta, "rb") as f:
-            classes = list(pickle.load(f, encoding="latin1")["label_names"])
+        names = _read_cifar_pickle(meta).get("label_names")
+        if not isinstance(names, list) or len(names) != 10 or not all(isinstance(c, (str, bytes)) for c in names):
+            raise ValueError(f"{str(meta)!r} is not CIFAR-10 metadata: 'label_names' must be a list of 10 names")
+        classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in names]
 
     def to_tensor(a: np.ndarray) -> Tensor:
         return _resize(torch.from_numpy(a.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0), spec.image_size)

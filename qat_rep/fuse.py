@@ -2,7 +2,7 @@
 
 Every function here is a pure, differentiable function of tensors: the blocks use them to build their equivalent
 kernel for ``switch_to_deploy()``, and quantization-aware training uses the very same functions to fake-quantize
-the equivalent kernel while gradients still reach every branch parameter (FACTS.md §1).
+the equivalent kernel while gradients still reach every branch parameter.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "bn_scale",
+    "bn_module_scale",
     "fuse_conv_bn",
     "fuse_bn_module",
     "fold_bn_into_conv_",
@@ -21,6 +23,23 @@ __all__ = [
     "identity_kernel",
     "avgpool_kernel",
 ]
+
+
+def bn_scale(running_var: Tensor, eps: float, gamma: Tensor | None = None) -> Tensor:
+    """The per-channel scale of an eval-mode BatchNorm, ``t = γ / sqrt(var + eps)`` (``γ = 1`` without affine).
+
+    The one formula of the project: conv+BN fusion, the post-BN fold of equivalent-kernel QAT and ``convert`` all
+    compute ``t`` here, so they agree to the bit.
+    """
+    std = (running_var + eps).sqrt()
+    return (gamma / std) if gamma is not None else 1.0 / std
+
+
+def bn_module_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """:func:`bn_scale` read from ``bn`` (which must track running statistics)."""
+    if bn.running_var is None:
+        raise ValueError(f"{bn!r} tracks no running statistics (track_running_stats=False); it cannot be folded")
+    return bn_scale(bn.running_var, bn.eps, bn.weight)
 
 
 def fuse_conv_bn(
@@ -37,8 +56,7 @@ def fuse_conv_bn(
     ``t = γ / sqrt(var + eps)``, ``K' = K · t`` per output channel, ``b' = β + (conv_bias − mean) · t``.
     ``gamma``/``beta`` may be ``None`` for a BN without affine parameters.
     """
-    std = (running_var + eps).sqrt()
-    t = (gamma / std) if gamma is not None else 1.0 / std
+    t = bn_scale(running_var, eps, gamma)
     shift = -running_mean if conv_bias is None else conv_bias - running_mean
     bias = shift * t
     if beta is not None:

@@ -14,12 +14,12 @@ For each block type (``--block both``: RepVGG and QARepVGG, same width, depth an
 3. quantization-aware fine-tuning with :class:`qat_rep.callbacks.RepQATCallback` at each ``--bits`` (W8A8: a short,
    gentle fine-tune of ``max``-calibrated ranges; below 8 bits: MSE-initialised, learned ranges, first and last
    layer at 8 bits, a longer run at a higher learning rate);
-4. the deploy artifact of every QAT model, reloaded without Lightning; at 8 bits a QDQ ONNX file run in ONNX Runtime
-   on the validation set, next to an FP32 ONNX file for latency.
+4. :func:`qat_rep.export.deploy` for every QAT model: the deploy artifact (reloaded without Lightning) and, at 8
+   bits, a QDQ ONNX file run in ONNX Runtime on the validation set; an FP32 ONNX file beside it for latency.
 
 Everything lands in ``--out`` (default ``out/qat_b0``): one folder per model (``fp32.ckpt``, ``qat_w8a8.ckpt``,
-``deploy_w8a8/`` with ``model.safetensors`` + ``qat_rep.json``, ``model_w8a8.onnx``, ``model_fp32.onnx``), and
-``report.md``, ``accuracy.png``, ``results.json`` for the whole run.
+``deploy_w8a8/`` with ``model.safetensors``, ``qat_rep.json``, ``model_int8.onnx``, ``onnx_verify.json``,
+``model_fp32.onnx``), and ``report.md``, ``accuracy.png``, ``results.json`` for the whole run.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def plain_ptq(fp32: torch.nn.Module, calib: list[Any], val_loader, setting: PTQS
 def evaluate_model(args: argparse.Namespace, name: str, fp32: ImageClassifier, qat: dict[int, ImageClassifier],
                    dm: ImageDataModule, out: Path, sw: Stopwatch) -> dict[str, Any]:
     """PTQ baselines, the QAT models' artifacts and their ONNX Runtime check; the model's results dict."""
-    from qat_rep.export import export_onnx, load_quantized, ort_latency, save_quantized, verify_onnx
+    from qat_rep.export import deploy, export_onnx, load_quantized, ort_latency
 
     val = dm.val_dataloader()
     shape = tuple(dm.val_set[0][0].shape)
@@ -160,16 +160,16 @@ def evaluate_model(args: argparse.Namespace, name: str, fp32: ImageClassifier, q
             tag = f"w{b}a{b}"
             qat_model = module.model.eval()
             r = res["qat"][tag] = {"fakequant_acc": evaluate_accuracy(qat_model, val)}
-            deploy_dir = save_quantized(qat_model, out / f"deploy_{tag}", input_shape=example.shape)
-            deployed = load_quantized(deploy_dir)
+            # checkpoint, QDQ ONNX (W8A8 only: opset-13 QuantizeLinear holds 8-bit integers) and the ORT check
+            report = deploy(qat_model, out / f"deploy_{tag}", example, val, verify_batches=len(val),
+                            source="validation")
+            deployed = load_quantized(report.out_dir)
             r["deploy_acc"] = evaluate_accuracy(deployed, val)
-            if b < 8:  # opset-13 QuantizeLinear holds int8/uint8 only: below 8 bits the model stays simulated
-                r["onnx_skipped"] = "ONNX QDQ (opset 13) holds 8-bit integers only"
+            if report.onnx_path is None or report.verify is None:
+                r["onnx_skipped"] = report.note or "; ".join(report.problems)
                 continue
-            onnx_path = out / f"model_{tag}.onnx"
-            export_onnx(deployed, onnx_path, example)
-            onnx_files[f"INT8 {tag.upper()}"] = onnx_path
-            ver = verify_onnx(onnx_path, deployed, val)
+            onnx_files[f"INT8 {tag.upper()}"] = report.onnx_path
+            ver = report.verify
             r.update(ort_acc=100.0 * ver.ort_accuracy, ort_agreement=100.0 * ver.agreement,
                      max_diff_steps=ver.max_diff_steps)
         lat = {r.label: r.median_ms for r in ort_latency(onnx_files, shape, batch_sizes=(1,), threads=2)}

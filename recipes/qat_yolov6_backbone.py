@@ -218,13 +218,15 @@ def load_yolov6_keyed(module: SegModule, path: Path) -> list[str]:
     """Load a YOLOv6-keyed state dict (``backbone.*`` [+ ``head.*``], train or fused form; a ``model.`` or ``net.``
     prefix is stripped). The backbone must match exactly; returns the head keys that were missing (left random)."""
     from qat_rep import load_state_dict_any_form
+    from qat_rep.callbacks import weights_only_errors
 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
     else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with weights_only_errors(path):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

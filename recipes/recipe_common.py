@@ -250,7 +250,7 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         if hasattr(args, "qat_epochs"):
             args.qat_epochs = min(args.qat_epochs, 1)
         if hasattr(args, "calib_batches"):
-            args.calib_batches = min(args.calib_batches, 2)
+            args.calib_batches = min(args.calib_batches, 1)  # calibration runs inside the first training steps
     if hasattr(args, "block"):
         args.out = args.out.format(block=args.block)
 
@@ -551,18 +551,21 @@ def load_classifier(path: str | os.PathLike, **module_kwargs: Any) -> ImageClass
     ``ImageClassifier(**module_kwargs)``.
     """
     from qat_rep import load_state_dict_any_form
+    from qat_rep.callbacks import weights_only_errors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".ckpt":
-        return ImageClassifier.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+        with weights_only_errors(path):
+            return ImageClassifier.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path))
     elif path.suffix in (".pt", ".pth", ".bin"):
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with weights_only_errors(path):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

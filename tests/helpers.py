@@ -18,3 +18,18 @@ def randomize_bn(model: nn.Module, generator: torch.Generator | None = None, min
                 m.weight.copy_(torch.randn(n, generator=generator))
                 m.bias.copy_(torch.randn(n, generator=generator) * 0.5)
     return model
+
+
+class PicklePayload:
+    """Unpickling this runs ``os.system('touch <marker>')``: what a crafted checkpoint or data file would carry.
+
+    A test writes it into a file, hands the file to a loader and asserts that ``marker`` was never created.
+    """
+
+    def __init__(self, marker: object) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return os.system, (f"touch {self.marker}",)

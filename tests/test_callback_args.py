@@ -33,8 +33,8 @@ def test_works_as_a_callback_of_both_flavors():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(config="w8a8"), TypeError, "config must be a qat_rep.quant.QuantConfig"),
     (dict(config={"w_bits": 9}), ValueError, "w_bits must be an integer between 2 and 8"),
-    (dict(calib_batches=0), ValueError, "calib_batches must be a positive integer or None, got 0"),
-    (dict(calib_batches=True), ValueError, "calib_batches must be a positive integer"),
+    (dict(calib_batches=0), ValueError, r"calib_batches must be an integer >= 1 \(training steps that calibrate\), got 0"),
+    (dict(calib_batches=True), ValueError, "calib_batches must be an integer >= 1"),
     (dict(schedule="shallow"), TypeError, "schedule must be a qat_rep.quant.Schedule"),
     (dict(calib_forward=3), TypeError, "calib_forward must be a callable"),
     (dict(teacher="resnet"), TypeError, "teacher must be a torch.nn.Module"),
@@ -76,7 +76,7 @@ def test_distill_dict_is_accepted():
 def test_state_dict_round_trip_and_config_mismatch():
     cb = RepQATCallback(QuantConfig(w_bits=6), schedule=Schedule.shallow_to_deep(every=2))
     state = cb.state_dict()
-    assert state["config"] == QuantConfig(w_bits=6).to_dict() and state["schedule"]["stagewise"] == [0, 2, None]
+    assert state["config"] == QuantConfig(w_bits=6).to_dict() and state["schedule"]["stagewise"] == [0, 2, None, None]
     other = RepQATCallback(QuantConfig(w_bits=6), schedule=Schedule.shallow_to_deep(every=2))
     other.load_state_dict({**state, "epoch": 3, "global_step": 30, "calibrated": True})
     assert other.position == (3, 30) and other.calibrated_by_checkpoint

@@ -57,5 +57,5 @@ def test_ddp_standalone_script_ranks_end_identical(tmp_path):
     # rank 0 alone exported, and checked the ONNX file on its own shard of the validation set (8 of 16 samples)
     verify = json.loads((tmp_path / "deploy" / "onnx_verify.json").read_text())
     written = sorted(p.name for p in (tmp_path / "deploy").iterdir())
-    assert written == ["fused_state_dict.safetensors", "model_int8.onnx", "onnx_verify.json", "qat_rep_callback.json"]
+    assert written == ["model.safetensors", "model_int8.onnx", "onnx_verify.json", "qat_rep.json"]
     assert verify["samples"] == 8 and verify["agreement"] >= 0.995

@@ -139,7 +139,7 @@ def test_calib_batches_larger_than_loader_warns_and_uses_what_exists():
     train, _ = M.loaders(n_train=32, batch_size=16)  # 2 batches
     module = M.ClassifierPL()
     cb = RepQATCallback(calib_batches=5)
-    with pytest.warns(UserWarning, match="calib_batches=5 but the train loader has only 2 batch"):
+    with pytest.warns(UserWarning, match="calib_batches=5 but only 2 training step"):
         _fit("pytorch_lightning", module, [cb], train)
     assert cb.calib_report.batches == 2 and is_calibrated(module)
 
@@ -152,7 +152,9 @@ def test_validate_before_any_fit_refuses_uncalibrated_model():
 
 
 def test_calibration_does_not_shift_the_random_stream():
-    """Reading calibration batches must not move the RNG: a resumed fit (no calibration) must see the same stream."""
+    """With ``calib_forward`` the callback reads extra calibration batches at train start: that must not move the RNG
+    (a resumed fit, which does not calibrate, must see the same stream). The default calibrates inside the training
+    steps themselves and reads nothing extra."""
 
     class Probe(M.pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -162,7 +164,7 @@ def test_calibration_does_not_shift_the_random_stream():
     states = []
     for n in (1, 3):
         train, _ = M.loaders(n_train=48)
-        module, probe, cb = M.ClassifierPL(), Probe(), RepQATCallback(calib_batches=n)
+        module, probe, cb = M.ClassifierPL(), Probe(), RepQATCallback(calib_batches=n, calib_forward=lambda m, b: m(b[0]))
         torch.manual_seed(123)
         _fit("pytorch_lightning", module, [cb, probe], train, limit_train_batches=1)
         assert cb.calib_report.batches == n
@@ -251,7 +253,7 @@ def test_fit_end_exports_a_deploy_artifact(tmp_path):
     module = M.ClassifierPL(arch="qarepvgg_a0")
     cb = RepQATCallback(calib_batches=1, export_dir=tmp_path / "deploy")
     _fit("pytorch_lightning", module, [cb], train, limit_train_batches=1)
-    assert cb.export_path == tmp_path / "deploy"
+    assert cb.deploy_report.out_dir == tmp_path / "deploy" and cb.deploy_report.rebuildable
     deployed = load_quantized(tmp_path / "deploy")
     x = next(iter(val))[0]
     module.eval()
@@ -263,20 +265,26 @@ def test_fit_end_exports_a_deploy_artifact(tmp_path):
     assert all(not isinstance(m, RepBlock) or m.rep_quant is not None for m in module.modules())  # live model kept
 
 
-def test_fit_end_writes_a_fused_state_dict_for_models_without_spec(tmp_path):
+def test_fit_end_saves_models_without_spec_in_the_one_artifact_format(tmp_path):
     from safetensors.torch import load_file
+
+    from qat_rep.export import load_quantized, read_metadata
 
     train, _ = M.loaders(n_train=16)
     module = M.ClassifierPL()  # TinyRepNet: qat_rep cannot rebuild it by name
     cb = RepQATCallback(calib_batches=1, export_dir=tmp_path / "out")
     _fit("pytorch_lightning", module, [cb], train, limit_train_batches=1)
-    state = load_file(str(tmp_path / "out" / "fused_state_dict.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "model.safetensors", "model_int8.onnx", "onnx_verify.json", "qat_rep.json"]
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert "model.blocks.0.rbr_reparam.weight" in state and "model.blocks.0.rbr_dense.conv.weight" not in state
     assert "model.blocks.0.bn.weight" not in state  # post-BN folded
     assert "model.blocks.0.rbr_reparam._input_quantizer._amax" in state
-    meta = json.loads((tmp_path / "out" / "qat_rep_callback.json").read_text())
-    assert meta["quant_config"] == cb.config.to_dict()
-    assert not list((tmp_path / "out").glob("*.tmp"))
+    meta = read_metadata(tmp_path / "out")
+    assert meta["quant_config"] == cb.config.to_dict() and not cb.deploy_report.rebuildable
+    assert meta["model"] == {"name": None, "class": "qat_lit_modules.ClassifierPL"}
+    with pytest.raises(ValueError, match="which qat_rep cannot rebuild by name. Build that model"):
+        load_quantized(tmp_path / "out")
 
 
 @pytest.mark.parametrize("layout", ["onnxruntime", "tensorrt"])
@@ -305,8 +313,10 @@ def test_fit_end_writes_a_verified_qdq_onnx_file(tmp_path, layout):
     assert int32_biases == (layout == "onnxruntime")  # the layout asked for: ORT's holds INT32 biases
     # the check ran on the first validation batch (verify_batches=1) against the trained fake-quant model (the
     # exactness bound itself is measured on a trained model in test_export_onnx.py; this one trained one step)
-    r = cb.verify_result
-    assert r == verify_onnx(path, module.model, val, max_batches=1)
+    r = cb.verify_result  # on the recorded calls of the first validation batch: the same inputs, no labels
+    ref = verify_onnx(path, module.model, val, max_batches=1)
+    assert (r.samples, r.agreement, r.max_abs_diff) == (ref.samples, ref.agreement, ref.max_abs_diff)
+    assert r.ort_accuracy is None
     assert r.samples == 16 and r.agreement >= 0.995
     saved = json.loads((tmp_path / "deploy" / "onnx_verify.json").read_text())
     assert saved["layout"] == layout and saved["data"] == "validation" and saved["agreement"] == r.agreement
@@ -318,16 +328,17 @@ def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
     train, val = M.loaders(n_train=16, n_val=16)
     off = RepQATCallback(calib_batches=1, export_dir=tmp_path / "off", onnx=None)
     _fit("pytorch_lightning", M.ClassifierPL(), [off], train, val, limit_train_batches=1)
+    earlier = RepQATCallback(calib_batches=1, export_dir=tmp_path / "w4")  # an earlier W8A8 run's artifact:
+    _fit("pytorch_lightning", M.ClassifierPL(), [earlier], train, val, limit_train_batches=1)
+    assert (tmp_path / "w4" / "model_int8.onnx").is_file()  # its ONNX file must not survive beside new weights
     w4 = RepQATCallback(QuantConfig(w_bits=4, a_bits=4), calib_batches=1, export_dir=tmp_path / "w4")
-    (tmp_path / "w4").mkdir()
-    (tmp_path / "w4" / "model_int8.onnx").write_text("an earlier run's file")  # must not survive beside new weights
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # skipping 4-bit ONNX is expected: no warning
         warnings.filterwarnings("ignore", message=r".*(does not have many workers|sync_dist|LeafSpec).*")
         _fit("pytorch_lightning", M.ClassifierPL(), [w4], train, val, limit_train_batches=1)
     for cb, d in ((off, "off"), (w4, "w4")):
         assert cb.onnx_path is None and cb.verify_result is None
-        assert (tmp_path / d / "fused_state_dict.safetensors").is_file()
+        assert (tmp_path / d / "model.safetensors").is_file()
         assert not (tmp_path / d / "model_int8.onnx").exists() and not (tmp_path / d / "onnx_verify.json").exists()
 
 
@@ -364,10 +375,11 @@ def test_bf16_mixed_training_quantizes_on_the_float32_grid():
          precision="bf16-mixed")
     hooks[0].remove()
     assert len(seen) == 2
-    for q, x, out in seen:
-        assert x.dtype == out.dtype == torch.bfloat16  # autocast reached the quantizer
-        with torch.no_grad():
-            assert torch.equal(out, q(x.float()).to(torch.bfloat16))  # integers picked in float32
+    (_, x0, out0), (q, x, out) = seen
+    assert torch.equal(out0, x0)  # step 1 calibrates: the quantizer observes and passes float through
+    assert x.dtype == out.dtype == torch.bfloat16  # autocast reached the quantizer
+    with torch.no_grad():
+        assert torch.equal(out, q(x.float()).to(torch.bfloat16))  # integers picked in float32
 
 
 def test_export_warns_when_blocks_never_entered_qat(tmp_path):
@@ -379,16 +391,23 @@ def test_export_warns_when_blocks_never_entered_qat(tmp_path):
     with pytest.warns(UserWarning, match=r"4 rep block\(s\) were still float multi-branch .* never moved them to QAT"):
         _fit("pytorch_lightning", M.ClassifierPL(), [cb], train, val, limit_train_batches=1)
     assert set(cb.phases.values()) == {"float"}
-    assert (tmp_path / "out" / "fused_state_dict.safetensors").is_file()  # exported all the same, as documented
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # exported all the same, as documented
 
 
-def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path):
-    # forward(image, aux): one traced input cannot run it — the fit still finishes and says why there is no ONNX
+def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path, monkeypatch):
+    import importlib
+
+    deploy_module = importlib.import_module("qat_rep.export.deploy")  # the module (the package exports the function)
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(deploy_module, "export_onnx", failing_export)
     train, val = M.loaders(n_train=16, n_val=16, multi_input=True)
     cb = RepQATCallback(calib_batches=1, calib_forward=M.multi_input_forward, export_dir=tmp_path / "out")
-    with pytest.warns(UserWarning, match="the ONNX export failed .*; the deploy checkpoint is written"):
+    with pytest.warns(UserWarning, match=r"no ONNX file: the export failed \(RuntimeError: exporter broke\)"):
         _fit("pytorch_lightning", M.MultiInputPL(), [cb], train, val, limit_train_batches=1)
-    assert (tmp_path / "out" / "fused_state_dict.safetensors").is_file()
+    assert cb.deploy_report.problems and (tmp_path / "out" / "model.safetensors").is_file()
     assert not (tmp_path / "out" / "model_int8.onnx").exists() and cb.onnx_path is None
     assert not list((tmp_path / "out").glob("*.tmp*"))
 
@@ -396,7 +415,7 @@ def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path):
 def test_export_module_that_does_not_exist_is_refused_at_setup(tmp_path):
     train, _ = M.loaders(n_train=16)
     cb = RepQATCallback(export_dir=tmp_path, export_module="backbone")
-    with pytest.raises(ValueError, match="export_module='backbone' is not a submodule of ClassifierPL"):
+    with pytest.raises(ValueError, match="export_module 'backbone' does not exist in ClassifierPL"):
         _fit("pytorch_lightning", M.ClassifierPL(), [cb], train)
 
 

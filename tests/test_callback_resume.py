@@ -67,7 +67,7 @@ def test_resume_mid_schedule_equals_uninterrupted_fit(uninterrupted, tmp_path):
     first = M.ClassifierPL()
     _trainer(tmp_path, 2, _callback()).fit(first, train, val)
     ckpt = tmp_path / "epoch=1.ckpt"
-    state = torch.load(ckpt, weights_only=False)["callbacks"]["RepQATCallback"]
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["RepQATCallback"]
     assert state["phases"]["model.blocks.2"] == "float" and state["calibrated"] is True
 
     pl.seed_everything(0)
@@ -136,6 +136,24 @@ def test_load_qat_checkpoint_matches_the_trained_module(uninterrupted):
     full.eval()
     with torch.no_grad():
         assert torch.equal(full(x), loaded(x))
+
+
+def test_load_qat_checkpoint_never_unpickles(uninterrupted, tmp_path, monkeypatch):
+    """A crafted checkpoint: its payload never runs, even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1."""
+    from helpers import PicklePayload
+
+    _, _, ckpt_dir = uninterrupted
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    state = torch.load(ckpt_dir / "epoch=3.ckpt", weights_only=True)
+    state["hyper_parameters"]["note"] = PicklePayload(marker)
+    torch.save(state, tmp_path / "crafted.ckpt")
+    with pytest.raises(ValueError, match=r"crafted.ckpt' holds a '(posix|os)\.system' object") as err:
+        load_qat_checkpoint(M.ClassifierPL, tmp_path / "crafted.ckpt")
+    assert "weights_only=False" not in str(err.value)
+    assert not marker.exists()
+    with pytest.raises(TypeError, match="always loads with weights_only=True"):
+        load_qat_checkpoint(M.ClassifierPL, ckpt_dir / "epoch=3.ckpt", weights_only=False)
 
 
 def test_load_qat_checkpoint_refuses_a_float_checkpoint(tmp_path):

@@ -98,3 +98,122 @@ def test_parser_requires_a_command():
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args([])
     assert exc.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def onnx_file(artifact, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli_onnx") / "m.onnx"
+    assert main(["export", str(artifact), "--out", str(path)]) == 0
+    return path
+
+
+def _copy(artifact: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "art"
+    out.mkdir()
+    for f in artifact.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _forge(directory: Path, edit) -> None:
+    import hashlib
+
+    from qat_rep.export import canonical_json
+
+    meta = json.loads((directory / META_FILE).read_text())
+    edit(meta)
+    meta["artifact_sha256"] = hashlib.sha256(canonical_json(
+        {k: v for k, v in meta.items() if k != "artifact_sha256"})).hexdigest()
+    (directory / META_FILE).write_text(json.dumps(meta))
+
+
+def _edit(directory: Path, edit) -> None:
+    meta = json.loads((directory / META_FILE).read_text())
+    edit(meta)
+    (directory / META_FILE).write_text(json.dumps(meta))
+
+
+def _onnx_case(kind: str, onnx_file: Path, tmp_path: Path) -> Path:
+    bad = tmp_path / f"{kind}.onnx"
+    data = onnx_file.read_bytes()
+    if kind == "truncated":
+        bad.write_bytes(data[: len(data) // 3])
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "text":
+        bad.write_text("this is not a model\n")
+    else:  # flipped bytes all over the protobuf
+        flipped = bytearray(data)
+        for i in range(0, len(flipped), 97):
+            flipped[i] ^= 0xA5
+        bad.write_bytes(bytes(flipped))
+    return bad
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("onnx:truncated", "is not a readable ONNX model"),
+    ("onnx:empty", "is not a readable ONNX model"),
+    ("onnx:text", "is not a readable ONNX model"),
+    ("onnx:flipped", "is not a readable ONNX model"),
+    ("image-size", r"takes inputs of shape Nx3x8x8, the data gives 64x3x24x24; pass the image size"),
+    ("edited-architecture", "was modified after it was written"),
+    ("edited-granularity", "was modified after it was written"),
+    ("forged-input-shape", "input_shape must be null or 4 integers"),
+    ("forged-num-classes", "do not fit the model described"),
+    ("nested-json", "nested too deeply"),
+    ("file-as-artifact", "is a file, not an artifact directory"),
+    ("crafted-cifar", "is not a CIFAR-10 python batch"),
+])
+def test_every_bad_input_is_one_line_and_exit_2(case, expect, artifact, onnx_file, tmp_path, capsys):
+    """Each case printed a traceback with exit status 1, or a misleading text, before."""
+    art, onnx_path, extra = _copy(artifact, tmp_path), onnx_file, []
+    named = None  # the file the message must name
+    if case.startswith("onnx:"):
+        onnx_path = named = _onnx_case(case[5:], onnx_file, tmp_path)
+    elif case == "image-size":
+        extra, named = ["--image-size", "24"], onnx_file
+    elif case == "edited-architecture":
+        _edit(art, lambda m: m["model"].update(num_classes=12))
+    elif case == "edited-granularity":
+        _edit(art, lambda m: (m["quant_config"].update(w_granularity="per_tensor"), m.update(w_granularity="per_tensor")))
+    elif case == "forged-input-shape":
+        _forge(art, lambda m: m.update(input_shape=[1, 3, "16", 16]))
+    elif case == "forged-num-classes":
+        _forge(art, lambda m: m["model"].update(num_classes=10 ** 12))
+    elif case == "nested-json":
+        (art / META_FILE).write_text("[" * 100000 + "]" * 100000)
+    elif case == "file-as-artifact":
+        art = named = art / META_FILE
+    elif case == "crafted-cifar":
+        import pickle
+
+        from helpers import PicklePayload
+
+        data = tmp_path / "cifar"
+        data.mkdir()
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (data / name).write_bytes(pickle.dumps({"data": PicklePayload(tmp_path / "pwned"), "labels": [0]}))
+        extra, named = ["--data", str(data)], data / "data_batch_1"
+    capsys.readouterr()
+    code = main(["verify", str(onnx_path), "--artifact", str(art), "--max-batches", "1", *extra])
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+    assert code == 2, captured.out
+    assert len(lines) == 1, lines
+    assert "qat-rep verify: error:" in lines[0] and "Traceback" not in lines[0]
+    assert expect in lines[0] or __import__("re").search(expect, lines[0]), lines[0]
+    assert str(named if named is not None else art / META_FILE) in lines[0]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_inspect_json_is_valid_json_and_shows_what_the_tensors_say(artifact, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")
+    assert main(["inspect", str(artifact), "--json"]) == 0
+
+    def no_constants(name):
+        raise AssertionError(f"bare {name} in the JSON output")
+
+    data = json.loads(capsys.readouterr().out, parse_constant=no_constants)
+    assert {tuple(row[k] for k in ("w_bits", "a_bits")) for row in data["layers"]} == {(8, 8)}
+    assert main(["inspect", str(artifact)]) == 0
+    assert "W8A8 per_channel (from the layers)" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import PicklePayload
 from qat_rep.data import DataSpec, load_dataset, make_loaders
 
 
@@ -47,16 +48,58 @@ def test_image_folder(tmp_path):
     assert train.tensors[0].shape[1:] == (3, 12, 12)
 
 
-def test_cifar10_batches(tmp_path):
+def _cifar_folder(root, protocol=pickle.DEFAULT_PROTOCOL, key=str):
     rng = np.random.default_rng(0)
     for name, n in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 3)]:
-        with open(tmp_path / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": list(range(n))}, f)
-    with open(tmp_path / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+        with open(root / name, "wb") as f:
+            pickle.dump({key("data"): rng.integers(0, 255, (n, 3072), dtype=np.uint8), key("labels"): list(range(n)),
+                         key("filenames"): [key(f"{i}.png") for i in range(n)]}, f, protocol=protocol)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({key("label_names"): [key(f"c{i}") for i in range(10)]}, f, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol, key", [(pickle.DEFAULT_PROTOCOL, str), (2, str), (2, str.encode)],
+                         ids=["py3", "protocol2", "bytes-keys"])
+def test_cifar10_batches(tmp_path, protocol, key):
+    _cifar_folder(tmp_path, protocol, key)
     train, val, classes = load_dataset(str(tmp_path))
     assert len(train) == 20 and len(val) == 3 and classes[3] == "c3"
     assert train.tensors[0].shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.parametrize("victim", ["data_batch_1", "test_batch", "batches.meta", "in-array"])
+@pytest.mark.parametrize("entry", ["load_dataset", "make_loaders"])
+def test_cifar_payload_never_runs(tmp_path, victim, entry):
+    data = tmp_path / "cifar"
+    data.mkdir()
+    _cifar_folder(data)
+    marker = tmp_path / "pwned"
+    payload = PicklePayload(marker)
+    pickle.loads(pickle.dumps(payload))  # the payload works: plain unpickling creates the marker ...
+    assert marker.exists()
+    marker.unlink()
+    if victim == "in-array":  # hidden in an object array inside an otherwise valid batch
+        obj = {"data": np.array([payload], dtype=object), "labels": [0]}
+        victim = "data_batch_2"
+    else:
+        obj = {"data": payload, "labels": [0]} if victim != "batches.meta" else {"label_names": payload}
+    with open(data / victim, "wb") as f:
+        pickle.dump(obj, f)
+    with pytest.raises(ValueError, match=f"{victim}.* is not a CIFAR-10 python batch.*not allowed"):
+        (load_dataset if entry == "load_dataset" else make_loaders)(str(data))
+    assert not marker.exists()  # ... the restricted unpickler never called it
+
+
+def test_cifar_batch_wrong_content(tmp_path):
+    _cifar_folder(tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 10), np.float32), "labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match="test_batch.* 'data' must be a uint8 array of shape"):
+        load_dataset(str(tmp_path))
+    with open(tmp_path / "test_batch", "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(ValueError, match="test_batch.* is not a CIFAR-10 python batch"):
+        load_dataset(str(tmp_path))
 
 
 def test_missing_folder(tmp_path):

@@ -20,6 +20,7 @@ from qat_rep.export import (
     META_FILE,
     WEIGHTS_FILE,
     ArtifactWriteError,
+    canonical_json,
     artifact_layers,
     load_quantized,
     read_metadata,
@@ -36,10 +37,15 @@ def artifact(tmp_path) -> Path:
     return save_quantized(converted_copy(), tmp_path / "art", input_shape=(1, 3, SIZE, SIZE))
 
 
-def _rehash(directory: Path) -> None:
-    meta = json.loads((directory / META_FILE).read_text())
+def _forge(directory: Path, meta: dict | None = None) -> None:
+    """Write ``meta`` (default: the current one) with both hashes recomputed — a forger or a buggy writer: the
+    checks after the hashes must still refuse what does not fit."""
+    meta = json.loads((directory / META_FILE).read_text()) if meta is None else dict(meta)
     meta["sha256"] = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+    meta["artifact_sha256"] = hashlib.sha256(canonical_json(
+        {k: v for k, v in meta.items() if k != "artifact_sha256"})).hexdigest()
     (directory / META_FILE).write_text(json.dumps(meta))
+
 
 
 @pytest.mark.parametrize("preset", ["tensorrt", "onnxruntime"])
@@ -125,12 +131,12 @@ def test_loader_never_unpickles(artifact, tmp_path, monkeypatch):
     assert marker.exists()
     marker.unlink()
     (artifact / WEIGHTS_FILE).write_bytes(payload)
-    _rehash(artifact)  # ... and the hash matches, so only the format itself stands between it and execution
+    _forge(artifact)  # ... and the hash matches, so only the format itself stands between it and execution
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_quantized(artifact)
     assert not marker.exists()
     torch.save({"x": _Boom(str(marker))}, artifact / WEIGHTS_FILE)  # a torch pickle checkpoint in disguise
-    _rehash(artifact)
+    _forge(artifact)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_quantized(artifact)
     assert not marker.exists()
@@ -162,7 +168,7 @@ def test_truncated_or_modified_weights_are_refused(artifact):
         load_quantized(artifact)
     # a truncated file whose hash was (wrongly) updated is still refused, by the safetensors parser
     (artifact / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
-    _rehash(artifact)
+    _forge(artifact)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_quantized(artifact)
 
@@ -171,8 +177,8 @@ def test_tensors_that_do_not_fit_the_architecture(artifact):
     tensors = load_file(str(artifact / WEIGHTS_FILE))
     tensors.pop("linear.bias")
     save_file(tensors, str(artifact / WEIGHTS_FILE))
-    _rehash(artifact)
-    with pytest.raises(ValueError, match="do not fit 'qarepvgg_a0'.*linear.bias"):
+    _forge(artifact)
+    with pytest.raises(ValueError, match="do not fit the model described in .*qat_rep.json.*missing: linear.bias"):
         load_quantized(artifact)
 
 
@@ -187,11 +193,11 @@ def test_metadata_errors(artifact, tmp_path):
     (artifact / META_FILE).write_text(json.dumps(dict(meta, format="something-else")))
     with pytest.raises(ValueError, match="is not a qat-rep-int8 description"):
         load_quantized(artifact)
-    (artifact / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
-    with pytest.raises(ValueError, match=r"lacks required key\(s\) \['sha256'\]"):
+    _forge(artifact, {k: v for k, v in meta.items() if k != "layer_bits"})
+    with pytest.raises(ValueError, match=r"lacks required key\(s\) \['layer_bits'\]"):
         load_quantized(artifact)
-    (artifact / META_FILE).write_text(json.dumps(dict(meta, weights_file="../elsewhere.safetensors")))
-    with pytest.raises(ValueError, match="bare file name"):
+    _forge(artifact, dict(meta, weights_file="../elsewhere.safetensors"))
+    with pytest.raises(ValueError, match="weights_file must be 'model.safetensors'"):
         load_quantized(artifact)
     (artifact / META_FILE).write_text('{"format": "qat-rep-int8", ')
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -8,7 +8,7 @@ from torch import nn
 
 from qat_rep.blocks import QARepVGGBlock, RepVGGBlock
 from qat_rep.ptq import CFWSConv2d, quantize_ptq, sensitivity_report
-from qat_rep.quant import QuantConfig, backend
+from qat_rep.quant import DegenerateCalibrationError, QuantConfig, backend
 
 
 def tiny(block: type = RepVGGBlock, seed: int = 0) -> nn.Sequential:
@@ -108,3 +108,85 @@ def test_bad_input_is_refused() -> None:
                      batch_size=16)
     with pytest.raises(ValueError, match="weight_init must be 'max' or 'mse'"):
         quantize_ptq(tiny(), data(), method="brecq", weight_init="lsq", iters=1, batch_size=16)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse", "cfws"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration_pixel_is_refused(method: str, bad: float) -> None:
+    """One NaN pixel used to set every activation amax to 1e-12 (0 % agreement, no error); an inf pixel crashed
+    entropy calibration inside torch.histc."""
+    batches = data()
+    batches[1][0][0, 0, 3, 3] = bad
+    with pytest.raises(DegenerateCalibrationError, match=r"calibration batch 1 holds 1 NaN/inf value"):
+        quantize_ptq(tiny(), batches, QuantConfig(), method)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_all_zero_calibration_is_refused_naming_the_layer(method: str) -> None:
+    zeros = [(torch.zeros(16, 3, 16, 16),)]
+    with pytest.raises(DegenerateCalibrationError, match=r"input of layer '0.rbr_reparam' calibrated to amax"):
+        quantize_ptq(tiny(), zeros, QuantConfig(), method)
+
+
+def test_sensitivity_refuses_non_finite_batches() -> None:
+    batches = data()
+    batches[0][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(DegenerateCalibrationError, match="calibration batch 0"):
+        sensitivity_report(tiny(), batches)
+
+
+def test_every_layer_reports_which_threshold_rule_won() -> None:
+    m = tiny()
+    q, rep = quantize_ptq(m, data(), QuantConfig(), method="entropy")
+    assert set(rep.act_choice) == set(rep.layers)
+    for name, c in rep.act_choice.items():
+        assert c.rule == "entropy" and c.winner in ("entropy", "max")
+        assert c.amax == pytest.approx(rep.act_amax[name])
+        assert c.amax == (c.max_amax if c.winner == "max" else c.rule_amax)
+        if c.rule_amax != c.max_amax:  # measured: the winner has the smaller output error
+            assert (c.max_mse < c.rule_mse) == (c.winner == "max")
+    assert "| layer | threshold rule |" in rep.to_markdown()
+    assert rep.to_dict()["act_choice"]  # serializable with the rest of the report
+
+
+def test_guard_replaces_a_threshold_that_raises_the_output_error() -> None:
+    # the 75th percentile clips a quarter of every layer's input (the 50th is 0 after a ReLU, refused as degenerate):
+    # with the guard every such layer gets its maximum back
+    # and the model stays close to float; without it the output is wrecked
+    m = tiny()
+    x = data()[0][0]
+    with torch.no_grad():
+        ref = m(x)
+    cfg = QuantConfig(calibrator="percentile", percentile=75.0)
+    q, rep = quantize_ptq(tiny(), data(), cfg, method="percentile")
+    assert all(c.fell_back for c in rep.act_choice.values())
+    raw, rep_raw = quantize_ptq(tiny(), data(), cfg, method="percentile", act_guard=False)
+    assert not any(c.fell_back for c in rep_raw.act_choice.values())
+    with torch.no_grad():
+        assert _rel_err(q(x), ref) < 0.02 < _rel_err(raw(x), ref)
+    rows = sensitivity_report(tiny(), data(), cfg)  # sensitivity uses the same checked thresholds
+    assert len(rows) == 5 and all(r.sqnr_db > 20 for r in rows)
+    with pytest.raises(TypeError, match="act_guard must be True or False"):
+        quantize_ptq(tiny(), data(), act_guard="yes")
+
+
+def test_sim_layer_computes_what_the_cfws_module_deploys() -> None:
+    from qat_rep.ptq.layers import SimQuantLayer
+
+    m = tiny()
+    conv = m[1].equivalent_kernel_bias()
+    layer = nn.Conv2d(8, 8, 3, 1, 1)
+    layer.weight.data.copy_(conv[0])
+    layer.bias.data.copy_(conv[1])
+    for bits in (8, 6):
+        sim = SimQuantLayer(layer, bits, bits, per_channel=False, rep=True)
+        sim.cfws = True
+        sim.set_act_amax(2.5)
+        mod = CFWSConv2d.from_conv(layer, bits, bits, per_channel=False)
+        mod.load_split(layer.weight.detach(), layer.bias.detach(), input_amax=2.5)
+        x = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(bits))
+        with torch.no_grad():
+            a, b, ref = sim(x), mod.eval()(x), layer(x)
+        # the simulation differs from the deployed pair of convs by float summation order only: 1% of the
+        # quantization error it simulates, not a different rounding (6-bit: 1.1e-4 vs 0.1)
+        assert float((a - b).abs().max()) <= 0.01 * float((b - ref).abs().max())

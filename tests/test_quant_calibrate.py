@@ -9,9 +9,11 @@ from torch import nn
 
 from qat_rep import QARepVGGBlock, create_model
 from qat_rep.quant import (
+    DegenerateCalibrationError,
     NotCalibratedError,
     QuantConfig,
     calibrate,
+    check_calibrated,
     histogram_mse_amax,
     is_calibrated,
     prepare,
@@ -140,11 +142,12 @@ def test_mse_and_entropy_calibrate_end_to_end_on_cpu():
 
 
 def test_compute_amax_returns_zero_for_all_zero_activations():
+    """The statistic of all-zero inputs is amax 0 — which calibrate() then refuses, naming the layer."""
     model = nn.Sequential(nn.Linear(4, 2))
     prepare(model, QuantConfig(calibrator="percentile"))
-    calibrate(model, [torch.zeros(3, 4)])
+    with pytest.raises(DegenerateCalibrationError, match="input of layer '0' calibrated to amax 0"):
+        calibrate(model, [torch.zeros(3, 4)])
     assert float(model[0]._input_quantizer.amax) == 0.0
-    assert torch.equal(model(torch.zeros(1, 4)), model[0].bias.detach().expand(1, 2))
 
 
 def test_calibration_restores_mode_flags_and_does_not_touch_bn_stats():
@@ -339,3 +342,70 @@ def test_quantize_pools_wraps_average_pools_and_calibrates_them():
     skipped = create_model("repvgg_a0", num_classes=10, small_input=True)
     report = prepare(skipped, QuantConfig(quantize_pools=True, skip=("gap",)))
     assert report.pools == {} and "gap" in report.skipped and type(skipped.gap) is nn.AdaptiveAvgPool2d
+
+
+def test_all_zero_calibration_is_refused_naming_the_layer():
+    """Zeros gave amax 0 at every input: save/export then wrote QuantizeLinear scale 0 and ORT output zeros."""
+    model = _small_model()
+    prepare(model, QuantConfig())
+    with pytest.raises(DegenerateCalibrationError, match=r"input of layer '0.rep_quant' calibrated to amax 0 .*"
+                                                         r"all zero or constant"):
+        calibrate(model, [torch.zeros(2, 3, 16, 16)])
+
+
+@pytest.mark.parametrize("calibrator", ["percentile", "entropy", "mse"])
+def test_all_zero_calibration_is_refused_for_histogram_methods(calibrator):
+    model = _small_model()
+    prepare(model, QuantConfig(calibrator=calibrator))
+    with pytest.raises(DegenerateCalibrationError, match="input of layer '0.rep_quant'"):
+        calibrate(model, [torch.zeros(2, 3, 16, 16)])
+
+
+def test_dict_batch_gets_a_clear_error():
+    model = _small_model()
+    prepare(model, QuantConfig())
+    with pytest.raises(TypeError, match=r"got a dict batch with keys \['image', 'label'\]; pass forward=lambda"):
+        calibrate(model, [{"image": torch.randn(2, 3, 16, 16), "label": torch.zeros(2)}])
+    report = calibrate(model, [{"image": torch.randn(2, 3, 16, 16)}], forward=lambda m, b: m(b["image"]))
+    assert report.batches == 1 and is_calibrated(model)
+
+
+def _calibrated():
+    model = _small_model()
+    prepare(model, QuantConfig())
+    calibrate(model, [torch.randn(4, 3, 16, 16)])
+    return model
+
+
+@pytest.mark.parametrize("value, match", [
+    (0.0, r"input of layer '3' calibrated to amax 0"),
+    (1e-12, r"input of layer '3' calibrated to amax 1e-12"),
+    (-1.0, r"input quantizer of layer '3' holds a negative amax"),
+    (float("inf"), r"input quantizer of layer '3' holds a non-finite amax"),
+    (float("nan"), r"input quantizer of layer '3' was never calibrated"),
+])
+def test_check_calibrated_refuses_degenerate_amax(value, match):
+    model = _calibrated()
+    assert check_calibrated(model) == 6
+    model[3]._input_quantizer.set_amax(value)
+    with pytest.raises(DegenerateCalibrationError, match=match):
+        check_calibrated(model)
+    assert issubclass(DegenerateCalibrationError, ValueError)
+
+
+def test_check_calibrated_weight_channels():
+    """A weight channel may have amax 0 only where its weights are all zero (a pruned channel quantizes exactly)."""
+    model = _calibrated()
+    lin = model[3]
+    with torch.no_grad():
+        lin.weight[2].zero_()
+        lin._weight_quantizer.set_amax(lin._weight_quantizer.reduce_amax(lin.weight))
+    assert float(lin._weight_quantizer._amax.flatten()[2]) == 0.0
+    check_calibrated(model)  # accepted
+    with torch.no_grad():
+        amax = lin._weight_quantizer._amax.clone().flatten()
+        amax[1] = 0.0  # channel 1 has non-zero weights
+        lin._weight_quantizer.set_amax(amax.reshape(lin._weight_quantizer._amax.shape))
+    with pytest.raises(DegenerateCalibrationError, match=r"weight quantizer of layer '3' has amax below .* channel\(s\) "
+                                                         r"\[1\] whose weights are not zero"):
+        check_calibrated(model)

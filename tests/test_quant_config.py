@@ -71,7 +71,7 @@ def test_config_type_errors_and_unknown_keys():
 # ------------------------------------------------------------------------------------------------ backend
 @pytest.mark.parametrize("qmin,qmax", [(-127, 127), (-128, 127), (0, 255), (-8, 7)])
 def test_per_tensor_fake_quant_is_bit_exact_with_torch_forward_and_backward(qmin, qmax):
-    from qat_rep.quant.backend import _ClippedSTE
+    from qat_rep.quant.qmath import ClippedSTE
 
     g = torch.Generator().manual_seed(qmax)
     for _ in range(20):
@@ -81,7 +81,7 @@ def test_per_tensor_fake_quant_is_bit_exact_with_torch_forward_and_backward(qmin
         # random values plus the rounding ties and clipping edges, where an implementation can differ
         x = torch.cat([torch.randn(4000, generator=g) * amax, (k + 0.5) * s, k * s]).requires_grad_()
         ref = torch.fake_quantize_per_tensor_affine(x, s, torch.zeros((), dtype=torch.int32), qmin, qmax)
-        out = _ClippedSTE.apply(x, s, qmin, qmax)
+        out = ClippedSTE.apply(x, s, qmin, qmax)
         grad = torch.randn(x.shape, generator=g)
         assert torch.equal(out, ref)
         assert torch.equal(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
@@ -235,3 +235,10 @@ def test_prepare_keeps_parameters_and_forward():
     prepare(m, QuantConfig())
     assert {id(p) for n, p in m.named_parameters()} == params  # same Parameter objects: optimizers stay valid
     assert type(m).forward is fwd and "forward" not in vars(m)
+
+
+@pytest.mark.parametrize("skip", [None, 3, {"linear"}])
+def test_skip_of_the_wrong_type_names_the_field(skip):
+    """QuantConfig(skip=None) used to fail with "'NoneType' object is not iterable"."""
+    with pytest.raises(TypeError, match=r"skip must be a list or tuple of layer names or globs .*\[\] for none"):
+        QuantConfig(skip=skip)

@@ -138,7 +138,9 @@ def _explicit_forward(block, x, x_amax, w_bits, a_bits, per_channel, train_post_
         # the bias on the int32 grid s_x·s_w (what the INT8 runtime adds), straight-through
         step = (x_amax / (2 ** (a_bits - 1) - 1)) * (amax.flatten() / (2 ** (w_bits - 1) - 1))
         b = b + (torch.round(b / step) * step - b).detach()
-        y = F.conv2d(xq, ste(k, amax), b, block.stride, 1, 1, block.groups)
+        # in training the bias is added after the conv (as the implementation does): a ReLU mask at a tie
+        # depends on that float order
+        y = F.conv2d(xq, ste(k, amax), None, block.stride, 1, 1, block.groups) + b.reshape(1, -1, 1, 1)
     return F.relu(y)
 
 
@@ -288,5 +290,5 @@ def test_plain_conv_bn_folded_at_convert_efficientrep():
 
 def test_rep_quant_phase_rejects_unknown():
     m, _ = _calibrated(RepVGGBlock, dict(in_channels=8, out_channels=8), QuantConfig())
-    with pytest.raises(ValueError, match="phase must be one of float, qat, frozen"):
-        m[0].rep_quant.phase = "fused"
+    with pytest.raises(ValueError, match="phase must be one of float, qat, frozen, fused"):
+        m[0].rep_quant.phase = "fuse"

@@ -75,16 +75,47 @@ def test_pure_function_of_position_and_parameters_unchanged(model):
 
 def test_schedule_round_trips_through_json():
     for s in (Schedule.all_at_once(1, 4, unit="step"), Schedule.shallow_to_deep(2, 3, None, stages=["a", "b"]),
-              Schedule(rules=(PhaseRule("x.*", 1),), default="frozen")):
+              Schedule(rules=(PhaseRule("x.*", 1),), default="frozen"), Schedule.all_at_once(0, fuse_at=3),
+              Schedule.shallow_to_deep(0, 1, fuse_after=2, unit="step")):
         assert Schedule.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    # a schedule saved before the fused phase existed (3-element stagewise, rules without fuse_at)
+    old = {"rules": [{"pattern": "a", "qat_at": 1, "freeze_at": None}], "unit": "epoch", "default": "qat",
+           "stagewise": [0, 1, 2], "stages": None}
+    assert Schedule.from_dict(old) == Schedule(rules=(PhaseRule("a", 1),), stagewise=(0, 1, 2, None))
+
+
+def _fresh() -> torch.nn.Module:
+    m = create_model("qarepvgg_a0", num_classes=10, small_input=True)
+    prepare(m, QuantConfig())
+    return m
+
+
+def test_eqk_to_fused_by_stage_and_epoch():
+    m = _fresh()
+    s = Schedule.shallow_to_deep(start=0, every=1, fuse_after=1)  # stage i: qat at i, fused at i + 1
+    by_stage = lambda phases: [phases[n] for n in ("stage0", "stage1.0", "stage2.0", "stage3.0", "stage4.0")]
+    assert by_stage(apply_schedule(m, s, 0, 0)) == ["qat", "float", "float", "float", "float"]
+    assert by_stage(apply_schedule(m, s, 2, 0)) == ["fused", "fused", "qat", "float", "float"]
+    assert m.stage1[1].rep_quant.collapsed and not m.stage2[0].rep_quant.collapsed
+    assert by_stage(apply_schedule(m, s, 5, 0)) == ["fused"] * 5
+
+
+def test_eqk_to_fused_by_step():
+    m = _fresh()
+    s = Schedule.all_at_once(qat_at=0, fuse_at=30, unit="step")
+    assert set(apply_schedule(m, s, epoch=3, step=29).values()) == {"qat"}
+    assert set(apply_schedule(m, s, epoch=0, step=30).values()) == {"fused"}
 
 
 @pytest.mark.parametrize("make,match", [
     (lambda: Schedule(unit="batch"), "Schedule.unit must be 'epoch' or 'step'"),
-    (lambda: Schedule(default="fused"), "Schedule.default must be one of float, qat, frozen"),
+    (lambda: Schedule(default="fuse"), "Schedule.default must be one of float, qat, frozen, fused"),
     (lambda: PhaseRule("*", qat_at=-1), "qat_at must be an integer >= 0"),
     (lambda: PhaseRule("*", qat_at=3, freeze_at=2), "freeze_at must be None or an integer >= qat_at=3"),
     (lambda: Schedule.shallow_to_deep(every=-1), "every must be an integer >= 0"),
+    (lambda: PhaseRule("*", qat_at=3, fuse_at=2), "fuse_at must be None or an integer >= qat_at=3"),
+    (lambda: PhaseRule("*", qat_at=1, freeze_at=4, fuse_at=3), "fuse_at must be None or an integer >= freeze_at=4"),
+    (lambda: Schedule(stagewise=(0, 1)), r"stagewise must be \(start, every, freeze_after\[, fuse_after\]\)"),
     (lambda: Schedule.from_dict({"unit": "epoch", "phases": []}), r"unknown Schedule key\(s\) \['phases'\]"),
     (lambda: Schedule.shallow_to_deep().resolve(None), "needs the model to find them"),
 ])

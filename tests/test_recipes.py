@@ -70,13 +70,13 @@ def test_qat_b0_fast_artifacts_load_and_match_the_report(qat_b0_run: Path) -> No
     deployed = load_quantized(out / "deploy_w8a8")
     assert common.evaluate_accuracy(deployed, val) == pytest.approx(results["qat"]["w8a8"]["deploy_acc"], abs=1e-9)
 
-    for name in ("model_w8a8.onnx", "model_fp32.onnx"):
+    for name in ("deploy_w8a8/model_int8.onnx", "model_fp32.onnx"):
         import onnx
 
         onnx.checker.check_model(onnx.load(str(out / name)))
-    ops = {n.op_type for n in __import__("onnx").load(str(out / "model_w8a8.onnx")).graph.node}
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "deploy_w8a8" / "model_int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    ver = verify_onnx(out / "model_w8a8.onnx", deployed, val)
+    ver = verify_onnx(out / "deploy_w8a8" / "model_int8.onnx", deployed, val)
     assert 100 * ver.ort_accuracy == pytest.approx(results["qat"]["w8a8"]["ort_acc"], abs=1e-9)
     assert set(results["ort_latency_ms_batch1"]) == {"FP32 (fused)", "INT8 W8A8"}
     assert all(v > 0 for v in results["ort_latency_ms_batch1"].values())
@@ -104,7 +104,7 @@ def test_qat_b0_ddp_two_processes_writes_the_same_artifacts(qat_b0_run: Path, tm
     deployed = load_quantized(out / "deploy_w8a8")
     acc = common.evaluate_accuracy(deployed, dm.val_dataloader())
     assert acc == pytest.approx(results["qat"]["w8a8"]["deploy_acc"], abs=1e-9)
-    ver = verify_onnx(out / "model_w8a8.onnx", deployed, dm.val_dataloader())
+    ver = verify_onnx(out / "deploy_w8a8" / "model_int8.onnx", deployed, dm.val_dataloader())
     assert ver.agreement >= 0.995
 
 
@@ -117,12 +117,12 @@ def test_qat_b0_onnxruntime_target_is_integer_from_conv_to_conv(tmp_path: Path) 
     run_recipe("qat_b0.py", "--fast", "--deploy-target", "onnxruntime", "--out", str(out))
     deployed = load_quantized(out / "deploy_w8a8")
     assert deployed.qat_rep_artifact["quant_config"]["unsigned_activations"] is True
-    graph = onnx.load(str(out / "model_w8a8.onnx")).graph
+    graph = onnx.load(str(out / "deploy_w8a8" / "model_int8.onnx")).graph
     assert not any(n.op_type == "Relu" for n in graph.node)  # folded into UINT8 quantizers
-    ops = ort_op_counts(out / "model_w8a8.onnx", threads=1)
+    ops = ort_op_counts(out / "deploy_w8a8" / "model_int8.onnx", threads=1)
     assert ops.get("QLinearConv") == 22 and ops.get("QGemm") == 1 and "Relu" not in ops
     dm = common.ImageDataModule("digits", 32, 64, 0, limit=128, val_limit=128)
-    ver = verify_onnx(out / "model_w8a8.onnx", deployed, dm.val_dataloader())
+    ver = verify_onnx(out / "deploy_w8a8" / "model_int8.onnx", deployed, dm.val_dataloader())
     assert ver.agreement >= 0.995 and ver.max_diff_steps <= 1.0
 
 
@@ -178,7 +178,7 @@ def test_qat_yolov6_backbone_fast(tmp_path: Path) -> None:
     assert logits.shape == (4, y6.NUM_CLASSES, y6.CANVAS, y6.CANVAS) and np.isfinite(logits).all()
     assert y6.mean_iou(y6.ort_runner(out / "model_w8a8.onnx"), val) == pytest.approx(results["ort_int8_miou"],
                                                                                      abs=1e-6)
-    fused = load_file(str(out / "deploy" / "fused_state_dict.safetensors"))
+    fused = load_file(str(out / "deploy" / "model.safetensors"))
     assert "backbone.stem.rbr_reparam.weight" in fused and not any("rbr_dense" in k for k in fused)
     assert (out / "qat.ckpt").stat().st_size > 0
     assert "| ORT INT8 | W8A8 |" in (out / "report.md").read_text()
@@ -278,6 +278,25 @@ def test_loaders_and_glue_raise_clear_errors(tmp_path: Path) -> None:
     save_file({"stem.weight": torch.zeros(1)}, str(headless))
     with pytest.raises(ValueError, match="no 'backbone.\\*' keys"):
         y6.load_yolov6_keyed(y6.SegModule("n"), headless)
+
+
+@pytest.mark.parametrize("name", ["fp32.ckpt", "weights.pt", "yolov6.pt"])
+def test_crafted_checkpoint_never_runs_its_payload(tmp_path: Path, name: str, monkeypatch) -> None:
+    """``--ckpt`` files are read with weights_only=True, even when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD asks otherwise."""
+    import qat_yolov6_backbone as y6
+    from helpers import PicklePayload
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    path = tmp_path / name
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": PicklePayload(marker)}, path)
+    with pytest.raises(ValueError, match=r"holds a '(posix|os)\.system' object.*weights_only=True") as err:
+        if name == "yolov6.pt":
+            y6.load_yolov6_keyed(y6.SegModule("n"), path)
+        else:
+            common.load_classifier(path)
+    assert "weights_only=False" not in str(err.value)
+    assert not marker.exists()
 
 
 def test_state_dict_checkpoint_loads_in_any_form(tmp_path: Path) -> None:

@@ -90,20 +90,26 @@ def test_problem_table_is_built_from_ptq_accuracy_json(tmp_path: Path) -> None:
     d = tmp_path / "results"
     d.mkdir()
     assert run_all.problem_table(d) is None  # no PTQ results yet: the README keeps its placeholder
-    summary = [dict(model=m, bits=b, method=k, acc_mean=acc) for m, b, k, acc in [
-        ("repvgg_a0", "FP32", "fp32", 99.1), ("repvgg_a0", "W8A8", "minmax", 98.2),
-        ("repvgg_a0", "W6A6-pt", "minmax", 12.3), ("qarepvgg_a0", "FP32", "fp32", 98.7),
-        ("qarepvgg_a0", "W6A6-pt", "minmax", 97.4)]]
+    summary = [dict(recipe=r, model=m, bits=b, method=k, acc_mean=acc) for r, m, b, k, acc in [
+        ("adamw16", "repvgg_a0", "FP32", "fp32", 99.1), ("adamw16", "repvgg_a0", "W8A8", "minmax", 98.2),
+        ("adamw16", "repvgg_a0", "W6A6-pt", "minmax", 12.3), ("adamw16", "qarepvgg_a0", "FP32", "fp32", 98.7),
+        ("adamw16", "qarepvgg_a0", "W6A6-pt", "minmax", 97.4), ("sgd32", "repvgg_a0", "FP32", "fp32", 99.7)]]
+    recipes = dict(adamw16=dict(epochs=4, optimizer="adamw", image_size=16, shift=0),
+                   sgd32=dict(epochs=12, optimizer="sgd", image_size=32, shift=3))
     (d / "ptq_accuracy.json").write_text(json.dumps(dict(
-        meta=dict(args=dict(epochs=6, image_size=16)), rows=[dict(seed=0), dict(seed=2)], summary=summary)))
+        meta=dict(recipes=recipes), summary=summary,
+        rows=[dict(recipe="adamw16", seed=0), dict(recipe="adamw16", seed=2), dict(recipe="sgd32", seed=1)])))
     table = run_all.problem_table(d)
     lines = table.splitlines()
     assert lines[0] == run_all.PROBLEM_START and lines[-1] == run_all.PROBLEM_END
-    assert "seeds 0, 2" in table and "6 epochs" in table and "16×16" in table
-    rep = next(line for line in lines if line.startswith("| RepVGG-A0"))
-    assert rep.split(" | ")[1:4] == ["99.10", "98.20", "12.30"] and rep.count("n/a") == 3
-    qa = next(line for line in lines if line.startswith("| QARepVGG-A0"))
-    assert qa.split(" | ")[1:4] == ["98.70", "n/a", "97.40"]
+    assert "`adamw16` (4 epochs ADAMW at 16×16; seeds 0, 2)" in table
+    assert "`sgd32` (12 epochs SGD at 32×32, ±3 px shifts; seeds 1)" in table
+    rep = next(line for line in lines if line.startswith("| RepVGG-A0 | adamw16"))
+    assert rep.split(" | ")[2:6] == ["99.10", "n/a", "98.20", "12.30"] and rep.count("n/a") == 4
+    rep_sgd = next(line for line in lines if line.startswith("| RepVGG-A0 | sgd32"))
+    assert rep_sgd.split(" | ")[2] == "99.70" and rep_sgd.count("n/a") == 6
+    qa = next(line for line in lines if line.startswith("| QARepVGG-A0 | adamw16"))
+    assert qa.split(" | ")[2:6] == ["98.70", "n/a", "n/a", "97.40"]
     readme = tmp_path / "README.md"
     readme.write_text(f"# T\n\n{run_all.PROBLEM_START}\nold\n{run_all.PROBLEM_END}\n\nrest\n")
     assert run_all.rewrite_readme(readme, table, run_all.PROBLEM_START, run_all.PROBLEM_END, append=False)

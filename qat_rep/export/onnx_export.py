@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_file
+from .calls import ModelCall
 
 __all__ = [
     "ExportReport",
@@ -426,7 +427,7 @@ def shared_scale_violations(model_or_path) -> list[str]:
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    example_input: Tensor,
+    example_input: Tensor | ModelCall,
     opset: int = 13,
     dynamic_batch: bool = True,
     quantized: bool = True,
@@ -440,7 +441,8 @@ def export_onnx(
     model itself is not modified — a copy is converted) and writes a QDQ graph; ``quantized=False`` writes the fused
     FP32 network (quantizers disabled, or a plain float model re-parameterized). ``target`` picks the QDQ layout
     (see the module docstring). ``example_input`` fixes the input shape; with ``dynamic_batch`` the batch axis is
-    symbolic.
+    symbolic. A :class:`~qat_rep.export.calls.ModelCall` (a recorded ``model(*args, **kwargs)``) traces that call:
+    each of its tensors becomes a graph input named after ``forward``'s parameter (``input_names`` is ignored).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -448,7 +450,9 @@ def export_onnx(
         raise ValueError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
     if not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an integer >= 13 (per-channel QuantizeLinear needs 13), got {opset!r}")
-    _check_example(model, example_input)
+    call = example_input if isinstance(example_input, ModelCall) else None
+    if call is None:
+        _check_example(model, example_input)
     has_quant = bool(_quant_modules(model))
     if quantized:
         if not has_quant:
@@ -463,6 +467,9 @@ def export_onnx(
                 f"cannot export before calibration: {len(missing)} quantizer(s) have no amax ({shown}); run "
                 "qat_rep.quant.calibrate(model, batches) (or load a calibrated checkpoint) first"
             )
+        from ..quant import check_calibrated
+
+        check_calibrated(model)  # an amax of 0 would write QuantizeLinear scale 0: ORT then outputs zeros
         narrow = _not_8bit(model)
         if narrow:
             bits = sorted({b for _, b in narrow})
@@ -483,11 +490,20 @@ def export_onnx(
                 "unsigned_activations=False for TensorRT"
             )
     work = _fuse_for_export(model, quantized)
-    example = example_input.detach().to(dtype=torch.float32, device="cpu")
+    if call is None:
+        examples: tuple[Tensor, ...] = (example_input.detach().to(dtype=torch.float32, device="cpu"),)
+        batch_axes = {n: {0: "batch"} for n in input_names}
+    else:
+        named = call.tensors(work)
+        input_names = [n for n, _ in named]
+        examples = tuple(t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu() for _, t in named)
+        batch_axes = call.dynamic_axes(work)
+        work = call.replay_module(work)
+    example = examples[0]
     with torch.no_grad():
         try:
-            out = work(example)  # also refreshes the stored amax of dynamic (weight) quantizers
-        except RuntimeError as e:
+            out = work(*examples)  # also refreshes the stored amax of dynamic (weight) quantizers
+        except (RuntimeError, TypeError) as e:
             raise ValueError(
                 f"the model cannot run on example_input of shape {tuple(example.shape)}: {e}"
             ) from e
@@ -498,7 +514,7 @@ def export_onnx(
         raise ValueError(f"output_names has {len(output_names)} name(s) but the model returns {n_out} output(s)")
     dynamic_axes = None
     if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
+        dynamic_axes = {**batch_axes, **{n: {0: "batch"} for n in output_names}}
 
     from ..quant.backend import onnx_export_mode
     import onnx
@@ -508,7 +524,7 @@ def export_onnx(
         with onnx_export_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                work, (example,), str(tmp), opset_version=opset, dynamo=False, do_constant_folding=True,
+                work, examples, str(tmp), opset_version=opset, dynamo=False, do_constant_folding=True,
                 input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic_axes,
             )
         proto = onnx.load(str(tmp))

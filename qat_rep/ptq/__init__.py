@@ -14,7 +14,8 @@ Typical use (framework-free)::
 
 from .api import METHODS, PTQReport, quantize_ptq, sensitivity_report
 from .cfws import CFWSConv2d, CFWSSplit, cfws_split
-from .kl import HIST_METHODS, Histogram, amax_from_histogram, collect_input_histograms, improved_kl_amax
+from .kl import (HIST_METHODS, Histogram, amax_from_histogram, collect_input_histograms, histogram_quant_mse,
+                 improved_kl_amax)
 from .reconstruct import ReconConfig, Unit, UnitResult, block_units, layer_units, mixed_units, module_capacity
 from .sensitivity import LayerSensitivity, layer_sensitivity
 
@@ -32,6 +33,7 @@ __all__ = [
     "HIST_METHODS",
     "improved_kl_amax",
     "amax_from_histogram",
+    "histogram_quant_mse",
     "collect_input_histograms",
     "ReconConfig",
     "Unit",

@@ -6,17 +6,20 @@ Pipeline (each step is one module of this package):
    network that will be deployed.
 2. Every conv/linear becomes a :class:`~.layers.SimQuantLayer` (``config.skip`` stays float; with
    ``config.first_last_8bit`` the first and last layer keep 8 bits when fewer are requested).
-3. Activation ``amax`` from ``|input|`` histograms of the float model (:mod:`.kl`): ``max`` / ``percentile`` /
-   ``entropy`` / ``mse`` / CFWS's ``improved_kl``. Weight ``amax`` = ``max|W|`` (or BRECQ's MSE search).
-4. Method-specific work: CFWS split; AdaRound / BRECQ / MRECG reconstruction (:mod:`.reconstruct`).
-5. Optional partial quantization: the ``keep_float`` most sensitive layers (:mod:`.sensitivity`) stay float.
-6. :func:`~.layers.finalize`: backend ``QuantConv2d``/``QuantLinear``/:class:`~.cfws.CFWSConv2d` with static amax.
+3. Weight ``amax`` = ``max|W|`` (or BRECQ's MSE search); CFWS marks the rep kernels it splits.
+4. Activation ``amax`` from ``|input|`` histograms of the float model (:mod:`.kl`): ``max`` / ``percentile`` /
+   ``entropy`` / ``mse`` / CFWS's ``improved_kl``; per layer, the maximum replaces a threshold that gives the
+   quantized layer a larger output error on the calibration data (:mod:`.act_guard`).
+5. Reconstruction: AdaRound / BRECQ / MRECG (:mod:`.reconstruct`).
+6. Optional partial quantization: the ``keep_float`` most sensitive layers (:mod:`.sensitivity`) stay float.
+7. :func:`~.layers.finalize`: backend ``QuantConv2d``/``QuantLinear``/:class:`~.cfws.CFWSConv2d` with static amax.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable
@@ -27,8 +30,9 @@ from torch import nn
 from ..fuse import fold_bn_into_conv_
 from ..quant.insert import bn_after
 from ..quant import QuantConfig
-from ..quant.calibrate import default_forward
+from ..quant.calibrate import check_calibrated, check_finite_batch, default_forward
 from ..reparam import reparameterize
+from .act_guard import ActChoice, choose_act_amax
 from .kl import amax_from_histogram, collect_input_histograms
 from .layers import finalize, install_sim, sim_layers
 from .qmath import mse_weight_amax
@@ -52,12 +56,14 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "mrecg": _RECON_KEYS + ("act_calibrator", "weight_init", "num_samples", "blocks", "k", "capacity",
                             "stride_penalty"),
 }
-_COMMON = ("forward", "keep_float", "progress", "bins")
+_COMMON = ("forward", "keep_float", "progress", "bins", "act_guard")
 
 
 @dataclass
 class PTQReport:
-    """What :func:`quantize_ptq` did: method, settings, per-layer kinds, reconstruction losses, timing."""
+    """What :func:`quantize_ptq` did: method, settings, per-layer kinds, activation threshold rules (``act_choice``:
+    the calibrator's threshold or the maximum, whichever gave the layer the smaller output error), reconstruction
+    losses, timing."""
 
     method: str
     config: dict[str, Any]
@@ -65,6 +71,7 @@ class PTQReport:
     layers: dict[str, str] = field(default_factory=dict)  # name -> "conv" | "linear" | "cfws" | "float"
     bits: dict[str, str] = field(default_factory=dict)  # name -> "W8A8"
     act_amax: dict[str, float] = field(default_factory=dict)
+    act_choice: dict[str, ActChoice] = field(default_factory=dict)  # which threshold rule won, per layer
     units: list[UnitResult] = field(default_factory=list)
     pairs: list[tuple[str, str, float]] = field(default_factory=list)
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
@@ -82,6 +89,15 @@ class PTQReport:
         lines = [f"**PTQ `{self.method}`** — {len(self.layers)} layers ({n_cfws} CFWS, "
                  f"{len(self.kept_float)} float), {self.calib_samples} calibration samples, {self.seconds:.1f} s",
                  ""]
+        if self.act_choice:
+            rules = [c.winner for c in self.act_choice.values()]
+            lines += [f"activation thresholds: " + ", ".join(f"{rules.count(r)} {r}" for r in dict.fromkeys(rules)),
+                      "", "| layer | threshold rule | amax | amax / max | output MSE (rule) | output MSE (max) |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {n} | {c.winner}{' (fallback)' if c.fell_back else ''} | {c.amax:.4g} | "
+                      f"{c.amax / c.max_amax if c.max_amax > 0 else 1.0:.3f} | {_num(c.rule_mse)} | {_num(c.max_mse)} |"
+                      for n, c in self.act_choice.items()]
+            lines.append("")
         if self.units:
             lines += ["| unit | kind | loss before | loss after | s |", "|---|---|---|---|---|"]
             lines += [f"| {u.name} | {u.kind} | {u.loss_before:.4g} | {u.loss_after:.4g} | {u.seconds:.1f} |"
@@ -97,17 +113,24 @@ class PTQReport:
         from rich.table import Table
 
         table = Table(title=f"PTQ {self.method} ({self.seconds:.1f} s)")
-        for col in ("layer", "kind", "bits", "act amax", "recon loss before → after"):
+        for col in ("layer", "kind", "bits", "act amax", "threshold rule", "recon loss before → after"):
             table.add_column(col)
         losses = {u.name: u for u in self.units}
         for name, kind in self.layers.items():
             u = losses.get(name)
+            c = self.act_choice.get(name)
             table.add_row(name, kind, self.bits.get(name, ""), f"{self.act_amax.get(name, float('nan')):.4g}",
+                          "" if c is None else c.winner + (" (fallback)" if c.fell_back else ""),
                           f"{u.loss_before:.4g} → {u.loss_after:.4g}" if u else "")
         return table
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _num(v: float) -> str:
+    """A table cell: ``—`` for a value that was not measured (NaN)."""
+    return "—" if math.isnan(v) else f"{v:.3g}"
+
+
 def _gather(loader: Iterable[Any], max_batches: int | None, max_samples: int | None) -> tuple[list[Any], int]:
     batches: list[Any] = []
     n = 0
@@ -138,6 +161,22 @@ def _fold_plain_bn(model: nn.Module) -> int:
     return n
 
 
+def _calibrate_activations(sims: dict[str, Any], fmodel: nn.Module, batches: list[Any],
+                           fwd: Callable[[nn.Module, Any], Any], rule: str, config: QuantConfig, bins: int,
+                           guard: bool) -> dict[str, ActChoice]:
+    """Every layer's activation amax: ``rule`` on the histogram of its float input, checked against the maximum
+    by the layer's output error when ``guard`` (:mod:`.act_guard`)."""
+    hists = collect_input_histograms(fmodel, {n: fmodel.get_submodule(n) for n in sims}, batches, fwd, bins)
+    rule_amax = {n: amax_from_histogram(hists[n], rule, s.a_bits, config.percentile) for n, s in sims.items()}
+    max_amax = {n: hists[n].amax for n in sims}
+    if guard:
+        return choose_act_amax(sims, fmodel, batches, fwd, rule, rule_amax, max_amax)
+    nan = float("nan")
+    for n, s in sims.items():
+        s.set_act_amax(rule_amax[n])
+    return {n: ActChoice(rule, rule, rule_amax[n], rule_amax[n], max_amax[n], nan, nan) for n in sims}
+
+
 def _check_options(method: str, options: dict[str, Any]) -> None:
     valid = _OPTIONS[method]
     bad = sorted(set(options) - set(valid))
@@ -156,6 +195,7 @@ def quantize_ptq(
     keep_float: int = 0,
     progress: bool = False,
     bins: int = 2048,
+    act_guard: bool = True,
     **method_options: Any,
 ) -> tuple[nn.Module, PTQReport]:
     """Post-training quantization of ``model`` (in place; returned for chaining) and a :class:`PTQReport`.
@@ -178,6 +218,9 @@ def quantize_ptq(
         keep_float: keep the N most output-sensitive layers in floating point (partial quantization).
         progress: show a rich progress bar during reconstruction.
         bins: histogram bins for activation calibration.
+        act_guard: per layer, keep the calibrator's activation threshold only if the quantized layer's output
+            error on the calibration data is not larger than with the maximum; else use the maximum
+            (``PTQReport.act_choice`` says which won). ``False`` takes the calibrator's thresholds as they are.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -186,6 +229,8 @@ def quantize_ptq(
     _check_ptq_config(config)
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise ValueError(f"keep_float must be a non-negative integer, got {keep_float!r}")
+    if not isinstance(act_guard, bool):
+        raise TypeError(f"act_guard must be True or False, got {act_guard!r}")
     _check_options(method, method_options)
     fwd = forward or default_forward
     opts = dict(method_options)
@@ -204,6 +249,8 @@ def quantize_ptq(
         batches, n_samples = _gather(calib_loader, config.calib_batches, None)
     if not batches:
         raise ValueError("the calibration loader is empty; PTQ needs at least one batch of representative inputs")
+    for i, batch in enumerate(batches):
+        check_finite_batch(batch, i)
 
     reparameterize(model, fold_post_bn=True)
     _fold_plain_bn(model)
@@ -214,28 +261,26 @@ def quantize_ptq(
     if not sims:
         raise ValueError("the model has no nn.Conv2d/nn.Linear left to quantize (all skipped?); check config.skip")
 
-    # activations: histograms of every layer's float input
-    if method in _CALIB:
-        act_method = _CALIB[method]
-    elif method == "cfws":
-        act_method = "improved_kl" if opts.get("improved_kl", True) else config.calibrator
-    else:
-        act_method = opts.get("act_calibrator", "mse")
-    hists = collect_input_histograms(fmodel, {n: fmodel.get_submodule(n) for n in sims}, batches, fwd, bins)
-    for name, sim in sims.items():
-        sim.set_act_amax(amax_from_histogram(hists[name], act_method, sim.a_bits, config.percentile))
-
+    # weights first: the activation check below measures each layer with the weights it will deploy
     weight_init = opts.get("weight_init", "mse" if method in _RECON else "max")
     if weight_init not in ("max", "mse"):
         raise ValueError(f"weight_init must be 'max' or 'mse', got {weight_init!r}")
     if weight_init == "mse":
         for sim in sims.values():
             sim.w_amax.copy_(mse_weight_amax(sim.weight, sim.w_bits, sim.per_channel))
-
-    report = PTQReport(method, config.to_dict(), {k: v for k, v in opts.items()}, calib_samples=n_samples)
     if method == "cfws" and opts.get("split", True):
         for sim in sims.values():
             sim.cfws = sim.rep and sim.is_conv and tuple(sim.weight.shape[-2:]) == (3, 3)
+
+    # activations: histograms of every layer's float input, then the per-layer output-error check
+    if method in _CALIB:
+        act_method = _CALIB[method]
+    elif method == "cfws":
+        act_method = "improved_kl" if opts.get("improved_kl", True) else config.calibrator
+    else:
+        act_method = opts.get("act_calibrator", "mse")
+    report = PTQReport(method, config.to_dict(), {k: v for k, v in opts.items()}, calib_samples=n_samples)
+    report.act_choice = _calibrate_activations(sims, fmodel, batches, fwd, act_method, config, bins, act_guard)
 
     if method in _RECON:
         assert recon_cfg is not None
@@ -275,6 +320,7 @@ def quantize_ptq(
         report.act_amax[name] = float(sim.act_amax)
     report.layers = finalize(model)
     model.eval()
+    check_calibrated(model)  # refuses an activation amax of ~0 (all-zero or constant data at a layer), naming it
     report.seconds = time.perf_counter() - t0
     return model, report
 
@@ -292,18 +338,23 @@ def _check_ptq_config(config: QuantConfig) -> None:
 
 def sensitivity_report(model: nn.Module, calib_loader: Iterable[Any], config: QuantConfig | None = None, *,
                        calibrator: str | None = None, forward: Callable[[nn.Module, Any], Any] | None = None,
-                       bins: int = 2048) -> list[LayerSensitivity]:
+                       bins: int = 2048, act_guard: bool = True) -> list[LayerSensitivity]:
     """Per-layer sensitivity of a float model (not modified): each layer quantized alone, output MSE/SQNR.
 
     Layer names are those of the fused model (``stage1.0.rbr_reparam``; put the block name ``stage1.0`` in
     ``QuantConfig.skip`` to keep it float — the QAT callback and :func:`quantize_ptq` both accept that).
+    Activation thresholds as in :func:`quantize_ptq` (``calibrator``, default ``config.calibrator``; ``act_guard``).
     """
+    if not isinstance(act_guard, bool):
+        raise TypeError(f"act_guard must be True or False, got {act_guard!r}")
     config = QuantConfig() if config is None else config
     _check_ptq_config(config)
     fwd = forward or default_forward
     batches, _ = _gather(calib_loader, config.calib_batches, None)
     if not batches:
         raise ValueError("the calibration loader is empty; sensitivity needs at least one batch")
+    for i, batch in enumerate(batches):
+        check_finite_batch(batch, i)
     work = copy.deepcopy(model)
     reparameterize(work, fold_post_bn=True)
     _fold_plain_bn(work)
@@ -311,8 +362,5 @@ def sensitivity_report(model: nn.Module, calib_loader: Iterable[Any], config: Qu
     ref = copy.deepcopy(work)
     first_last = 8 if config.first_last_8bit and (config.w_bits < 8 or config.a_bits < 8) else None
     sims = install_sim(work, config.w_bits, config.a_bits, config.per_channel, config.skip, first_last)
-    hists = collect_input_histograms(ref, {n: ref.get_submodule(n) for n in sims}, batches, fwd, bins)
-    for name, sim in sims.items():
-        sim.set_act_amax(amax_from_histogram(hists[name], calibrator or config.calibrator, sim.a_bits,
-                                             config.percentile))
+    _calibrate_activations(sims, ref, batches, fwd, calibrator or config.calibrator, config, bins, act_guard)
     return layer_sensitivity(work, batches, fwd)

@@ -2,7 +2,7 @@
 
 Why: a fused RepVGG kernel carries the identity and 1×1 branches on its centre tap, so the centre values of a
 channel are often an order of magnitude larger than the 8 outer taps and one INT8 scale per channel wipes out the
-outer taps. CFWS splits the kernel ``W`` (FACTS.md §5)::
+outer taps. CFWS splits the kernel ``W``::
 
     Wc       = W[:, :, 1, 1]                          # centre taps
     s_c      = max|Wc| / bound                        # per output channel (or per tensor)

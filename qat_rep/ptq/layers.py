@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import RepBlock
-from .cfws import CFWSConv2d
+from .cfws import CFWSConv2d, cfws_split
 from .qmath import channel_amax, fake_quant, fake_quant_ste, qbound
 
 __all__ = ["SimQuantLayer", "find_layers", "install_sim", "sim_layers", "finalize", "set_module", "matches_any"]
@@ -99,9 +99,14 @@ class SimQuantLayer(nn.Module):
         return torch.clamp(self.weight / self._w_scale(), -b, b)
 
     def quantized_weight(self) -> Tensor:
-        """The weight the layer computes with: float, nearest-rounded, soft- or hard-AdaRounded."""
+        """The weight the layer computes with: float, nearest-rounded, CFWS-split, soft- or hard-AdaRounded."""
         if not self.quant_weight:
             return self.weight
+        if self.cfws:
+            if self.alpha is not None:
+                raise RuntimeError("a CFWS layer is not reconstructed: its weight is split, not AdaRounded")
+            split = cfws_split(self.weight, self.w_bits, self.per_channel)  # what CFWSConv2d will compute
+            return split.coarse_3x3() + fake_quant(split.fine, split.fine_amax, self.w_bits)
         if self.alpha is None:
             return fake_quant(self.weight, self.w_amax, self.w_bits)
         b = qbound(self.w_bits)

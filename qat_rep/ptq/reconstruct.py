@@ -1,6 +1,6 @@
 """Reconstruction-based PTQ: AdaRound (layer-wise), BRECQ (block-wise), MRECG (mixed granularity), QDrop option.
 
-All three share one loop (FACTS.md §5): units are processed in network order; a unit's input comes from the
+All three share one loop: units are processed in network order; a unit's input comes from the
 *quantized* model (earlier units already hardened), its target is the *float* model's output of the same unit, and
 the unit's weights are soft-rounded with AdaRound's rectified sigmoid ``h(V)``::
 

@@ -13,20 +13,36 @@ Typical use (framework-free)::
 """
 
 from .backend import NotCalibratedError, onnx_export_mode
-from .calibrate import CalibReport, calibrate, histogram_mse_amax, is_calibrated
+from .calibrate import (
+    AMAX_FLOOR,
+    CalibrationSession,
+    CalibReport,
+    DegenerateCalibrationError,
+    calibrate,
+    check_calibrated,
+    check_finite_batch,
+    histogram_mse_amax,
+    is_calibrated,
+)
 from .config import QuantConfig
 from .insert import PrepareReport, convert, get_config, prepare, quant_layers, quantizers, refresh_weight_amax
 from .rep_qat import PHASES, RepQuant
 from .report import LayerReport, LayerRow, layer_report
-from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages
+from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages, reset_optimizer_state
+from .state import check_incoming_state, check_same_config, config_mismatch, quantizers_disabled
 
 __all__ = [
     "QuantConfig",
     "prepare",
     "PrepareReport",
     "calibrate",
+    "CalibrationSession",
     "CalibReport",
     "is_calibrated",
+    "check_calibrated",
+    "check_finite_batch",
+    "DegenerateCalibrationError",
+    "AMAX_FLOOR",
     "histogram_mse_amax",
     "convert",
     "quant_layers",
@@ -38,10 +54,15 @@ __all__ = [
     "Schedule",
     "PhaseRule",
     "apply_schedule",
+    "reset_optimizer_state",
     "rep_stages",
     "layer_report",
     "LayerReport",
     "LayerRow",
     "NotCalibratedError",
+    "config_mismatch",
+    "check_same_config",
+    "check_incoming_state",
+    "quantizers_disabled",
     "onnx_export_mode",
 ]

@@ -1,6 +1,6 @@
 """The one module that imports pytorch-quantization (2.1.3): thin, checkpoint-stable subclasses of its classes.
 
-Why subclasses instead of the library's classes as they are (FACTS.md §3, STYLE.md "things to avoid"):
+Why subclasses instead of the library's classes as they are (the library keeps state that checkpoints cannot rely on):
 
 * pytorch-quantization registers the ``_amax`` buffer lazily (after calibration), so a model's state-dict keys
   depend on whether it was calibrated, and loading an ``_amax`` into a quantizer without one calls ``.cuda()``.
@@ -68,6 +68,8 @@ def _import_library() -> None:
 
 _import_library()
 
+from . import qmath as qm  # noqa: E402
+
 from pytorch_quantization import calib as _pq_calib  # noqa: E402
 from pytorch_quantization import nn as _pq_nn  # noqa: E402
 from pytorch_quantization.calib.histogram import (  # noqa: E402
@@ -89,6 +91,8 @@ __all__ = [
     "NotCalibratedError",
     "make_quantizer",
     "int32_bias",
+    "quant_conv2d",
+    "quant_matmul",
     "onnx_export_mode",
     "fake_tensor_quant",
     "pq_compute_amax_entropy",
@@ -112,57 +116,10 @@ HistogramCalibrator = _pq_calib.HistogramCalibrator
 CALIBRATORS: dict[str, str] = {"max": "max", "percentile": "histogram", "entropy": "histogram", "mse": "histogram"}
 
 _REDUCED_FLOATS = (torch.float16, torch.bfloat16)
-_EPS = 1.0 / (1 << 24)  # amax below this quantizes everything to 0, as in pytorch-quantization
 
 
 class NotCalibratedError(RuntimeError):
     """A quantizer was asked to quantize (or be exported) before it had an ``amax``."""
-
-
-def _bounds(num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[int, int]:
-    qmax = (1 << (num_bits - 1 + int(unsigned))) - 1
-    qmin = 0 if unsigned else (-qmax if narrow_range else -qmax - 1)
-    return qmin, qmax
-
-
-class _RoundSTE(torch.autograd.Function):
-    """``clamp(round(x / s), qmin, qmax) · s`` with the identity gradient, computed in place on one buffer.
-
-    For weights quantized with their own ``max|w|`` (nothing is clipped, so the straight-through gradient is the
-    identity): four passes over the kernel instead of the seven of the out-of-place STE expression, and ~3× faster
-    on CPU than ``fake_quantize_per_channel_affine``, with the same numbers. Runs at every QAT step.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
-        q = x.detach() / scale
-        return q.round_().clamp_(qmin, qmax).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
-        return grad, None, None, None
-
-
-class _ClippedSTE(torch.autograd.Function):
-    """``clamp(round(x · (1/s)), qmin, qmax) · s`` with the gradient masked to the unclipped range.
-
-    The numbers of ``torch.fake_quantize_per_tensor_affine`` with zero point 0 (the float32 reciprocal ``1/s``,
-    round-half-even, the mask taken on the rounded value) — tested bit for bit — in four in-place passes, ~40 %
-    faster forward + backward on CPU than that fused kernel (measured on a 32×48×32×32 activation, one core). Every
-    activation quantizer runs it at every QAT step.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
-        q = torch.mul(x.detach(), torch.reciprocal(scale)).round_()
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        return q.clamp_(qmin, qmax).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None
 
 
 class TensorQuantizer(_PQTensorQuantizer):
@@ -199,6 +156,9 @@ class TensorQuantizer(_PQTensorQuantizer):
             self.register_buffer("_amax", init)
         self._lsq = bool(learn_amax)
         self._dynamic = bool(dynamic)
+        # Python mirror of "amax is finite", set where amax is written (set_amax, a state dict) and otherwise
+        # checked once: the training forward never synchronises with the device to ask (torch.compile-friendly)
+        self._amax_known_finite = False
         if auto_unsigned:
             if self._axis is not None or quant_desc.unsigned:
                 raise ValueError("auto_unsigned is for per-tensor activation quantizers built signed")
@@ -241,26 +201,24 @@ class TensorQuantizer(_PQTensorQuantizer):
             raise ValueError(f"amax for {self.qat_rep_name or 'quantizer'} must have {self._amax.numel()} "
                              f"element(s) (shape {tuple(self._amax.shape)}), got shape {tuple(value.shape)}")
         self._amax.copy_(value.reshape(self._amax.shape))
+        # a structure built on the meta device (load_quantized) holds no values yet: its state dict sets the flag
+        self._amax_known_finite = False if self._amax.is_meta else self.is_calibrated
 
     def reduce_amax(self, x: Tensor) -> Tensor:
         """``max|x|`` over every dimension except ``axis``, in ``_amax``'s shape (no gradient)."""
-        x = x.detach()
         if self._axis is None:
-            return torch.maximum(x.amax(), -x.amin()).reshape(self._amax.shape)
+            return qm.reduce_amax(x, None, self._amax.shape)
         axes = self._axis if isinstance(self._axis, (list, tuple)) else (self._axis,)
-        if len(axes) == 1:
-            # max and -min of the rows of a [C, rest] view: no |x| copy, ~7x faster on CPU than abs().amax(dims)
-            rows = x.movedim(axes[0], 0).reshape(x.shape[axes[0]], -1)
-            return torch.maximum(rows.amax(1), -rows.amin(1)).reshape(self._amax.shape)
-        dims = [d for d in range(x.dim()) if d not in axes]
-        return x.abs().amax(dim=dims, keepdim=True).reshape(self._amax.shape)
+        return qm.reduce_amax(x, tuple(axes), self._amax.shape)
 
     def _get_amax(self, inputs: Tensor) -> Tensor:
         if self._dynamic and not self._lsq and not _PQTensorQuantizer.use_fb_fake_quant:
             with torch.no_grad():
                 self._amax.copy_(self.reduce_amax(inputs))
             return self._amax
-        if not self.is_calibrated:
+        if not self._amax_known_finite:
+            self._amax_known_finite = self.is_calibrated  # one host sync until amax is known, then never again
+        if not self._amax_known_finite:
             name = self.qat_rep_name or "a TensorQuantizer"
             raise NotCalibratedError(
                 f"quantizer {name} has no amax: it was never calibrated. Run "
@@ -278,18 +236,15 @@ class TensorQuantizer(_PQTensorQuantizer):
             return self._fb_fake_quant(inputs, amax.detach())
         if not self._fake_quant:
             return super()._quant_forward(inputs)
-        qmin, qmax = _bounds(self._num_bits, self._unsigned, self._narrow_range)
+        qmin, qmax = qm.bounds(self._num_bits, self._unsigned, self._narrow_range)
         if self._lsq:
-            scale = amax.clamp_min(_EPS) / qmax
-            q = torch.clamp(inputs / scale, qmin, qmax)
-            q = q + (torch.round(q) - q).detach()
-            return q * scale
-        scale = amax.detach().clamp_min(_EPS) / qmax
+            return qm.lsq_fake_quant(inputs, amax, qmin, qmax)
+        scale = qm.scale_from_amax(amax.detach(), qmax)
         if amax.numel() == 1:
-            return _ClippedSTE.apply(inputs, scale.reshape(()).to(inputs.dtype), qmin, qmax)
+            return qm.ClippedSTE.apply(inputs, scale.reshape(()).to(inputs.dtype), qmin, qmax)
         if self._dynamic:
             # amax = max|w| per channel: nothing is clipped, so the STE is the identity
-            return _RoundSTE.apply(inputs, scale, qmin, qmax)
+            return qm.RoundSTE.apply(inputs, scale, qmin, qmax)
         axis = self._axis if not isinstance(self._axis, (list, tuple)) else self._axis[0]
         zeros = torch.zeros(scale.numel(), dtype=torch.int32, device=inputs.device)
         return torch.fake_quantize_per_channel_affine(inputs, scale.flatten(), zeros, axis, qmin, qmax)
@@ -297,6 +252,7 @@ class TensorQuantizer(_PQTensorQuantizer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
         # Skip the library's override: it moves a loaded amax to CUDA and logs a warning per quantizer.
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+        self._amax_known_finite = self.is_calibrated
         if self.auto_unsigned:
             self._unsigned = bool(self._unsigned_flag)
 
@@ -353,26 +309,80 @@ def int32_bias(bias: Tensor | None, input_quantizer: nn.Module, weight_quantizer
         return bias
     if not (_active(input_quantizer) and _active(weight_quantizer)):
         return bias
-    qx = _bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)[1]
-    qw = _bounds(weight_quantizer._num_bits, weight_quantizer._unsigned, weight_quantizer._narrow_range)[1]
+    qx = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)[1]
+    qw = qm.bounds(weight_quantizer._num_bits, weight_quantizer._unsigned, weight_quantizer._narrow_range)[1]
     step = (input_quantizer._amax.detach().reshape(()) / qx) * (weight_quantizer._amax.detach().flatten() / qw)
-    step = step.clamp_min(torch.finfo(torch.float32).tiny)
-    return bias + (torch.round(bias.detach() / step) * step - bias.detach()).detach()
+    return qm.round_to_grid_ste(bias, step)
+
+
+def _pair(v: int | Sequence[int]) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+def _lean_ok(q: nn.Module, x: Tensor) -> bool:
+    """Can ``q`` run inside :class:`~.qmath.LeanQuantConv`? A plain per-tensor fake quantizer (not learned, not
+    calibrating, not exporting) on a float32 input that needs a gradient path, outside autocast (whose reduced-precision
+    matmul would meet the float32 integers in backward, where autocast no longer casts)."""
+    return (isinstance(q, TensorQuantizer) and not q._disabled and q._if_quant and not q._if_calib
+            and q._fake_quant and not q._lsq and q._axis is None and not q._if_clip
+            and not _PQTensorQuantizer.use_fb_fake_quant and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_quantizer: nn.Module,
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                 dilation: int | Sequence[int] = 1, groups: int = 1) -> Tensor:
+    """``conv2d(Q_x(x), Q_w(W))`` (4-D weight) or ``linear(Q_x(x), Q_w(W))`` (2-D), no bias: the training step.
+
+    When the input quantizer is a plain per-tensor fake quantizer, the lean :class:`~.qmath.LeanQuantConv` runs (the input
+    saved as int8 + scale + mask, ``Q(x)`` recomputed in backward); otherwise the composition of the quantizers'
+    own straight-through functions and the conv. Same forward values and gradients either way.
+    """
+    wq = weight_quantizer(weight)
+    if _lean_ok(input_quantizer, x) and (x.requires_grad or wq.requires_grad):
+        amax = input_quantizer._get_amax(x)
+        qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
+        scale = qm.scale_from_amax(amax.detach(), qmax).reshape(()).to(x.dtype)
+        return qm.LeanQuantConv.apply(x, wq, scale, qmin, qmax, _pair(stride), _pair(padding), _pair(dilation),
+                                    int(groups))
+    return qm.conv_or_linear(input_quantizer(x), wq, stride, padding, dilation, groups)
+
+
+def quant_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, input_quantizer: nn.Module,
+                 weight_quantizer: nn.Module, stride: int | tuple[int, int], padding: int | tuple[int, int],
+                 dilation: int | tuple[int, int] = 1, groups: int = 1) -> Tensor:
+    """The deployed quantized conv: ``conv2d(Q_x(x), Q_w(W), int32_bias(b))`` with the bias inside the conv.
+
+    The one code path of :class:`QuantConv2d` (the converted model, the deploy artifact) *and* of an evaluation-mode
+    rep block in QAT form, so ``model.eval()(x)`` and ``convert(model)(x)`` run the same float operations in the
+    same order and agree bit for bit.
+    """
+    xq = input_quantizer(x)
+    wq = weight_quantizer(weight)
+    return F.conv2d(xq, wq, int32_bias(bias, input_quantizer, weight_quantizer), stride, padding, dilation, groups)
 
 
 class QuantConv2d(_pq_nn.QuantConv2d):
     """pytorch-quantization's ``QuantConv2d`` (``_input_quantizer``, ``_weight_quantizer``) built from a float conv.
 
-    The forward is the library's with the bias on the int32 accumulator grid (:func:`int32_bias`).
+    The forward is :func:`quant_conv2d`: the library's with the bias on the int32 accumulator grid
+    (:func:`int32_bias`).
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        quant_input, quant_weight = self._quant(input)
-        bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
         if self.padding_mode != "zeros":
-            return F.conv2d(F.pad(quant_input, self._reversed_padding_repeated_twice, mode=self.padding_mode),
-                            quant_weight, bias, self.stride, (0, 0), self.dilation, self.groups)
-        return F.conv2d(quant_input, quant_weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        else:
+            padding = self.padding
+        if self.training:  # the lean step (int8-saved input), bias added after the conv
+            y = quant_matmul(input, self.weight, self._input_quantizer, self._weight_quantizer, self.stride, padding,
+                             self.dilation, self.groups)
+            bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
+            # the bias in the output's dtype: under autocast the conv ran in reduced precision, as F.conv2d would
+            return y if bias is None else y + bias.reshape(1, -1, 1, 1).to(y.dtype)
+        return quant_conv2d(input, self.weight, self.bias, self._input_quantizer, self._weight_quantizer,
+                            self.stride, padding, self.dilation, self.groups)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, input_quantizer: TensorQuantizer,
@@ -393,6 +403,10 @@ class QuantLinear(_pq_nn.QuantLinear):
     """pytorch-quantization's ``QuantLinear`` built from a float ``nn.Linear`` (bias on the int32 grid)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.training:  # the lean step (int8-saved input), bias added after the matmul
+            y = quant_matmul(input, self.weight, self._input_quantizer, self._weight_quantizer)
+            bias = int32_bias(self.bias, self._input_quantizer, self._weight_quantizer)
+            return y if bias is None else y + bias.to(y.dtype)  # autocast: stay in the matmul's dtype
         quant_input = self._input_quantizer(input)
         quant_weight = self._weight_quantizer(self.weight)
         return F.linear(quant_input, quant_weight, int32_bias(self.bias, self._input_quantizer, self._weight_quantizer))

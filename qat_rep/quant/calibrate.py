@@ -8,6 +8,13 @@ with identical quantizer state — and sets the weight ``amax`` from the current
 switches a quantizer whose input was never negative to the unsigned range before its ``amax`` is computed. The model's mode and
 the quantizers' flags are restored even when a batch fails.
 
+Degenerate calibration is refused, never stored silently: :func:`check_calibrated` — the one check shared by
+:func:`calibrate`, every PTQ method, :func:`qat_rep.save_quantized`, the ONNX export and
+:func:`qat_rep.load_quantized` — raises :class:`DegenerateCalibrationError` (a ``ValueError``) naming the layer whose
+``amax`` is non-finite, negative or below :data:`AMAX_FLOOR` (a constant or all-zero input), and
+:func:`check_finite_batch` refuses a batch holding NaN/inf before PTQ collects any statistic (:func:`calibrate`
+checks every layer's input instead, naming the first layer a NaN reaches).
+
 pytorch-quantization's ``mse`` method moves the histogram to CUDA; :func:`histogram_mse_amax` is the same search
 (candidate ``amax`` = every bin centre from ``start_bin`` on; error = count-weighted squared quantization error of
 the bin centres) vectorised on the CPU.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -28,7 +36,17 @@ from .backend import TensorQuantizer, pq_compute_amax_percentile
 from .config import QuantConfig
 from .insert import get_config, quantizers, refresh_weight_amax
 
-__all__ = ["CalibReport", "calibrate", "is_calibrated", "histogram_mse_amax", "histogram_entropy_amax", "compute_amax", "default_forward"]
+__all__ = ["CalibReport", "CalibrationSession", "calibrate", "is_calibrated", "histogram_mse_amax", "histogram_entropy_amax", "compute_amax",
+           "default_forward", "check_calibrated", "check_finite_batch", "DegenerateCalibrationError", "AMAX_FLOOR"]
+
+#: the smallest ``amax`` a quantizer may hold: below it every value quantizes to 0 (``2^-24``, the floor below which
+#: pytorch-quantization also treats an ``amax`` as zero). An activation ``amax`` this small means the calibration
+#: data reached the layer as constant zeros.
+AMAX_FLOOR = 2.0 ** -24
+
+
+class DegenerateCalibrationError(ValueError):
+    """A quantizer's ``amax`` (or a calibration batch) cannot give a working INT8 layer; the message names it."""
 
 
 @dataclass
@@ -46,10 +64,110 @@ class CalibReport:
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``model(batch[0])`` for a tuple/list batch (``(inputs, targets)``), else ``model(batch)``."""
+    """``model(batch[0])`` for a tuple/list batch (``(inputs, targets)``), else ``model(batch)``.
+
+    A dict batch is refused with a ``TypeError``: which entry is the input is the caller's to say (``forward``).
+    """
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"the default forward takes a tensor or an (inputs, targets) tuple/list, got a dict batch with keys "
+            f"{sorted(map(str, batch))[:6]}; pass forward=lambda model, batch: model(batch['<input key>'])"
+        )
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     return model(batch)
+
+
+def check_finite_batch(batch: Any, index: int = 0) -> None:
+    """Raise :class:`DegenerateCalibrationError` when any floating-point tensor in ``batch`` (a tensor, or nested
+    tuples/lists/dicts of them) holds NaN or inf; ``index`` is the batch number used in the message."""
+    stack = [batch]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            if item.is_floating_point() or item.is_complex():
+                bad = int((~torch.isfinite(item)).sum())
+                if bad:
+                    raise DegenerateCalibrationError(
+                        f"calibration batch {index} holds {bad} NaN/inf value(s) of {item.numel()}; calibration "
+                        "statistics of non-finite data are meaningless — clean or filter the data set")
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+
+
+def _role(name: str, q: TensorQuantizer) -> str:
+    role = getattr(q, "qat_rep_role", None)
+    if role in ("input", "weight"):
+        return role
+    return "weight" if name.endswith("_weight_quantizer") else "input"
+
+
+@torch.no_grad()
+def check_calibrated(model: nn.Module, *, allow_uncalibrated: bool = False) -> int:
+    """Refuse degenerate quantizer state: every ``amax`` finite and ``>= 0``, every activation ``amax`` at least
+    :data:`AMAX_FLOOR`, a weight channel below the floor only where its weights are all zero.
+
+    The one check behind :func:`calibrate`, the PTQ methods, saving, exporting and loading artifacts. A quantizer
+    that was never calibrated (``amax`` all NaN) is an error unless ``allow_uncalibrated`` (a layer the calibration
+    forward never reached); a dynamic weight quantizer takes its ``amax`` at every forward and may still be NaN.
+    Disabled quantizers are skipped. Raises :class:`DegenerateCalibrationError` naming the layer and the fix;
+    returns the number of quantizers checked.
+    """
+    checked = 0
+    for name, q in model.named_modules():
+        if not isinstance(q, TensorQuantizer) or q._disabled:
+            continue
+        role = _role(name, q)
+        layer = name.rpartition(".")[0] or name
+        amax = q._amax.detach().float().flatten()
+        nan = torch.isnan(amax)
+        if bool(nan.all()):
+            if allow_uncalibrated or (role == "weight" and q.dynamic):
+                continue
+            raise DegenerateCalibrationError(
+                f"the {role} quantizer of layer {layer!r} was never calibrated (amax is NaN); run "
+                "qat_rep.quant.calibrate(model, batches) on data that reaches this layer")
+        if bool(nan.any()) or not bool(torch.isfinite(amax).all()):
+            raise DegenerateCalibrationError(
+                f"the {role} quantizer of layer {layer!r} holds a non-finite amax ({_show(amax)}); the calibration "
+                "data or the weights hold NaN/inf — fix them and calibrate again")
+        if bool((amax < 0).any()):
+            raise DegenerateCalibrationError(
+                f"the {role} quantizer of layer {layer!r} holds a negative amax ({_show(amax)}); an amax is a "
+                "magnitude — recalibrate instead of setting it by hand")
+        small = amax < AMAX_FLOOR
+        if role == "input" and bool(small.any()):
+            raise DegenerateCalibrationError(
+                f"the input of layer {layer!r} calibrated to amax {float(amax.max()):.3g} (below {AMAX_FLOOR:.3g}): "
+                "its calibration inputs were all zero or constant, so every value would quantize to 0 — calibrate "
+                "with representative, non-blank inputs")
+        if role == "weight" and bool(small.any()):
+            parent = model.get_submodule(layer) if layer != name else None
+            weight = getattr(parent, "weight", None) if parent is not None else None
+            if weight is None and q.dynamic and not q.learn_amax:
+                checked += 1
+                continue  # max|K| of a kernel computed at every forward (a rep block in QAT form)
+            if not isinstance(weight, Tensor) or q.learn_amax:
+                nonzero = small
+            elif amax.numel() == 1:
+                nonzero = small & (weight.detach() != 0).any()
+            else:
+                rows = weight.detach().reshape(weight.shape[0], -1)
+                nonzero = small & (rows != 0).any(dim=1) if rows.shape[0] == amax.numel() else small
+            if bool(nonzero.any()):
+                channels = nonzero.nonzero().flatten().tolist()
+                raise DegenerateCalibrationError(
+                    f"the weight quantizer of layer {layer!r} has amax below {AMAX_FLOOR:.3g} for channel(s) "
+                    f"{channels[:8]} whose weights are not zero: those weights would quantize to 0 — refresh the "
+                    "weight amax (qat_rep.quant.refresh_weight_amax) or recalibrate")
+        checked += 1
+    return checked
+
+
+def _show(amax: Tensor) -> str:
+    return ", ".join(f"{v:.3g}" for v in amax[:4].tolist()) + (" …" if amax.numel() > 4 else "")
 
 
 def histogram_mse_amax(hist: np.ndarray | Tensor, edges: np.ndarray | Tensor, num_bits: int, unsigned: bool = False,
@@ -146,32 +264,40 @@ def _world() -> tuple[bool, int]:
     return ok, (torch.distributed.get_world_size() if ok else 1)
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | None = None,
-              forward: Callable[[nn.Module, Any], Any] | None = None) -> CalibReport:
-    """Calibrate every activation quantizer of a prepared ``model`` on up to ``config.calib_batches`` batches.
+class CalibrationSession:
+    """Calibration in three steps, for callers that run the model themselves (e.g. inside training steps).
 
-    ``config`` defaults to the one :func:`prepare` recorded; ``forward(model, batch)`` defaults to
-    :func:`default_forward`. Raises ``ValueError`` for an empty ``batches`` and for a NaN/inf activation (naming
-    the layer); returns a :class:`CalibReport`.
+    :meth:`start` puts every activation quantizer in observe mode (statistics collected, float passed through) and
+    every weight quantizer off, so the model computes its float function; the caller runs batches and counts them
+    with :meth:`count`; :meth:`finish` computes ``amax`` (reduced across ranks), sets the weight ``amax`` and
+    restores every flag; :meth:`close` restores the flags without calibrating. The model's mode is not touched.
     """
-    config = get_config(model) if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    forward = default_forward if forward is None else forward
-    inputs = quantizers(model, "input")
-    if not inputs:
-        raise ValueError("model has no activation quantizer; call qat_rep.quant.prepare(model, config) first")
-    method = config.calibrator
-    was_training = model.training
-    flags = [(q._if_quant, q._if_calib) for _, q in inputs]
-    handles = []
 
-    mins: dict[int, Tensor] = {}  # index into inputs → smallest input value seen (auto_unsigned quantizers)
+    def __init__(self, model: nn.Module, config: QuantConfig | None = None) -> None:
+        config = get_config(model) if config is None else config
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        self.model, self.config = model, config
+        self.inputs = quantizers(model, "input")
+        if not self.inputs:
+            raise ValueError("model has no activation quantizer; call qat_rep.quant.prepare(model, config) first")
+        self.batches = 0
+        self._flags: list[tuple[bool, bool]] | None = None
+        self._handles: list[Any] = []
+        self._mins: dict[int, Tensor] = {}  # index into inputs → smallest input value seen (auto_unsigned ones)
 
-    def _check(name: str, index: int, track_min: bool):
+    @property
+    def active(self) -> bool:
+        return self._flags is not None
+
+    def _check(self, name: str, index: int, track_min: bool):
+        mins = self._mins
+
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
+            if not isinstance(x, Tensor):
+                raise TypeError(f"layer {name!r} received a {type(x).__name__} instead of a tensor during calibration; "
+                                "pass forward=lambda model, batch: ... that calls the model the way training does")
             if not torch.isfinite(x).all():
                 raise ValueError(f"non-finite activation (NaN or inf) at the input of layer {name!r} during "
                                  "calibration; check the data and the float model on this batch")
@@ -180,54 +306,98 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | No
                 mins[index] = torch.minimum(mins[index], low) if index in mins else low
         return hook
 
-    n = 0
-    try:
-        for i, (name, q) in enumerate(inputs):
-            if q._calibrator is None:
-                raise ValueError(f"quantizer {name} has no calibrator")
-            q._calibrator.reset()
-            q.disable_quant()
-            q.enable_calib()
-            layer = name.rpartition("._input_quantizer")[0] or name
-            handles.append(q.register_forward_pre_hook(_check(layer, i, q.auto_unsigned)))
-        for _, q in quantizers(model, "weight"):
-            q.disable_quant()
-        model.eval()
-        for batch in itertools.islice(iter(batches), config.calib_batches):
-            forward(model, batch)
-            n += 1
-        if n == 0:
-            raise ValueError("calibration got no batches: the iterable is empty (check the data loader / dataset)")
-        dist, world = _world()
-        _decide_unsigned(inputs, mins, dist and world > 1, model)
-        values = []
-        for name, q in inputs:
-            amax = compute_amax(q, method, config.percentile)
-            values.append(torch.full((), float("nan")) if amax is None else amax.reshape(()).float().cpu())
-        amaxes = torch.stack(values)
-        if dist and world > 1:
-            device = next((b.device for b in model.buffers()), torch.device("cpu"))
-            t = torch.nan_to_num(amaxes, nan=-1.0).to(device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            amaxes = t.cpu().where(t.cpu() >= 0, torch.tensor(float("nan")))
-        report = CalibReport(batches=n, method=method, world_size=world)
-        for (name, q), a in zip(inputs, amaxes):
-            if math.isnan(float(a)):
-                continue  # the layer never ran (e.g. a branch unused by this forward); stays uncalibrated
-            q.set_amax(a)
-            report.amax[name] = float(a)
-    finally:
-        for h in handles:
+    def start(self) -> None:
+        self._flags = [(q._if_quant, q._if_calib) for _, q in self.inputs]
+        try:
+            for i, (name, q) in enumerate(self.inputs):
+                if q._calibrator is None:
+                    raise ValueError(f"quantizer {name} has no calibrator")
+                q._calibrator.reset()
+                q.disable_quant()
+                q.enable_calib()
+                layer = name.rpartition("._input_quantizer")[0] or name
+                self._handles.append(q.register_forward_pre_hook(self._check(layer, i, q.auto_unsigned)))
+            for _, q in quantizers(self.model, "weight"):
+                q.disable_quant()
+        except BaseException:
+            self.close()
+            raise
+
+    def count(self) -> None:
+        """One more batch was run through the model."""
+        self.batches += 1
+
+    @torch.no_grad()
+    def finish(self) -> CalibReport:
+        """Compute and set every ``amax``; raises ``ValueError`` when no batch was counted. Always closes."""
+        try:
+            if self.batches == 0:
+                raise ValueError("calibration got no batches: the iterable is empty (check the data loader / "
+                                 "dataset)")
+            dist, world = _world()
+            _decide_unsigned(self.inputs, self._mins, dist and world > 1, self.model)
+            values = []
+            for name, q in self.inputs:
+                amax = compute_amax(q, self.config.calibrator, self.config.percentile)
+                values.append(torch.full((), float("nan")) if amax is None else amax.reshape(()).float().cpu())
+            amaxes = torch.stack(values)
+            if dist and world > 1:
+                device = next((b.device for b in self.model.buffers()), torch.device("cpu"))
+                t = torch.nan_to_num(amaxes, nan=-1.0).to(device)
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+                amaxes = t.cpu().where(t.cpu() >= 0, torch.tensor(float("nan")))
+            report = CalibReport(batches=self.batches, method=self.config.calibrator, world_size=world)
+            for (name, q), a in zip(self.inputs, amaxes):
+                if math.isnan(float(a)):
+                    continue  # the layer never ran (e.g. a branch unused by this forward); stays uncalibrated
+                q.set_amax(a)
+                report.amax[name] = float(a)
+        finally:
+            self.close()
+        refresh_weight_amax(self.model)
+        check_calibrated(self.model, allow_uncalibrated=True)
+        return report
+
+    def close(self) -> None:
+        """Restore every quantizer's flags (idempotent)."""
+        for h in self._handles:
             h.remove()
-        for (_, q), (fq, fc) in zip(inputs, flags):
+        self._handles = []
+        if self._flags is None:
+            return
+        for (_, q), (fq, fc) in zip(self.inputs, self._flags):
             q._if_quant, q._if_calib = fq, fc
             if q._calibrator is not None:
                 q._calibrator.reset()
-        for _, q in quantizers(model, "weight"):
+        for _, q in quantizers(self.model, "weight"):
             q.enable_quant()
+        self._flags = None
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], config: QuantConfig | None = None,
+              forward: Callable[[nn.Module, Any], Any] | None = None) -> CalibReport:
+    """Calibrate every activation quantizer of a prepared ``model`` on up to ``config.calib_batches`` batches.
+
+    ``config`` defaults to the one :func:`prepare` recorded; ``forward(model, batch)`` defaults to
+    :func:`default_forward`. Raises ``ValueError`` for an empty ``batches``, for a NaN/inf value in a batch or an
+    activation (naming the layer) and — through :func:`check_calibrated` — for an ``amax`` below
+    :data:`AMAX_FLOOR` (all-zero or constant inputs at a layer; the refused values stay in the quantizers, so
+    calibrate again with other data); returns a :class:`CalibReport`.
+    """
+    session = CalibrationSession(model, config)
+    forward = default_forward if forward is None else forward
+    was_training = model.training
+    session.start()
+    try:
+        model.eval()
+        for batch in itertools.islice(iter(batches), session.config.calib_batches):
+            forward(model, batch)
+            session.count()
+        return session.finish()
+    finally:
+        session.close()
         model.train(was_training)
-    refresh_weight_amax(model)
-    return report
 
 
 def _decide_unsigned(inputs: list[tuple[str, TensorQuantizer]], mins: dict[int, Tensor], distributed: bool,

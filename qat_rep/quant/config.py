@@ -72,6 +72,9 @@ class QuantConfig:
             raise ValueError(f"calib_batches must be a positive integer, got {self.calib_batches!r}")
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
+        if not isinstance(self.skip, (tuple, list)):
+            raise TypeError(f"skip must be a list or tuple of layer names or globs (e.g. ['linear', 'stage4.*']; "
+                            f"[] for none), got {self.skip!r}")
         skip = tuple(self.skip)
         if not all(isinstance(s, str) and s for s in skip):
             raise TypeError(f"skip must be a sequence of non-empty layer names or globs, got {self.skip!r}")

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ..blocks import RepBlock
-from ..fuse import fold_bn_into_conv_
+from ..fuse import bn_module_scale, fold_bn_into_conv_
 from .backend import QuantAvgPool, QuantConv2d, QuantLinear, TensorQuantizer, make_quantizer
 from .config import QuantConfig
-from .rep_qat import RepQuant, folded_kernel_bias
+from .rep_qat import RepQuant, deploy_kernel_bias
 
 __all__ = ["PrepareReport", "prepare", "convert", "quant_layers", "quantizers", "refresh_weight_amax",
            "is_prepared", "get_config"]
@@ -266,10 +266,8 @@ def convert(model: nn.Module) -> nn.Module:
                 if not wq.learn_amax:
                     wq.set_amax(wq.reduce_amax(block.rbr_reparam.weight))
             continue
-        kernel, bias, t = folded_kernel_bias(block)
-        if t is not None:
-            bn = block.bn
-            bias = (bias - bn.running_mean) * t + (bn.bias if bn.bias is not None else 0.0)
+        kernel, bias = deploy_kernel_bias(block)
+        if getattr(block, "bn", None) is not None:
             block.bn = None
         conv = QuantConv2d(block.in_channels, block.out_channels, 3, block.stride, 1, 1, block.groups, True)
         conv = conv.to(device=kernel.device, dtype=kernel.dtype)
@@ -295,7 +293,7 @@ def convert(model: nn.Module) -> nn.Module:
         if not wq.learn_amax:
             wq.set_amax(wq.reduce_amax(layer.weight))
         elif wq.axis is not None:  # a learned per-channel amax scales exactly with |t|
-            t = bn.running_var.add(bn.eps).rsqrt() * (bn.weight if bn.weight is not None else 1.0)
+            t = bn_module_scale(bn)
             wq.set_amax(wq.amax.detach().flatten() * t.abs())
         setattr(parent, bn_name, nn.Identity())
     return model

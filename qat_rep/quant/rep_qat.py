@@ -21,11 +21,19 @@ parameters (γ, β) keep training through the kernel. Statistics keep updating w
 The bias is added on the int32 accumulator grid ``s_x · s_w`` (:func:`~.backend.int32_bias`, STE), as the INT8
 runtime adds it — wherever it is the deployed bias: always without a post-BN, in evaluation with one.
 
-QARepVGG's post-sum BN (``block.bn``) stays a real BN (batch statistics in training) through QAT. Its scale
+What you train is what you ship: in evaluation (``rep_quant`` not training) and whenever the post-BN does not use
+batch statistics, the block runs :func:`deploy_kernel_bias` — the one kernel assembly that
+:func:`~qat_rep.quant.convert` writes into the deployed conv — through :func:`~.backend.quant_conv2d`, the converted
+``QuantConv2d``'s own forward. So ``model.eval()(x)`` and ``convert(copy.deepcopy(model))(x)`` perform the same
+float operations in the same order and give the same bits (tested for RepVGG/QARepVGG × per-channel/per-tensor ×
+learned/calibrated amax after QAT steps). The post-BN is then bypassed, not applied to a conv output with its
+affine map divided out, which only equals the folded conv in exact arithmetic.
+
+QARepVGG's post-sum BN (``block.bn``) stays a real BN (batch statistics) in training. Its scale
 ``t = γ / sqrt(running_var + eps)`` is folded into the kernel *before* weight quantization and divided out after the
-conv (the torch.ao ``ConvBn`` QAT scheme): ``y = conv(Q(x), Q(K·t)) / t + b`` then ``bn(y)``. In eval mode this is
-exactly ``conv(Q(x), Q(K·t)) + (b − μ)·t + β`` — the folded deploy conv — for per-channel *and* per-tensor weights
-(folding a post-BN after per-tensor QAT would otherwise change the rounding grid).
+conv (the torch.ao ``ConvBn`` QAT scheme): ``y = conv(Q(x), Q(K·t)) / t + b`` then ``bn(y)``, so per-tensor and
+learned weight amax see the deployed kernel's range (folding a post-BN after per-tensor QAT would otherwise change
+the rounding grid). For dynamic per-channel amax ``Q(K·t) = t·Q(K)``, and the cheaper unfolded form is used.
 """
 
 from __future__ import annotations
@@ -36,11 +44,12 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import RepBlock
-from .backend import TensorQuantizer, int32_bias
+from ..fuse import bn_module_scale
+from .backend import TensorQuantizer, int32_bias, quant_conv2d, quant_matmul
 
-__all__ = ["RepQuant", "PHASES", "folded_kernel_bias"]
+__all__ = ["RepQuant", "PHASES", "block_kernel_bias", "folded_kernel_bias", "deploy_kernel_bias"]
 
-PHASES = ("float", "qat", "frozen")
+PHASES = ("float", "qat", "frozen", "fused")
 _T_MIN = 1e-8
 
 
@@ -50,11 +59,31 @@ def _post_bn_scale(block: RepBlock) -> Tensor | None:
         return None
     if bn.running_var is None:
         raise ValueError(f"post-BN of {type(block).__name__} tracks no running statistics; it cannot be folded")
-    t = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        t = bn.weight * t
+    t = bn_module_scale(bn)
     # keep the sign, avoid dividing by ~0 for a channel whose γ collapsed
     return torch.where(t.abs() < _T_MIN, torch.full_like(t, _T_MIN) * torch.where(t < 0, -1.0, 1.0), t)
+
+
+def deploy_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor]:
+    """The kernel and bias of the block's deployed conv: equivalent kernel with the post-BN (if any) folded with its
+    running statistics. The one kernel assembly of :func:`~qat_rep.quant.convert` and of the evaluation forward."""
+    kernel, bias, t = folded_kernel_bias(block)
+    if t is not None:
+        bn = block.bn
+        bias = (bias - bn.running_mean) * t
+        if bn.bias is not None:
+            bias = bias + bn.bias
+    return kernel, bias
+
+
+def block_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor]:
+    """The block's equivalent kernel and bias before any post-BN: read from the dense branch once the block is in
+    the ``fused`` phase (:meth:`~qat_rep.blocks.RepBlock.collapsed_kernel_bias`), assembled from every branch
+    otherwise."""
+    rq = block.rep_quant
+    if isinstance(rq, RepQuant) and rq.phase == "fused":
+        return block.collapsed_kernel_bias()
+    return block.equivalent_kernel_bias()
 
 
 def folded_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -62,7 +91,7 @@ def folded_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor, Tensor | None]:
 
     ``b`` is the branch bias *before* the post-BN; the fully folded deploy bias is ``(b − μ)·t + β``.
     """
-    kernel, bias = block.equivalent_kernel_bias()
+    kernel, bias = block_kernel_bias(block)
     t = _post_bn_scale(block)
     if t is not None:
         kernel = kernel * t.reshape(-1, 1, 1, 1)
@@ -72,15 +101,51 @@ def folded_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor, Tensor | None]:
 class RepQuant(nn.Module):
     """The QAT hook of one rep block: its input quantizer, its weight quantizer and its phase.
 
-    ``forward(block, x)`` returns what ``block.post`` expects (the pre-post-BN sum). The block is passed in rather
-    than stored, so the module tree has no cycle.
+    ``forward(block, x)`` returns what ``block.activation`` expects (the post-BN output, or the deployed conv's
+    output with the post-BN folded in). The block is passed in rather than stored, so the module tree has no cycle.
+
+    The ``_collapsed`` buffer records that :meth:`collapse_` rewrote the block's branches into its dense branch (it
+    travels with checkpoints, so a resumed run never collapses twice); only a collapsed block may be in the
+    ``fused`` phase.
     """
 
     def __init__(self, input_quantizer: TensorQuantizer, weight_quantizer: TensorQuantizer, phase: str = "qat"):
         super().__init__()
         self._input_quantizer = input_quantizer
         self._weight_quantizer = weight_quantizer
+        self.register_buffer("_collapsed", torch.zeros((), dtype=torch.bool))
+        self._is_collapsed = False  # Python mirror of the buffer: the forward never reads a tensor flag
         self.phase = phase
+
+    @property
+    def collapsed(self) -> bool:
+        """True once :meth:`collapse_` wrote the block's branches into its dense branch."""
+        return self._is_collapsed
+
+    @torch.no_grad()
+    def collapse_(self, block: RepBlock) -> list[nn.Parameter]:
+        """Collapse ``block`` into its dense branch (:meth:`~qat_rep.blocks.RepBlock.collapse_to_dense_`) and mark
+        it; returns the parameters whose values were rewritten (reset their optimizer state). A no-op (``[]``) for a
+        block already collapsed."""
+        if self._is_collapsed:
+            return []
+        params = block.collapse_to_dense_()
+        self._collapsed.fill_(True)
+        self._is_collapsed = True
+        return params
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: D401 - torch hook
+        key = prefix + "_collapsed"
+        had = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not had and key in missing_keys:  # checkpoints written before the fused phase existed: not collapsed
+            missing_keys.remove(key)
+            self._collapsed.fill_(False)
+        self._is_collapsed = bool(self._collapsed)
+        if self._phase == "fused" and not self._is_collapsed:
+            self._phase = "qat"
 
     @property
     def phase(self) -> str:
@@ -90,6 +155,9 @@ class RepQuant(nn.Module):
     def phase(self, value: str) -> None:
         if value not in PHASES:
             raise ValueError(f"phase must be one of {', '.join(PHASES)}; got {value!r}")
+        if value == "fused" and not getattr(self, "_is_collapsed", False):
+            raise ValueError("the 'fused' phase needs a collapsed block: use qat_rep.quant.apply_schedule (pass "
+                             "the optimizers) or rep_quant.collapse_(block) first")
         self._phase = value
 
     @property
@@ -104,32 +172,31 @@ class RepQuant(nn.Module):
         if self._phase == "float":
             if self._input_quantizer._if_calib:
                 self._input_quantizer(x)  # calibration observes the input in every phase
-            return block.branches(x)
-        xq = self._input_quantizer(x)
+            return block.post_bn(block.branches(x))
         bn = getattr(block, "bn", None)
-        deploy_bn = bn is not None and not bn.training
+        if bn is None or not bn.training:
+            # No post-BN, or one with fixed statistics: the block is exactly the deployed conv (post-BN folded)
+            with torch.no_grad() if self._phase == "frozen" else contextlib.nullcontext():
+                kernel, bias = deploy_kernel_bias(block)
+            if not self.training:  # evaluation: convert's arithmetic, operation for operation
+                return quant_conv2d(x, kernel, bias, self._input_quantizer, self._weight_quantizer, block.stride, 1,
+                                    1, block.groups)
+            y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1,
+                             block.groups)
+            bias = int32_bias(bias, self._input_quantizer, self._weight_quantizer)
+            # training: the bias added after the conv, not inside it: oneDNN's convolution backward with a bias
+            # costs 10-25 % more on CPU than without one plus a broadcast add
+            return y + bias.reshape(1, -1, 1, 1)
+        # a training post-BN (batch statistics): fold its running scale t into the kernel for quantization, divide
+        # it out after the conv, then the real BN
         with torch.no_grad() if self._phase == "frozen" else contextlib.nullcontext():
-            if deploy_bn or self._folds_post_bn(block):
+            if self._folds_post_bn(block):
                 kernel, bias, t = folded_kernel_bias(block)
             else:
-                (kernel, bias), t = block.equivalent_kernel_bias(), None
-        wq = self._weight_quantizer(kernel)
-        if t is None:  # the converted QuantConv2d's arithmetic (a training post-BN still moves the bias)
-            if bn is None:
-                bias = int32_bias(bias, self._input_quantizer, self._weight_quantizer)
-            # the bias added after the conv, not inside it: oneDNN's convolution backward with a bias costs
-            # 10-25 % more on CPU than without one plus a broadcast add
-            return block.conv(xq, wq, None) + bias.reshape(1, -1, 1, 1)
-        y = block.conv(xq, wq, None)
-        t = t.reshape(1, -1, 1, 1)
-        if deploy_bn:
-            # evaluation: exactly the folded deploy conv — bias (b − μ)·t + β on the int32 grid — expressed before
-            # the post-BN, which maps it back: bn((y + B − β)/t + μ) = y + B
-            beta = bn.bias if bn.bias is not None else torch.zeros_like(bias)
-            deploy_bias = (bias - bn.running_mean) * t.flatten() + beta
-            deploy_bias = int32_bias(deploy_bias, self._input_quantizer, self._weight_quantizer)
-            return (y + (deploy_bias - beta).reshape(1, -1, 1, 1)) / t + bn.running_mean.reshape(1, -1, 1, 1)
-        return y / t + bias.reshape(1, -1, 1, 1)
+                (kernel, bias), t = block_kernel_bias(block), None
+        y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1, block.groups)
+        y = y + bias.reshape(1, -1, 1, 1) if t is None else y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+        return block.post_bn(y)
 
     def _folds_post_bn(self, block: RepBlock) -> bool:
         """Fold the post-BN scale into the kernel before quantization? Needed for per-tensor (and learned) weight
@@ -146,4 +213,4 @@ class RepQuant(nn.Module):
         self._weight_quantizer.set_amax(self._weight_quantizer.reduce_amax(kernel))
 
     def extra_repr(self) -> str:
-        return f"phase={self._phase}"
+        return f"phase={self._phase}" + (", collapsed" if self._is_collapsed else "")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .backend import QuantConv2d, TensorQuantizer
 from .calibrate import default_forward
 from .insert import get_config, quant_layers
-from .rep_qat import RepQuant, folded_kernel_bias
+from .rep_qat import RepQuant, deploy_kernel_bias, folded_kernel_bias
 
 __all__ = ["LayerRow", "LayerReport", "layer_report"]
 
@@ -88,12 +88,10 @@ def _float_out(layer: nn.Module, args: tuple) -> Tensor:
     if isinstance(layer, RepQuant):
         block, x = args
         if layer.phase == "float":
-            return block.branches(x)
-        k, b, t = folded_kernel_bias(block)
-        y = block.conv(x, k, None)
-        if t is not None:
-            y = y / t.reshape(1, -1, 1, 1)
-        return y + b.reshape(1, -1, 1, 1)
+            return block.post_bn(block.branches(x))
+        # the report runs in eval, where rep_quant outputs the deployed conv (post-BN folded): compare with its float
+        k, b = deploy_kernel_bias(block)
+        return block.conv(x, k, b)
     x = args[0]
     if isinstance(layer, QuantConv2d):
         return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)

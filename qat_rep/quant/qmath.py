@@ -1,0 +1,154 @@
+"""The quantization arithmetic of QAT and ``convert``, once: integer bounds, scales, rounding, straight-through
+estimators, the int32 bias grid and ``max|x|`` reductions.
+
+Symmetric (TensorRT-style) quantization with zero point 0: ``scale = max(amax, EPS) / qmax``, integers
+``clamp(round(x · (1/s)), qmin, qmax)`` with round-half-even and the float32 reciprocal — the numbers of
+``torch.fake_quantize_per_tensor_affine`` — and a bias rounded to the accumulator grid ``s_x · s_w``. The quantizers
+(:mod:`.backend`), the equivalent-kernel QAT path (:mod:`.rep_qat`) and ``convert`` call these functions; none of
+them rounds, clamps to a bit range or defines a straight-through gradient itself.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["EPS", "bounds", "scale_from_amax", "quantize_to_int", "RoundSTE", "ClippedSTE", "lsq_fake_quant",
+           "round_to_grid_ste", "reduce_amax", "LeanQuantConv", "conv_or_linear"]
+
+#: amax below this quantizes everything to 0, as in pytorch-quantization
+EPS = 1.0 / (1 << 24)
+
+
+def bounds(num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a ``num_bits`` integer: ``[0, 2^b − 1]`` unsigned, ``[−2^(b−1) (+1 narrow), 2^(b−1) − 1]``
+    signed."""
+    qmax = (1 << (num_bits - 1 + int(unsigned))) - 1
+    qmin = 0 if unsigned else (-qmax if narrow_range else -qmax - 1)
+    return qmin, qmax
+
+
+def scale_from_amax(amax: Tensor, qmax: int) -> Tensor:
+    """``max(amax, EPS) / qmax`` (keeps ``amax``'s gradient: LSQ learns through it)."""
+    return amax.clamp_min(EPS) / qmax
+
+
+def quantize_to_int(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """``(q, mask)``: the integers ``clamp(round(x · (1/s)))`` (as floats, one buffer) and the unclipped mask."""
+    q = torch.mul(x.detach(), torch.reciprocal(scale)).round_()
+    mask = (q >= qmin) & (q <= qmax)
+    return q.clamp_(qmin, qmax), mask
+
+
+class RoundSTE(torch.autograd.Function):
+    """``clamp(round(x / s), qmin, qmax) · s`` with the identity gradient, computed in place on one buffer.
+
+    For weights quantized with their own ``max|w|`` (nothing is clipped, so the straight-through gradient is the
+    identity): four passes over the kernel instead of the seven of the out-of-place STE expression, and ~3× faster
+    on CPU than ``fake_quantize_per_channel_affine``, with the same numbers. Runs at every QAT step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        q = x.detach() / scale
+        return q.round_().clamp_(qmin, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        return grad, None, None, None
+
+
+class ClippedSTE(torch.autograd.Function):
+    """``clamp(round(x · (1/s)), qmin, qmax) · s`` with the gradient masked to the unclipped range.
+
+    The numbers of ``torch.fake_quantize_per_tensor_affine`` with zero point 0 (the float32 reciprocal ``1/s``,
+    round-half-even, the mask taken on the rounded value) — tested bit for bit — in four in-place passes, ~40 %
+    faster forward + backward on CPU than that fused kernel (measured on a 32×48×32×32 activation, one core).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        q, mask = quantize_to_int(x, scale, qmin, qmax)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(mask)
+        return q.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None
+
+
+def lsq_fake_quant(x: Tensor, amax: Tensor, qmin: int, qmax: int) -> Tensor:
+    """LSQ-style fake quantization: the gradient reaches ``amax`` through the scale, STE on the rounding only."""
+    scale = scale_from_amax(amax, qmax)
+    q = torch.clamp(x / scale, qmin, qmax)
+    q = q + (torch.round(q) - q).detach()
+    return q * scale
+
+
+def round_to_grid_ste(value: Tensor, step: Tensor) -> Tensor:
+    """``value`` rounded to multiples of ``step`` (e.g. the int32 bias grid ``s_x · s_w``), straight-through."""
+    step = step.clamp_min(torch.finfo(torch.float32).tiny)
+    return value + (torch.round(value.detach() / step) * step - value.detach()).detach()
+
+
+def reduce_amax(x: Tensor, axes: Sequence[int] | None, shape: Sequence[int]) -> Tensor:
+    """``max|x|`` over every dimension except ``axes`` (``None``: over everything), reshaped to ``shape``; no
+    gradient."""
+    x = x.detach()
+    if axes is None:
+        return torch.maximum(x.amax(), -x.amin()).reshape(shape)
+    if len(axes) == 1:
+        # max and -min of the rows of a [C, rest] view: no |x| copy, ~7x faster on CPU than abs().amax(dims)
+        rows = x.movedim(axes[0], 0).reshape(x.shape[axes[0]], -1)
+        return torch.maximum(rows.amax(1), -rows.amin(1)).reshape(shape)
+    dims = [d for d in range(x.dim()) if d not in axes]
+    return x.abs().amax(dim=dims, keepdim=True).reshape(shape)
+
+
+class LeanQuantConv(torch.autograd.Function):
+    """``conv(Q(x), wq)`` (or ``linear``) that saves its input as integers and recomputes ``Q(x)`` in backward.
+
+    The composition ``conv(clippedSTE(x), wq)`` keeps the float ``Q(x)`` (4 bytes per element) for the weight
+    gradient and a clip mask (1 byte) for the input gradient. ``Q(x)`` is exactly an integer tensor times one scale,
+    so this saves the integers as int8/uint8 (1 byte) plus the mask, and rebuilds ``Q(x) = q·s`` — the same float
+    values, bit for bit — in backward: the gradients equal the composition's (tested). ``scale`` is the per-tensor
+    input scale (no gradient: LSQ quantizers take the composed path).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, qmin: int, qmax: int, stride: list[int],
+                padding: list[int], dilation: list[int], groups: int) -> Tensor:  # noqa: D102
+        q, mask = quantize_to_int(x, scale, qmin, qmax)
+        xq = q * scale
+        out = conv_or_linear(xq, wq.detach(), stride, padding, dilation, groups)
+        ctx.save_for_backward(q.to(torch.uint8 if qmin >= 0 else torch.int8), mask, wq.detach(), scale)
+        ctx.conf = (stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        q, mask, wq, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        xq = q.to(scale.dtype) * scale  # the forward's Q(x), exactly
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if wq.dim() == 2:  # linear
+            gx = grad.matmul(wq) if need_x else None
+            gw = grad.reshape(-1, grad.shape[-1]).t().matmul(xq.reshape(-1, xq.shape[-1])) if need_w else None
+        else:
+            gx, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False,
+                                                            [0, 0], groups, [need_x, need_w, False])
+        if gx is not None:
+            gx = gx * mask
+        return gx, gw, None, None, None, None, None, None, None
+
+
+def conv_or_linear(xq: Tensor, wq: Tensor, stride, padding, dilation, groups) -> Tensor:
+    """``conv2d`` for a 4-D weight, ``linear`` for a 2-D one (no bias)."""
+    if wq.dim() == 2:
+        return F.linear(xq, wq)
+    return F.conv2d(xq, wq, None, stride, padding, dilation, groups)
