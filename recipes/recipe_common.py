@@ -10,8 +10,10 @@ repository root (``python recipes/qat_b0.py``): Python then puts ``recipes/`` on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -22,6 +24,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 RECIPES_DIR = Path(__file__).resolve().parent
 REPO_ROOT = RECIPES_DIR.parent
+#: when the recipe started (before torch and Lightning are imported): the report's wall time counts from here
+PROCESS_START = time.perf_counter()
+
+# OpenMP threads spin while they wait for each other. When other processes share the cores, two spinning threads
+# made a training step of qarepvgg_a0 about 6x slower than one thread (9.6 s vs 1.6 s per step, batch 64, 16x16,
+# load average 10 on 2 cores); passive waiting brought it back to 1.7 s. Set before torch is imported (OpenMP reads
+# it once); an OMP_WAIT_POLICY the user exported wins. Recipes only: the library leaves the process alone.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def ensure_qat_rep_importable() -> None:
@@ -49,11 +59,14 @@ from qat_rep.export.atomic import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("qat_rep.recipes")
 console = Console(stderr=False, highlight=False)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 160  # a log file: tables on one line per row instead of rich's 80-column wrapping
 
 __all__ = [
     "ensure_qat_rep_importable", "ImageClassifier", "ImageDataModule", "base_parser", "parse_bits", "prepare_run",
     "make_trainer", "evaluate_accuracy", "collect_batches", "ResultRow", "results_table", "results_markdown",
     "plot_accuracy", "write_report", "finish_run", "atomic_write_text", "atomic_write_json", "Stopwatch", "console",
+    "warmup_cosine",
 ]
 
 
@@ -74,15 +87,21 @@ class ImageClassifier(pl.LightningModule):
 
     The logits contract matters for :class:`qat_rep.callbacks.RepQATCallback`: a module whose ``forward`` returns
     class logits (and whose batches are ``(images, labels)``) gets FP32-equivalent and fake-quant accuracy logged
-    side by side. AdamW (no decay on biases and norms) with a per-step cosine schedule to ``final_lr_ratio · lr``.
+    side by side. AdamW (no decay on biases and norms) with a per-step schedule: a linear warm-up over the first
+    ``warmup_ratio`` of the steps, then cosine to ``final_lr_ratio · lr``. Learned quantizer ranges (``*._amax``
+    parameters, ``QuantConfig(learn_amax=True)``) train at ``amax_lr_scale · lr`` without weight decay.
     """
 
     def __init__(self, model_name: str = "qarepvgg_b0", num_classes: int = 10, small_input: bool = False,
                  lr: float = 3e-3, weight_decay: float = 0.01, final_lr_ratio: float = 0.01,
-                 model_kwargs: dict[str, Any] | None = None):
+                 model_kwargs: dict[str, Any] | None = None, warmup_ratio: float = 0.0, amax_lr_scale: float = 1.0):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if amax_lr_scale <= 0:
+            raise ValueError(f"amax_lr_scale must be > 0, got {amax_lr_scale}")
         self.save_hyperparameters()
         self.model = create_model(model_name, num_classes=num_classes, small_input=small_input,
                                   **(model_kwargs or {}))
@@ -115,15 +134,46 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc(logits, y)
         self.log("test_acc", self.val_acc)
 
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: weights with decay; biases and norms without; learned ranges without decay at
+        ``amax_lr_scale · lr`` (a group only when the model has them)."""
+        hp = self.hparams
+        amax = [p for n, p in self.named_parameters() if n.endswith("._amax")]
+        rest = [p for n, p in self.named_parameters() if not n.endswith("._amax")]
+        groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": hp.weight_decay},
+                  {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0}]
+        if amax:
+            groups.append({"params": amax, "weight_decay": 0.0, "lr": hp.lr * hp.get("amax_lr_scale", 1.0)})
+        return groups
+
+    #: learned ranges stay at least this large after every step: an Adam step at ``amax_lr_scale`` times the learning
+    #: rate can exceed a small weight range (in a 4-bit RepVGG-A0 run, one channel of stage3.0, whose ranges were
+    #: about 0.04-0.15, went below zero: the scale's clamp then stops its gradient for good, and the deploy check
+    #: refuses the artifact)
+    AMAX_MIN = 1e-4
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("._amax"):
+                    p.clamp_(min=self.AMAX_MIN)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.parameters() if p.ndim <= 1]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
+        opt = torch.optim.AdamW(self.optimizer_groups(), lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=hp.lr * hp.final_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+            warmup_cosine, total=total, warmup=int(total * hp.get("warmup_ratio", 0.0)), final=hp.final_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def warmup_cosine(step: int, total: int, warmup: int, final: float) -> float:
+    """The learning-rate factor at ``step``: linear from ``1/(warmup+1)`` to 1 over ``warmup`` steps, then cosine
+    from 1 to ``final`` at step ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    t = min(step - warmup, total - warmup) / max(1, total - warmup)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -266,6 +316,7 @@ def prepare_run(args: argparse.Namespace) -> Path:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")  # --fast's 2-batch epochs
     # an upstream deprecation inside Lightning's own pytree helper (not actionable here); recipes only — the library
     # never filters its users' warnings
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -504,7 +555,7 @@ def finish_run(out: Path, results: dict[str, Any], title: str, sections: Sequenc
                args: argparse.Namespace, sw: "Stopwatch") -> None:
     """The end every recipe shares: stage times into ``results``, ``results.json``, then ``report.md`` (``sections``
     plus the list of files written and the environment), and the report's path on the console."""
-    results["seconds"] = dict(sw.times, total=sw.total, cpu=cpu_seconds())
+    results["seconds"] = dict(sw.times, total=sw.total, process=time.perf_counter() - PROCESS_START, cpu=cpu_seconds())
     atomic_write_json(out / "results.json", results)
     files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     write_report(out / "report.md", title, [
@@ -534,6 +585,7 @@ def environment_markdown(args: argparse.Namespace, times: dict[str, float]) -> s
              f"- torch {torch.__version__}, pytorch-lightning {pl.__version__}, onnxruntime {onnxruntime.__version__}",
              f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s), "
              f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end",
+             f"- wall time of the whole run (imports included): {time.perf_counter() - PROCESS_START:.0f} s",
              f"- CPU time of this process: {cpu_seconds():.0f} s", ""]
     lines += ["| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
@@ -579,10 +631,12 @@ def load_classifier(path: str | os.PathLike, **module_kwargs: Any) -> ImageClass
 
 
 def classifier_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
-    """ImageClassifier arguments from the recipe flags (``--model``, ``--block``, ``--lr``, ``--image-size``: below
-    32 pixels the first block keeps the resolution, as for CIFAR-sized inputs)."""
+    """ImageClassifier arguments from the recipe flags (``--model``, ``--block``, ``--lr``, ``--warmup`` when the
+    recipe has it, ``--image-size``: below 32 pixels the first block keeps the resolution, as for CIFAR-sized
+    inputs)."""
     return dict(model_name=f"{args.block}_{args.model}", num_classes=num_classes,
-                small_input=getattr(args, "image_size", 32) < 32, lr=args.lr)
+                small_input=getattr(args, "image_size", 32) < 32, lr=args.lr,
+                warmup_ratio=getattr(args, "warmup", 0.0))
 
 
 def train_or_load_fp32(args: argparse.Namespace, dm: ImageDataModule, out: Path, sw: Stopwatch,
