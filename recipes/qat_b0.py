@@ -2,18 +2,22 @@
 
 Run from the repository root::
 
-    python recipes/qat_b0.py                                  # defaults: RepVGG-B0 and QARepVGG-B0 on the digits
+    python recipes/qat_b0.py                                  # defaults: RepVGG-A0 and QARepVGG-A0 on the digits
     python recipes/qat_b0.py --block qarepvgg --bits 8        # one model, QAT at W8A8 only (the single-model run)
+    python recipes/qat_b0.py --model b0 --image-size 32       # the B0 width and depth, larger inputs (much slower)
     python recipes/qat_b0.py --data ~/my_images --devices 2 --strategy ddp
 
-For each block type (``--block both``: RepVGG and QARepVGG, same width, depth and FP32 recipe):
+The default sizes (A0 width and depth, 16x16 inputs, 8 FP32 epochs) keep the whole run within about ten minutes on
+two CPU cores; the file keeps its historical name.
+
+For each block type (``--block both``: RepVGG and QARepVGG, same width, depth, FP32 recipe and seed):
 
 1. train an FP32 model on the embedded digits (or load ``--ckpt``);
 2. plain post-training quantization (``max`` calibration) at W8A8, W8A8 with per-tensor weights, W6A6 and W4A4,
    and CFWS (:func:`qat_rep.ptq.quantize_ptq`, ``method="cfws"``) where plain PTQ collapses;
 3. quantization-aware fine-tuning with :class:`qat_rep.callbacks.RepQATCallback` at each ``--bits`` (W8A8: a short,
-   gentle fine-tune of ``max``-calibrated ranges; below 8 bits: MSE-initialised, learned ranges, first and last
-   layer at 8 bits, a longer run at a higher learning rate);
+   gentle fine-tune of ``max``-calibrated ranges; below 8 bits: learned ranges that start from MSE searches,
+   unsigned activations after a ReLU, first and last layer at 8 bits, a longer run at a higher learning rate);
 4. :func:`qat_rep.export.deploy` for every QAT model: the deploy artifact (reloaded without Lightning) and, at 8
    bits, a QDQ ONNX file run in ONNX Runtime on the validation set; an FP32 ONNX file beside it for latency.
 
@@ -70,16 +74,20 @@ def ptq_settings(calib_batches: int) -> list[PTQSetting]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.base_parser(__doc__.split("\n\n")[0], epochs=10, qat_epochs=2, out="out/qat_b0", bits="8,4",
+    p = common.base_parser(__doc__.split("\n\n")[0], epochs=8, qat_epochs=1, out="out/qat_b0", bits="8,4",
                            block="both", blocks=("both",) + BLOCKS, image_size=16)
-    p.add_argument("--model", default=None,
-                   help="model variant of the RepVGG family (a0, a1, a2, b0, b1, …); default b0 (a0 with --fast)")
-    p.add_argument("--lr", type=float, default=3e-3, help="FP32 peak learning rate (AdamW, cosine)")
+    p.add_argument("--model", default="a0",
+                   help="model variant of the RepVGG family (a0, a1, a2, b0, b1, …); the same for both block types")
+    p.add_argument("--lr", type=float, default=2e-3, help="FP32 peak learning rate (AdamW, warm-up, cosine)")
+    p.add_argument("--warmup", type=float, default=0.1,
+                   help="fraction of the FP32 training steps with a linear learning-rate warm-up")
     p.add_argument("--qat-lr", type=float, default=3e-5,
                    help="8-bit QAT peak learning rate (a gentle fine-tune, cosine to 1%% of it)")
-    p.add_argument("--qat-epochs-low", type=int, default=8, help="QAT epochs below 8 bits")
+    p.add_argument("--qat-epochs-low", type=int, default=5, help="QAT epochs below 8 bits")
     p.add_argument("--qat-lr-low", type=float, default=1e-3,
                    help="QAT peak learning rate below 8 bits (learned ranges need a real run)")
+    p.add_argument("--amax-lr-scale", type=float, default=10.0,
+                   help="below 8 bits: the learned ranges train at this multiple of --qat-lr-low")
     p.add_argument("--calibrator", default="max", choices=["max", "percentile", "entropy", "mse"],
                    help="activation calibrator of the 8-bit QAT initialisation (below 8 bits: mse)")
     p.add_argument("--calib-batches", type=int, default=4, help="batches read to calibrate activation ranges")
@@ -97,6 +105,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     check_common_args(args, parser)
     if args.qat_epochs_low < 0:
         parser.error(f"--qat-epochs-low must be >= 0, got {args.qat_epochs_low}")
+    if not 0.0 <= args.warmup < 1.0:
+        parser.error(f"--warmup must be in [0, 1), got {args.warmup}")
+    if args.amax_lr_scale <= 0:
+        parser.error(f"--amax-lr-scale must be > 0, got {args.amax_lr_scale}")
     if args.fast:
         args.qat_epochs_low = min(args.qat_epochs_low, 1)
     args.blocks = list(BLOCKS) if args.block == "both" else [args.block]
@@ -106,24 +118,65 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def qat_config(args: argparse.Namespace, bits: int) -> tuple[QuantConfig, int, float]:
-    """(config, epochs, peak lr) of the QAT run at ``bits``: what ``benchmarks/qat_accuracy.py`` found to converge."""
+    """(config, epochs, peak lr) of the QAT run at ``bits``.
+
+    8 bits: ``--calibrator`` ranges, fixed, a short gentle fine-tune. Below 8 bits (the settings of
+    ``benchmarks/qat_accuracy.py``, made to converge on RepVGG too): MSE-calibrated activation ranges, learned ranges
+    (LSQ-style), first and last layer at 8 bits, and unsigned activations after a ReLU (LSQ's choice: a signed 4-bit
+    grid leaves half its levels unused on ReLU outputs; nothing below 8 bits is exported as integers here, so no
+    deploy target constrains it)."""
     make = QuantConfig.for_onnxruntime if args.deploy_target == "onnxruntime" else QuantConfig
     if bits >= 8:
         return (make(w_bits=bits, a_bits=bits, calibrator=args.calibrator, calib_batches=args.calib_batches),
                 args.qat_epochs, args.qat_lr)
-    return (make(w_bits=bits, a_bits=bits, calibrator="mse", learn_amax=True, calib_batches=args.calib_batches),
-            args.qat_epochs_low, args.qat_lr_low)
+    return (make(w_bits=bits, a_bits=bits, calibrator="mse", learn_amax=True, calib_batches=args.calib_batches,
+                 unsigned_activations=True), args.qat_epochs_low, args.qat_lr_low)
+
+
+@torch.no_grad()
+def init_weight_ranges_mse(model: torch.nn.Module) -> list[float]:
+    """Set every learned weight ``amax`` from ``max|W|`` to the per-channel clipping that minimises the quantization
+    error of the kernel it quantizes (the post-BN-folded equivalent kernel of a rep block); returns new/old per layer.
+
+    At 4 bits, ``max|W|`` spends the grid on a few large weights, and a learned ``amax`` moves about one learning
+    rate per step: on RepVGG the fine-tune then spends its first epochs shrinking ranges."""
+    from qat_rep.ptq.qmath import mse_weight_amax
+    from qat_rep.quant import RepQuant, quant_layers
+    from qat_rep.quant.rep_qat import folded_kernel_bias
+
+    ratios = []
+    for name, layer in quant_layers(model):
+        wq = layer._weight_quantizer
+        if not wq.learn_amax:
+            continue
+        kernel = (folded_kernel_bias(model.get_submodule(name.rpartition(".")[0]))[0] if isinstance(layer, RepQuant)
+                  else layer.weight)
+        old = wq.amax.detach().clone().flatten()
+        wq.set_amax(mse_weight_amax(kernel, wq.num_bits, wq.axis is not None))
+        ratios.append(float((wq.amax.detach().flatten() / old).mean()))
+    return ratios
 
 
 def run_qat(args: argparse.Namespace, fp32: ImageClassifier, dm: ImageDataModule, out: Path, bits: int,
             limit_batches: int | None) -> ImageClassifier:
-    """QAT fine-tuning of a copy of ``fp32`` with RepQATCallback; saves ``qat_w<b>a<b>.ckpt``."""
+    """QAT fine-tuning of a copy of ``fp32`` with RepQATCallback; saves ``qat_w<b>a<b>.ckpt``.
+
+    With learned ranges (below 8 bits) the model is prepared and calibrated here, before the fit, so that the weight
+    ranges can start from :func:`init_weight_ranges_mse`; the callback then finds it calibrated and trains it."""
     from qat_rep.callbacks import RepQATCallback
+    from qat_rep.quant import calibrate, prepare
 
     cfg, epochs, lr = qat_config(args, bits)
     # a fresh module with the FP32 weights (a deepcopy would also copy the FP32 run's Trainer reference)
-    module = ImageClassifier(**{**fp32.hparams, "lr": lr, "final_lr_ratio": 0.01})
+    module = ImageClassifier(**{**fp32.hparams, "lr": lr, "final_lr_ratio": 0.01, "warmup_ratio": 0.0,
+                                "amax_lr_scale": args.amax_lr_scale if cfg.learn_amax else 1.0})
     module.load_state_dict(fp32.state_dict())
+    if cfg.learn_amax:
+        prepare(module, cfg)
+        calibrate(module, collect_batches(dm.train_dataloader(), cfg.calib_batches))
+        ratios = init_weight_ranges_mse(module)
+        console.print(f"W{bits}A{bits}: weight ranges of {len(ratios)} layers start at {min(ratios):.2f}–"
+                      f"{max(ratios):.2f} of max|W| (MSE search)")
     callback = RepQATCallback(config=cfg, schedule=Schedule.all_at_once())
     trainer = make_trainer(args, out, max_epochs=epochs, callbacks=[callback], name=f"qat_w{bits}a{bits}",
                            limit_batches=limit_batches)
@@ -261,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
         block_args = argparse.Namespace(**{**vars(args), "block": block})
+        # the same initial weights and data order for each block type, and as in a one-block run
+        common.pl.seed_everything(args.seed, workers=True, verbose=False)
         fp32 = train_or_load_fp32(block_args, dm, out, sw, limit_batches=limit, label=f"{name}: FP32 training")
         with sw(f"{name}: QAT fine-tuning"):
             qat = {b: run_qat(block_args, fp32, dm, out, b, limit) for b in args.bits}
@@ -279,11 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     title = (f"{' vs '.join(results['models'])} on {args.data}, {len(dm.val_set)} validation images "
              f"(one image = {100 / len(dm.val_set):.2f} points)")
-    lat = next(iter(results["models"].values()))["ort_latency_ms_batch1"]
-    int8 = next((v for k, v in lat.items() if k.startswith("INT8")), None)
-    caption = ("ONNX Runtime CPU latency, batch 1: FP32 " + f"{lat['FP32 (fused)']:.2f} ms"
-               + (f", INT8 {int8:.2f} ms ({lat['FP32 (fused)'] / int8:.2f}x)" if int8 else "")
-               + f" — {next(iter(results['models']))}")
+    caption = latency_caption(results["models"])
     console.print(results_table(rows, title, extra_columns=("model",)))
     plot_panels(rows, root / "accuracy.png", title, caption)
     common.finish_run(root, results, f"qat_b0: {', '.join(results['models'])}, W/A {', '.join(map(str, args.bits))}",
@@ -293,14 +344,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     return results
 
 
+def latency_caption(models: dict[str, dict[str, Any]]) -> str:
+    """ONNX Runtime latency (batch 1, median) of the fused FP32 file and the INT8 W8A8 file of every model."""
+    parts = []
+    for name, res in models.items():
+        lat = res["ort_latency_ms_batch1"]
+        int8 = lat.get("INT8 W8A8")
+        parts.append(f"{name} FP32 {lat['FP32 (fused)']:.2f} ms"
+                     + (f", INT8 {int8:.2f} ms ({lat['FP32 (fused)'] / int8:.2f}x)" if int8 else ""))
+    return "ONNX Runtime CPU latency, batch 1, median: " + "; ".join(parts)
+
+
 def what_was_run(args: argparse.Namespace) -> str:
     """The report's description of the run, from the flags."""
     low = [b for b in args.bits if b < 8]
-    return ("FP32 training → plain PTQ (max calibration; per-channel weights unless named) and CFWS → "
-            f"RepQATCallback fine-tuning: W8A8 {args.qat_epochs} epoch(s) at lr {args.qat_lr} ({args.calibrator} "
-            "ranges)" + (f"; {', '.join(f'W{b}A{b}' for b in low)} {args.qat_epochs_low} epoch(s) at lr {args.qat_lr_low} "
-                         "(MSE-initialised learned ranges, first and last layer 8-bit)" if low else "")
-            + " → deploy artifact → QDQ ONNX at 8 bits → ONNX Runtime (CPU) on the validation set.")
+    high = [b for b in args.bits if b >= 8]
+    qat = ([f"W8A8 {args.qat_epochs} epoch(s) at lr {args.qat_lr} ({args.calibrator} ranges)"] if high else []) + (
+        [f"{', '.join(f'W{b}A{b}' for b in low)} {args.qat_epochs_low} epoch(s) at lr {args.qat_lr_low} (learned "
+         f"ranges at {args.amax_lr_scale:g}x that lr: activations MSE-calibrated and unsigned after a ReLU, weights "
+         "from an MSE search; first and last layer 8-bit)"] if low else [])
+    return (f"FP32 training ({args.epochs} epochs, AdamW lr {args.lr}, {args.warmup:.0%} warm-up, cosine, batch "
+            f"{args.batch_size}, {args.image_size}x{args.image_size}; the same seed for each block type) → plain PTQ "
+            "(max calibration; per-channel weights unless named) and CFWS → RepQATCallback fine-tuning: "
+            + "; ".join(qat) + " → deploy artifact → QDQ ONNX at 8 bits → ONNX Runtime (CPU) on the validation set.")
 
 
 if __name__ == "__main__":
