@@ -13,8 +13,9 @@ two CPU cores; the file keeps its historical name.
 For each block type (``--block both``: RepVGG and QARepVGG, same width, depth, FP32 recipe and seed):
 
 1. train an FP32 model on the embedded digits (or load ``--ckpt``);
-2. plain post-training quantization (``max`` calibration) at W8A8, W8A8 with per-tensor weights, W6A6 and W4A4,
-   and CFWS (:func:`qat_rep.ptq.quantize_ptq`, ``method="cfws"``) where plain PTQ collapses;
+2. plain post-training quantization (``max`` calibration) at W8A8, W6A6 and W4A4 (per-channel weights) and at W8A8
+   and W6A6 with per-tensor weights, then CFWS (:func:`qat_rep.ptq.quantize_ptq`, ``method="cfws"``) at the setting
+   above 4 bits where plain PTQ lost most;
 3. quantization-aware fine-tuning with :class:`qat_rep.callbacks.RepQATCallback` at each ``--bits`` (W8A8: a short,
    gentle fine-tune of ``max``-calibrated ranges; below 8 bits: learned ranges that start from MSE searches,
    unsigned activations after a ReLU, first and last layer at 8 bits, a longer run at a higher learning rate);
@@ -58,8 +59,8 @@ class PTQSetting:
 
 
 def ptq_settings(calib_batches: int) -> list[PTQSetting]:
-    """Plain ``max`` PTQ (per-channel weights unless named) at 8/6/4 bits, and CFWS where plain PTQ collapses:
-    per-tensor weights at 8 bits and 6 bits, the settings where the fused rep kernels' outliers cost RepVGG."""
+    """Plain ``max`` PTQ at 8, 6 and 4 bits, per-channel weights, and per-tensor weights at 8 and 6 bits (where the
+    fused rep kernels' channel-varying ranges cost most)."""
     def cfg(bits: int, gran: str = "per_channel") -> QuantConfig:
         return QuantConfig(w_bits=bits, a_bits=bits, w_granularity=gran, calib_batches=calib_batches)
 
@@ -67,10 +68,17 @@ def ptq_settings(calib_batches: int) -> list[PTQSetting]:
         PTQSetting("W8A8", cfg(8)),
         PTQSetting("W8A8 per-tensor W", cfg(8, "per_tensor")),
         PTQSetting("W6A6", cfg(6)),
+        PTQSetting("W6A6 per-tensor W", cfg(6, "per_tensor")),
         PTQSetting("W4A4", cfg(4)),
-        PTQSetting("W8A8 per-tensor W", cfg(8, "per_tensor"), "cfws"),
-        PTQSetting("W6A6", cfg(6), "cfws"),
     ]
+
+
+def collapse_setting(settings: Sequence[PTQSetting], accuracy: dict[str, float]) -> PTQSetting:
+    """The plain-PTQ setting above 4 bits where the model lost most (``accuracy``: label → top-1 %), as a CFWS
+    setting: CFWS splits weights, it cannot give 4-bit activations their range back."""
+    above4 = [s for s in settings if s.method == "minmax" and s.config.w_bits > 4]
+    worst = min(above4, key=lambda s: accuracy[s.label])
+    return PTQSetting(worst.label, worst.config, "cfws")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-epochs-low", type=int, default=5, help="QAT epochs below 8 bits")
     p.add_argument("--qat-lr-low", type=float, default=1e-3,
                    help="QAT peak learning rate below 8 bits (learned ranges need a real run)")
-    p.add_argument("--amax-lr-scale", type=float, default=10.0,
+    p.add_argument("--amax-lr-scale", type=float, default=5.0,
                    help="below 8 bits: the learned ranges train at this multiple of --qat-lr-low")
     p.add_argument("--calibrator", default="max", choices=["max", "percentile", "entropy", "mse"],
                    help="activation calibrator of the 8-bit QAT initialisation (below 8 bits: mse)")
@@ -204,8 +212,11 @@ def evaluate_model(args: argparse.Namespace, name: str, fp32: ImageClassifier, q
         fp32_model = fp32.model.eval()
         res["fp32_acc"] = evaluate_accuracy(fp32_model, val)
         calib = collect_batches(dm.train_dataloader(), args.calib_batches)
-        for s in ptq_settings(args.calib_batches):
-            res["ptq"][f"{s.method}/{s.label}"] = plain_ptq(fp32_model, calib, val, s)
+        settings = ptq_settings(args.calib_batches)
+        plain = {s.label: plain_ptq(fp32_model, calib, val, s) for s in settings}
+        res["ptq"] = {f"minmax/{label}": acc for label, acc in plain.items()}
+        cfws = collapse_setting(settings, plain)  # where plain PTQ collapses
+        res["ptq"][f"cfws/{cfws.label}"] = plain_ptq(fp32_model, calib, val, cfws)
     onnx_files = {"FP32 (fused)": out / "model_fp32.onnx"}
     with sw(f"{name}: deploy artifacts + ONNX Runtime"):
         export_onnx(copy.deepcopy(fp32_model), onnx_files["FP32 (fused)"], example, quantized=False)
@@ -262,7 +273,7 @@ def plot_panels(rows: Sequence[ResultRow], path: Path, title: str, caption: str)
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r.extra["model"] for r in rows))
-    order = ["W8A8", "W8A8 per-tensor W", "W6A6", "W4A4"]
+    order = ["W8A8", "W8A8 per-tensor W", "W6A6", "W6A6 per-tensor W", "W4A4"]
     settings = [s for s in order if any(r.extra["setting"] == s for r in rows)]
     style = {"PTQ max": dict(marker="s", color="tab:red"), "PTQ CFWS": dict(marker="^", color="tab:orange"),
              "QAT fake-quant": dict(marker="o", color="tab:blue", ms=9),
@@ -361,11 +372,12 @@ def what_was_run(args: argparse.Namespace) -> str:
     high = [b for b in args.bits if b >= 8]
     qat = ([f"W8A8 {args.qat_epochs} epoch(s) at lr {args.qat_lr} ({args.calibrator} ranges)"] if high else []) + (
         [f"{', '.join(f'W{b}A{b}' for b in low)} {args.qat_epochs_low} epoch(s) at lr {args.qat_lr_low} (learned "
-         f"ranges at {args.amax_lr_scale:g}x that lr: activations MSE-calibrated and unsigned after a ReLU, weights "
-         "from an MSE search; first and last layer 8-bit)"] if low else [])
+         f"ranges at {args.amax_lr_scale:g}x that lr: activations MSE-calibrated and unsigned after a ReLU, "
+         "weights from an MSE search; first and last layer 8-bit)"] if low else [])
     return (f"FP32 training ({args.epochs} epochs, AdamW lr {args.lr}, {args.warmup:.0%} warm-up, cosine, batch "
             f"{args.batch_size}, {args.image_size}x{args.image_size}; the same seed for each block type) → plain PTQ "
-            "(max calibration; per-channel weights unless named) and CFWS → RepQATCallback fine-tuning: "
+            "(max calibration; per-channel weights unless named), CFWS where plain PTQ lost most above 4 bits → "
+            "RepQATCallback fine-tuning: "
             + "; ".join(qat) + " → deploy artifact → QDQ ONNX at 8 bits → ONNX Runtime (CPU) on the validation set.")
 
 

@@ -147,9 +147,9 @@ class ImageClassifier(pl.LightningModule):
         return groups
 
     #: learned ranges stay at least this large after every step: an Adam step at ``amax_lr_scale`` times the learning
-    #: rate can exceed a small weight range (in a 4-bit RepVGG-A0 run, one channel of stage3.0, whose ranges were
-    #: about 0.04-0.15, went below zero: the scale's clamp then stops its gradient for good, and the deploy check
-    #: refuses the artifact)
+    #: rate can exceed a small weight range (in a 4-bit RepVGG-A0 run at 10x, one channel of stage3.0, whose ranges
+    #: were about 0.04-0.15, went below zero: the scale's clamp then stops its gradient for good, and the deploy
+    #: check refuses the artifact)
     AMAX_MIN = 1e-4
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
