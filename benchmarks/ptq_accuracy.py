@@ -13,7 +13,12 @@ calibration set is 4 batches of 64 training images (as YOLOv6). Prints a rich ta
 
 Reconstruction methods run at W4A4 only (``--recon-bits``), 100 iterations per unit (published: 20 000) on 512
 samples. ``--cached-only`` skips (model, recipe, seed) combinations whose FP32 weights are not in the cache yet.
-The header of the written table gives the wall time of the whole run.
+
+The outputs are rewritten (atomically) after every (recipe, model, seed), so a run that is stopped keeps what it
+finished (``meta.complete`` is false until the end). ``--merge a.json b.json`` combines runs — e.g. one process per
+recipe, or a re-run of some cells — into ``--out``; a later file's row replaces an earlier one for the same cell,
+only the rows of ``--methods`` are taken, and every run's settings, time and commit are kept in ``meta.runs``. The
+table header gives the number of runs and their total time.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import CACHE, RECIPES, train_fp32  # noqa: E402
+from benchmarks.common import CACHE, RECIPES, stamp, train_fp32  # noqa: E402
 from qat_rep import DataSpec, load_dataset, reparameterize  # noqa: E402
 from qat_rep.ptq import quantize_ptq  # noqa: E402
 from qat_rep.quant import QuantConfig  # noqa: E402
@@ -115,18 +120,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 seed, the adamw16 recipe, 30 iterations, W8A8 + W4A4")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ptq_accuracy"))
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="only merge the rows of earlier runs' JSON files into --out (no training; later files win)")
+                   help="only merge the rows of earlier runs' JSON files into --out (no training; later files win; "
+                        "only the rows of --methods)")
     a = p.parse_args()
     if a.merge:
-        runs = [json.loads(Path(f).read_text()) for f in a.merge]
-        # a later file's row replaces an earlier one for the same (model, seed, bits, method)
+        files = [json.loads(Path(f).read_text()) for f in a.merge]
+        # a later file's row replaces an earlier one for the same (recipe, model, seed, bits, method)
+        keep = set(a.methods) | {"fp32"}  # --methods also filters what a merge takes from the files
         by_key = {(r["recipe"], r["model"], r["seed"], r["bits"], r["method"]): r
-                  for run in runs for r in run["rows"]}
-        rows = list(by_key.values())
-        meta = dict(runs[0]["meta"], merged_from=a.merge,
-                    total_seconds=sum(run["meta"]["total_seconds"] for run in runs),
-                    recipes={k: v for run in runs for k, v in run["meta"].get("recipes", {}).items()})
-        write_outputs(rows, meta, Path(a.out), sorted({r["model"] for r in rows}))
+                  for run in files for r in run["rows"] if r["method"] in keep}
+        meta = dict(runs=[run for f in files for run in _runs_of(f["meta"])],
+                    recipes={k: v for f in files for k, v in f["meta"].get("recipes", {}).items()})
+        write_outputs(list(by_key.values()), meta, Path(a.out), sorted({r["model"] for r in by_key.values()}))
         return
     if a.quick:
         a.seeds, a.recipes, a.iters, a.num_samples = a.seeds[:1], ["adamw16"], 30, 128
@@ -146,6 +151,14 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     t_start = time.time()
     cache = Path(a.cache)
+    out = Path(a.out)
+    commit = stamp()["commit"]
+
+    def meta(complete: bool) -> dict[str, Any]:
+        run = dict(args=vars(a), torch=torch.__version__, threads=a.threads, total_seconds=time.time() - t_start,
+                   started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)), complete=complete,
+                   commit=commit)
+        return dict(runs=[run], recipes={r: dataclasses.asdict(RECIPES[r]) for r in a.recipes})
     for recipe in a.recipes:
         size = RECIPES[recipe].image_size
         train_set, val_set, _ = load_dataset(DataSpec("digits", image_size=size))
@@ -179,8 +192,10 @@ def main() -> None:
                             continue
                         opts: dict[str, Any] = {"split": False} if method == "cfws-kl" else {}
                         calib = calib_small
+                        extra: dict[str, Any] = {}
                         if method in RECON_METHODS:
                             opts = dict(iters=a.iters, num_samples=a.num_samples)
+                            extra = dict(opts)
                             calib = calib_big
                             if method == "mrecg":
                                 opts["k"] = a.mrecg_k
@@ -192,23 +207,35 @@ def main() -> None:
                         fallbacks = sum(c.fell_back for c in rep.act_choice.values())
                         rows.append(dict(key, bits=bits, method=method, acc=acc, seconds=secs,
                                          act_fallbacks=fallbacks, reverted=sum(u.reverted for u in rep.units),
-                                         pairs=[list(x[:2]) for x in rep.pairs]))
+                                         pairs=[list(x[:2]) for x in rep.pairs], **extra))
                         console.log(f"  {method} {bits}: {acc:.2f}% ({secs:.1f} s, {fallbacks} threshold(s) "
                                     "fell back to max)")
+                # what is finished survives a stopped run
+                write_outputs(rows, meta(False), out, a.models, show=False)
 
-    meta = dict(args=vars(a), torch=torch.__version__, threads=a.threads, total_seconds=time.time() - t_start,
-                recipes={r: dataclasses.asdict(RECIPES[r]) for r in a.recipes})
-    write_outputs(rows, meta, Path(a.out), a.models)
+    write_outputs(rows, meta(True), out, a.models)
 
 
-def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, models: list[str]) -> None:
+def _runs_of(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs a results file's ``meta`` describes (a merged file lists several; older files were one run)."""
+    if "runs" in meta:
+        return list(meta["runs"])
+    return [dict(args=meta.get("args", {}), threads=meta.get("threads"), total_seconds=meta.get("total_seconds", 0.0),
+                 complete=True)]
+
+
+def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, models: list[str],
+                  show: bool = True) -> None:
     """Aggregate ``rows`` (mean ± std over seeds, per recipe), check the targets per recipe, write JSON + markdown
-    (one column per recipe), print."""
+    (one column per recipe) atomically; ``show``: print the table and targets."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    a = argparse.Namespace(**meta["args"])
+    rank = {name: i for i, name in enumerate(list(RECIPES) + ["FP32"] + list(BITS)
+                                              + ["fp32", *CALIB_METHODS, *RECON_METHODS, *ORT_METHODS])}
+    rows = sorted(rows, key=lambda r: (rank.get(r["recipe"], 99), r["model"], r["seed"], rank.get(r["bits"], 99),
+                                       rank.get(r["method"], 99)))  # one order, whatever order the runs came in
     fp = {(r["recipe"], r["model"], r["seed"]): r["acc"] for r in rows if r["method"] == "fp32"}
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -273,10 +300,21 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, m
         return (f"`{r}` = {rc.epochs} epochs {rc.optimizer.upper()} lr {rc.lr:g} at {rc.image_size}x{rc.image_size}"
                 f"{f', ±{rc.shift} px shifts' if rc.shift else ''} ({'/'.join(map(str, n))} seed(s))")
 
+    recon = sorted({(r["iters"], r["num_samples"]) for r in rows if r["method"] in RECON_METHODS and "iters" in r})
+    recon_text = ("reconstruction " + ", ".join(f"{i} iters/unit on {n} samples" for i, n in recon)
+                  + " (published: 20 000 iters)") if recon else "no reconstruction methods in this table"
+    runs = meta["runs"]
+    stopped = sum(not r.get("complete", True) for r in runs)
+    commits = sorted({r["commit"] for r in runs if r.get("commit")})
+    run_text = (f"{len(runs)} run(s) on {'/'.join(sorted({str(r['threads']) for r in runs}))} thread(s) each, "
+                f"{sum(r['total_seconds'] for r in runs) / 60:.1f} min of run time in all"
+                + (f", {stopped} of them stopped early (their finished rows kept)" if stopped else "")
+                + (f"; commit(s) {', '.join(commits)}" if commits else ""))
     md = [f"PTQ accuracy on embedded digits, FP32 models from {len(recipes)} training recipes: "
           + "; ".join(recipe_text(r) for r in recipes) + ". Calibration: 4 batches of 64 training images; "
-          f"reconstruction {a.iters} iters/unit on {a.num_samples} samples; {a.threads} thread(s), "
-          f"{meta['total_seconds'] / 60:.1f} min in total. Cells: top-1 % mean ± std over seeds (drop vs FP32).",
+          f"{recon_text}. {run_text}. "
+          "Cells: top-1 % mean ± std over seeds (mean drop vs FP32; the worst seed's drop where it exceeds the "
+          "mean by more than 0.5 point).",
           "", "| model | bits | method | " + " | ".join(recipes) + " |", "|---|---|---|" + "---|" * len(recipes)]
     table = Table(title="PTQ accuracy (digits val)")
     for col in ["model", "bits", "method"] + recipes:
@@ -289,7 +327,8 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, m
         vals = []
         for r in recipes:
             s = cell.get((r, model, bits, method))
-            vals.append("" if s is None else f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} ({s['drop_mean']:+.2f})"
+            worst = "" if s is None or s["drop_max"] <= s["drop_mean"] + 0.5 else f", worst {s['drop_max']:+.2f}"
+            vals.append("" if s is None else f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} ({s['drop_mean']:+.2f}{worst})"
                         + ("" if s["n"] == 3 else f" n={s['n']}"))
         md.append(f"| {model} | {bits} | {method} | " + " | ".join(vals) + " |")
         table.add_row(model, bits, method, *vals)
@@ -297,6 +336,8 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, m
     md += [f"| {t['target']} | {'n/a (not run)' if t['held'] is None else ('yes' if t['held'] else 'NO')} |"
            for t in targets]
     _atomic_write(out.with_suffix(".md"), "\n".join(md) + "\n")
+    if not show:
+        return
     console.print(table)
     for t in targets:
         console.print(f"{t['target']}: {t['held']}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from qat_rep.quant import QuantConfig, Schedule, apply_schedule, prepare
 
-from .rep_qat import STATE_KEY, read_callback_state
+from .options import STATE_KEY, read_callback_state
 
 __all__ = ["load_qat_checkpoint", "weights_only_errors"]
 

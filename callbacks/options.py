@@ -1,4 +1,5 @@
-"""The constructor arguments of :class:`~qat_rep.callbacks.RepQATCallback`, validated once where they arrive."""
+"""The constructor arguments of :class:`~qat_rep.callbacks.RepQATCallback`, validated once where they arrive, and
+the Trainer/module combinations it refuses at setup."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from torch import nn
 from qat_rep.export import TARGETS as ONNX_TARGETS
 from qat_rep.quant import QuantConfig, Schedule
 
+from ._compat import is_instance_of_any
 from .distill import DistillConfig
 
-__all__ = ["RepQATOptions", "check_int"]
+__all__ = ["RepQATOptions", "check_int", "check_fit_setup", "STATE_KEY", "read_callback_state"]
+
+#: the key of the callback's state in a Lightning checkpoint's ``"callbacks"`` dict (one per Trainer)
+STATE_KEY = "RepQATCallback"
 
 
 def check_int(name: str, value: Any, low: int, meaning: str) -> None:
@@ -105,3 +110,20 @@ class RepQATOptions:
             raise ValueError("onnx='tensorrt' cannot carry QuantConfig(unsigned_activations=True): TensorRT has no "
                              "UINT8 activations. Use onnx='onnxruntime', or a config without unsigned_activations")
         check_int("verify_batches", self.verify_batches, 0, "0: do not run the ONNX file in ONNX Runtime")
+
+
+def check_fit_setup(trainer: Any, pl_module: nn.Module, teacher: nn.Module | None) -> None:
+    """Refuse a Trainer or module the callback cannot work with, before any surgery."""
+    if any(is_instance_of_any(cb, "callbacks.ModelPruning") for cb in trainer.callbacks):
+        raise ValueError("RepQATCallback cannot be combined with ModelPruning in one Trainer: pruning masks act "
+                         "through forward pre-hooks of each conv, which equivalent-kernel QAT never calls. Prune "
+                         "first (ModelPruning(make_pruning_permanent=True)), then run QAT in a second Trainer")
+    if teacher is not None and any(m is teacher for m in pl_module.modules()):
+        raise ValueError("the teacher is a submodule of the LightningModule: it would be quantized and saved with "
+                         "the student. Pass a separate FP32 copy, e.g. teacher=copy.deepcopy(module.model).eval()")
+
+
+def read_callback_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The callback's state from a loaded Lightning checkpoint dict, or ``None`` when it holds none."""
+    state = (checkpoint.get("callbacks") or {}).get(STATE_KEY)
+    return dict(state) if isinstance(state, Mapping) else None

@@ -18,7 +18,15 @@ from qat_rep.quant import quant_layers
 
 from .distill import find_submodule
 
-__all__ = ["CallRecorder", "export_candidates"]
+__all__ = ["CallRecorder", "export_candidates", "is_redirected_call"]
+
+
+def is_redirected_call(module: nn.Module) -> bool:
+    """True inside the call Lightning's DDP makes to run ``training_step``/``validation_step`` through the module's
+    ``__call__`` with ``forward`` temporarily replaced on the instance: it carries (batch, batch_idx), not a model
+    call; the real call inside the step comes with the class's own ``forward`` again."""
+    patched = module.__dict__.get("forward")
+    return patched is not None and getattr(patched, "__func__", None) is not type(module).forward
 
 
 def export_candidates(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -91,12 +99,7 @@ class CallRecorder:
 
     def _pre_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            # Under DDP, Lightning runs ``training_step``/``validation_step`` through the module's call with
-            # ``forward`` temporarily replaced on the instance: that call carries (batch, batch_idx), not a model
-            # call; the real call inside the step comes with the class's own forward again
-            patched = module.__dict__.get("forward")
-            self._redirected.setdefault(name, []).append(
-                patched is not None and getattr(patched, "__func__", None) is not type(module).forward)
+            self._redirected.setdefault(name, []).append(is_redirected_call(module))
         return hook
 
     def _hook(self, name: str):

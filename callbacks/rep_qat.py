@@ -27,25 +27,18 @@ from qat_rep.quant.foreign import fuse_foreign_blocks
 from qat_rep.quant.insert import CONFIG_ATTR, is_prepared
 from qat_rep.quant.state import check_incoming_state, check_same_config, config_mismatch, quantizers_disabled
 
-from ._compat import CALLBACK_BASES, is_instance_of_any
+from ._compat import CALLBACK_BASES
 from .distill import DistillConfig, Distiller, kd_grad_scale
 from .loaders import first_loader, isolated_rng
 from .metrics import SideBySideAccuracy
-from .options import RepQATOptions
+from .options import STATE_KEY, RepQATOptions, check_fit_setup, read_callback_state
 from .lazy import defines_configure_model, restore_configure_model, run_after_configure_model
 from .recording import CallRecorder, export_candidates
+from .scales import SharedScales
 
 __all__ = ["RepQATCallback", "STATE_KEY", "config_mismatch", "read_callback_state"]
 
-#: the key of this callback's state in a Lightning checkpoint's ``"callbacks"`` dict (one per Trainer)
-STATE_KEY = "RepQATCallback"
 _STATE_VERSION = 1
-
-
-def read_callback_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
-    """This callback's state from a loaded Lightning checkpoint dict, or ``None`` when it holds none."""
-    state = (checkpoint.get("callbacks") or {}).get(STATE_KEY)
-    return dict(state) if isinstance(state, Mapping) else None
 
 
 class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -59,7 +52,8 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     Calibration: the activation quantizers observe (float pass-through) while the user's own ``training_step``
     runs its first ``calib_batches`` steps; quantization switches on after the last one (ranges max-reduced across
-    ranks); a resumed or calibrated model skips it. Export: the ONNX file is traced with the first recorded call of
+    ranks); a resumed or calibrated model skips it. Before that, one trace of the first real call ties the activation
+    quantizers that TensorRT needs on one scale (across ``Add``/``Concat``, one tensor read twice). Export: the ONNX file is traced with the first recorded call of
     the exported module (its tensor arguments become named inputs) and checked on the calls of the first
     ``verify_batches`` batches of the last validation. Checkpoints keep the QAT form and this callback's state;
     resuming with another config is refused before the weights load. ``ModelPruning`` in the same Trainer is refused.
@@ -90,7 +84,8 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._session: CalibrationSession | None = None
         self._sanity_ctx: contextlib.ExitStack | None = None
         self._distiller: Distiller | None = None
-        self._recorder, self._accuracy, self._load_handle = CallRecorder(), SideBySideAccuracy(), None
+        self._recorder, self._accuracy, self._scales = CallRecorder(), SideBySideAccuracy(), SharedScales()
+        self._load_handle: Any = None
 
     @property
     def state_key(self) -> str:
@@ -117,13 +112,7 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         """Insert the quantizers before checkpoint restore, optimizer and DDP setup (a network built in
         ``configure_model``: right after that hook, which Lightning runs after ``setup``)."""
-        if any(is_instance_of_any(cb, "callbacks.ModelPruning") for cb in trainer.callbacks):
-            raise ValueError("RepQATCallback cannot be combined with ModelPruning in one Trainer: pruning masks act "
-                             "through forward pre-hooks of each conv, which equivalent-kernel QAT never calls. Prune "
-                             "first (ModelPruning(make_pruning_permanent=True)), then run QAT in a second Trainer")
-        if self.teacher is not None and any(m is self.teacher for m in pl_module.modules()):
-            raise ValueError("the teacher is a submodule of the LightningModule: it would be quantized and saved with "
-                             "the student. Pass a separate FP32 copy, e.g. teacher=copy.deepcopy(module.model).eval()")
+        check_fit_setup(trainer, pl_module, self.teacher)
         if is_prepared(pl_module) or any(isinstance(m, (nn.Conv2d, nn.Linear, RepBlock)) for m in pl_module.modules()) \
                 or not defines_configure_model(pl_module):
             self._prepare(pl_module)
@@ -158,14 +147,18 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._apply(pl_module, trainer.current_epoch, trainer.global_step, trainer.optimizers)
         if not self.should_calibrate(trainer, pl_module):
             self._calibrated = True
-        elif self.calib_forward is not None:
-            loader = first_loader(trainer.train_dataloader)
-            batches = (trainer.strategy.batch_to_device(b) for b in itertools.islice(loader, self.config.calib_batches))
-            with isolated_rng():
-                self._finish_calibration(calibrate(pl_module, batches, self.config, forward=self.calib_forward))
-        else:
+            return self._scales.restore(pl_module)
+        # shared scales are tied at the first real call (a tie after DDP wrapped learned amax would orphan them)
+        tied = [] if self.config.learn_amax and trainer.world_size > 1 else export_candidates(pl_module)
+        if self.calib_forward is None:  # calibrate inside the user's first training steps
             self._session = CalibrationSession(pl_module, self.config)
             self._session.start()
+            return self._scales.arm(tied, self._session.restart)
+        loader = first_loader(trainer.train_dataloader)
+        batches = [trainer.strategy.batch_to_device(b) for b in itertools.islice(loader, self.config.calib_batches)]
+        with isolated_rng():
+            self._scales.tie_by_calling(tied, lambda: batches and self.calib_forward(pl_module, batches[0]))
+            self._finish_calibration(calibrate(pl_module, batches, self.config, forward=self.calib_forward))
 
     @override
     def on_train_epoch_start(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -181,6 +174,7 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._recorder.stop()
+        self._scales.disarm()
         if self._session is not None:
             self._session.count()
             if self._session.batches >= self.config.calib_batches:
@@ -243,6 +237,7 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self._distiller is not None:
             self._distiller.detach()
         self._recorder.detach()
+        self._scales.disarm()
         for ctx in (self._session, self._sanity_ctx):
             if ctx is not None:
                 ctx.close()
@@ -257,7 +252,8 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return {"version": _STATE_VERSION, "qat_rep_version": _QAT_REP_VERSION, "config": self.config.to_dict(),
                 "schedule": self.schedule.to_dict(), "epoch": int(self.position[0]),
                 "global_step": int(self.position[1]), "phases": dict(self.phases),
-                "calibrated": bool(self.calibrated_by_checkpoint or self._calibrated)}
+                "calibrated": bool(self.calibrated_by_checkpoint or self._calibrated),
+                "scale_groups": self._scales.groups}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -272,6 +268,7 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.position = self._loaded_position
         self.phases = dict(state_dict.get("phases", {}))
         self.calibrated_by_checkpoint = bool(state_dict.get("calibrated", False))
+        self._scales.groups = state_dict.get("scale_groups")
 
     # ------------------------------------------------------------------------------------------------ internals
     def _prepare(self, pl_module: nn.Module) -> None:

@@ -14,8 +14,8 @@ For each block type (``--block both``: RepVGG and QARepVGG, same width, depth, F
 
 1. train an FP32 model on the embedded digits (or load ``--ckpt``);
 2. plain post-training quantization (``max`` calibration) at W8A8, W6A6 and W4A4 (per-channel weights) and at W8A8
-   and W6A6 with per-tensor weights, then CFWS (:func:`qat_rep.ptq.quantize_ptq`, ``method="cfws"``) at the setting
-   above 4 bits where plain PTQ lost most;
+   and W6A6 with per-tensor weights, then CFWS (:func:`qat_rep.ptq.quantize_ptq` with
+   :class:`~qat_rep.ptq.CFWSConfig`) at the setting above 4 bits where plain PTQ lost most;
 3. quantization-aware fine-tuning with :class:`qat_rep.callbacks.RepQATCallback` at each ``--bits`` (W8A8: a short,
    gentle fine-tune of ``max``-calibrated ranges; below 8 bits: learned ranges that start from MSE searches,
    unsigned activations after a ReLU, first and last layer at 8 bits, a longer run at a higher learning rate);
@@ -43,7 +43,7 @@ from recipe_common import (ImageClassifier, ImageDataModule, ResultRow, Stopwatc
 
 import torch  # noqa: E402  (after recipe_common, which makes qat_rep importable)
 
-from qat_rep.ptq import quantize_ptq  # noqa: E402
+from qat_rep.ptq import CFWSConfig, MinMaxConfig, PTQMethodConfig, quantize_ptq  # noqa: E402
 from qat_rep.quant import QuantConfig, Schedule  # noqa: E402
 
 BLOCKS = ("repvgg", "qarepvgg")
@@ -51,11 +51,11 @@ BLOCKS = ("repvgg", "qarepvgg")
 
 @dataclass(frozen=True)
 class PTQSetting:
-    """One plain-PTQ cell of the table: a label, the config and the method."""
+    """One PTQ cell of the table: a label, the bit-widths and granularity, and the method's config object."""
 
     label: str
     config: QuantConfig
-    method: str = "minmax"
+    method: PTQMethodConfig = MinMaxConfig()
 
 
 def ptq_settings(calib_batches: int) -> list[PTQSetting]:
@@ -76,9 +76,9 @@ def ptq_settings(calib_batches: int) -> list[PTQSetting]:
 def collapse_setting(settings: Sequence[PTQSetting], accuracy: dict[str, float]) -> PTQSetting:
     """The plain-PTQ setting above 4 bits where the model lost most (``accuracy``: label → top-1 %), as a CFWS
     setting: CFWS splits weights, it cannot give 4-bit activations their range back."""
-    above4 = [s for s in settings if s.method == "minmax" and s.config.w_bits > 4]
+    above4 = [s for s in settings if isinstance(s.method, MinMaxConfig) and s.config.w_bits > 4]
     worst = min(above4, key=lambda s: accuracy[s.label])
-    return PTQSetting(worst.label, worst.config, "cfws")
+    return PTQSetting(worst.label, worst.config, CFWSConfig())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,9 +214,9 @@ def evaluate_model(args: argparse.Namespace, name: str, fp32: ImageClassifier, q
         calib = collect_batches(dm.train_dataloader(), args.calib_batches)
         settings = ptq_settings(args.calib_batches)
         plain = {s.label: plain_ptq(fp32_model, calib, val, s) for s in settings}
-        res["ptq"] = {f"minmax/{label}": acc for label, acc in plain.items()}
+        res["ptq"] = {f"{s.method.name}/{s.label}": plain[s.label] for s in settings}
         cfws = collapse_setting(settings, plain)  # where plain PTQ collapses
-        res["ptq"][f"cfws/{cfws.label}"] = plain_ptq(fp32_model, calib, val, cfws)
+        res["ptq"][f"{cfws.method.name}/{cfws.label}"] = plain_ptq(fp32_model, calib, val, cfws)
     onnx_files = {"FP32 (fused)": out / "model_fp32.onnx"}
     with sw(f"{name}: deploy artifacts + ONNX Runtime"):
         export_onnx(copy.deepcopy(fp32_model), onnx_files["FP32 (fused)"], example, quantized=False)

@@ -35,6 +35,8 @@ from qat_rep.export import (
 from qat_rep.export import atomic
 from qat_rep.quant import DegenerateCalibrationError, QuantConfig, calibrate, prepare
 
+pytestmark = pytest.mark.slow  # every test saves or loads a full model's artifact
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
 

@@ -107,6 +107,7 @@ def test_load_results_refuses_a_foreign_file(bench, tmp_path):
         bench.load_results(p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ["eqk", "fuse_first"])
 def test_each_route_quantizes_what_it_says_and_deploys_what_it_trains(bench, route):
     torch.manual_seed(0)
@@ -155,6 +156,7 @@ def test_compare_calls_a_difference_inside_the_seed_spread_a_tie(bench):
     assert got["W8A8-pt"]["verdict"] == "fuse_first better" and got["W8A8-pt"]["diff"] == pytest.approx(-1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["W8A8-pt", "W4A4"])
 def test_fuse_first_deploys_the_network_it_trained_per_channel(bench, label):
     # the trainable post-BN of a fused QARep block is folded at deploy; with per-channel weights (W4A4: learned
@@ -186,6 +188,7 @@ def test_fuse_first_deploys_the_network_it_trained_per_channel(bench, label):
         assert float((trained.argmax(1) == deployed.argmax(1)).float().mean()) >= 0.7
 
 
+@pytest.mark.slow
 def test_progressive_route_collapses_every_block_half_way_and_deploys_what_it_trained(bench):
     torch.manual_seed(0)
     fp32 = create_model("repvgg_a0", num_classes=10, small_input=True).eval()

@@ -28,6 +28,7 @@ def block_configs(draw):
     )
 
 
+@pytest.mark.slow  # 500 hypothesis examples per block type
 @pytest.mark.parametrize("block_cls", BLOCKS, ids=lambda c: c.__name__)
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=block_configs())

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 import qat_lit_modules as M  # noqa: E402
 from qat_rep.callbacks import RepQATCallback  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+              pytest.mark.slow]  # two-process fits
 
 
 def _compare_ranks(out_dir):

@@ -20,25 +20,19 @@ import default_lit_modules as D  # noqa: E402
 import qat_lit_modules as M  # noqa: E402
 from qat_rep.callbacks import RepQATCallback  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread"),
+              pytest.mark.slow]  # every test is a Trainer fit
 EPOCHS = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _fit(flavor, make, loaders, out_dir, epochs=EPOCHS, ckpt_dir=None, ckpt_path=None):
+def _fit(flavor, make, loaders, out_dir, epochs=EPOCHS, ckpt_dir=None, ckpt_path=None, **options):
     """Seed, build ``make()``, fit it with the default callback; returns (module, callback) (``ckpt_dir``: a
     checkpoint per epoch)."""
     lib = M.FLAVORS[flavor]
     lib.seed_everything(0)
     module = make()
-    cb = RepQATCallback(export_dir=out_dir, progress=False)
+    cb = RepQATCallback(export_dir=out_dir, progress=False, **options)
     callbacks = [cb]
     if ckpt_dir is not None:
         callbacks.append(lib.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, filename="{epoch}"))
@@ -58,15 +52,16 @@ def _assert_verified(cb, out_dir, samples=64):
     assert saved["data"] == "validation" and saved["agreement"] == 1.0
 
 
-def _assert_resume_bit_identical(flavor, make, loaders, tmp_path):
-    full, _ = _fit(flavor, make, loaders, tmp_path / "full", epochs=EPOCHS + 1)
-    _fit(flavor, make, loaders, tmp_path / "first", ckpt_dir=tmp_path / "ckpt")
+def _assert_resume_bit_identical(flavor, make, loaders, tmp_path, **options):
+    full, _ = _fit(flavor, make, loaders, tmp_path / "full", epochs=EPOCHS + 1, **options)
+    _fit(flavor, make, loaders, tmp_path / "first", ckpt_dir=tmp_path / "ckpt", **options)
     resumed, cb = _fit(flavor, make, loaders, tmp_path / "resumed", epochs=EPOCHS + 1,
-              ckpt_path=tmp_path / "ckpt" / f"epoch={EPOCHS - 1}.ckpt")
+                       ckpt_path=tmp_path / "ckpt" / f"epoch={EPOCHS - 1}.ckpt", **options)
     assert cb.calib_report is None  # the checkpoint is calibrated: no second calibration
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    return full, resumed, cb
 
 
 def _onnx_inputs(path):
@@ -122,6 +117,31 @@ def test_resnet18_style_network_without_rep_blocks(tmp_path):
     trt = tmp_path / "trt.onnx"
     export_onnx(module.model, trt, ModelCall((torch.randn(2, 3, 32, 32),)), target="tensorrt")
     assert shared_scale_violations(trt) == []
+    # the residual stream of each stage is one group: its Adds join every block's input and output
+    assert sorted(len(g) for g in cb.state_dict()["scale_groups"]) == [3, 3, 4]
+
+
+@pytest.mark.slow  # six short fits
+def test_shared_scales_are_tied_again_on_resume_with_learned_amax(tmp_path):
+    """Tied residual-stream quantizers learn one amax; a resumed fit ties them again and equals the full fit."""
+    from qat_rep.quant import QuantConfig
+
+    class GentleResNetL(D.ResNetL):  # SGD at 0.05 drives learned weight amax below zero within two epochs
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    loaders = D.default_loaders(n_train=128)
+    full, resumed, cb = _assert_resume_bit_identical("lightning.pytorch", GentleResNetL, loaders, tmp_path,
+                                                     config=QuantConfig(learn_amax=True))
+    groups = cb.state_dict()["scale_groups"]
+    assert groups and all(len(g) > 1 for g in groups)
+    for module in (full, resumed):
+        for group in groups:
+            lead = module.get_submodule(group[0])
+            assert all(module.get_submodule(n) is lead for n in group)
+    # without the tie the learned amax of one group's members drift apart during training
+    state = full.state_dict()
+    assert all(torch.equal(state[f"{g[0]}._amax"], state[f"{n}._amax"]) for g in groups for n in g)
 
 
 def test_foreign_block_with_only_switch_to_deploy(tmp_path):

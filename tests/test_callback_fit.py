@@ -21,15 +21,8 @@ from qat_rep.callbacks import DistillConfig, RepQATCallback, logit_kd_loss  # no
 from qat_rep.quant import NotCalibratedError, QuantConfig, RepQuant, is_calibrated, quantizers  # noqa: E402
 from qat_rep.quant.backend import QuantConv2d, QuantLinear  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _fit(flavor, module, callbacks, train, val=None, **kw):
@@ -41,6 +34,7 @@ def _fit(flavor, module, callbacks, train, val=None, **kw):
     return trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["pytorch_lightning", "lightning.pytorch"])
 def test_multi_input_module_trains_under_both_flavors(flavor):
     M.FLAVORS[flavor].seed_everything(0)
@@ -73,6 +67,7 @@ def test_multi_input_module_trains_under_both_flavors(flavor):
     assert module(x, aux, scale=0.5).shape == (len(x), 10)
 
 
+@pytest.mark.slow
 def test_fp32_accuracy_is_the_unquantized_model_and_differs_from_fake_quant():
     torch.manual_seed(0)
     train, val = M.loaders(n_train=32)
@@ -97,6 +92,7 @@ def test_fp32_accuracy_is_the_unquantized_model_and_differs_from_fake_quant():
     assert all(not q._disabled for _, q in quantizers(module))  # the context restored every quantizer
 
 
+@pytest.mark.slow
 def test_second_fit_continues_without_recalibrating():
     torch.manual_seed(0)
     train, val = M.loaders(n_train=32)
@@ -112,6 +108,7 @@ def test_second_fit_continues_without_recalibrating():
     assert not torch.equal(w, module.model.blocks[0].rbr_dense.conv.weight)  # and trained on
 
 
+@pytest.mark.slow
 def test_second_fit_with_other_config_refuses():
     train, _ = M.loaders(n_train=16)
     module = M.ClassifierPL()
@@ -120,6 +117,7 @@ def test_second_fit_with_other_config_refuses():
         _fit("pytorch_lightning", module, [RepQATCallback(QuantConfig(w_granularity="per_tensor"))], train)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavor", ["pytorch_lightning", "lightning.pytorch"])
 def test_model_pruning_is_refused(flavor):
     lib = M.FLAVORS[flavor]
@@ -129,12 +127,14 @@ def test_model_pruning_is_refused(flavor):
              train)
 
 
+@pytest.mark.slow
 def test_module_without_conv_or_linear_is_refused():
     train, _ = M.loaders(n_train=16)
     with pytest.raises(ValueError, match="NoConvPL has no nn.Conv2d, nn.Linear or rep block"):
         _fit("pytorch_lightning", M.NoConvPL(), [RepQATCallback()], train)
 
 
+@pytest.mark.slow
 def test_calib_batches_larger_than_loader_warns_and_uses_what_exists():
     train, _ = M.loaders(n_train=32, batch_size=16)  # 2 batches
     module = M.ClassifierPL()
@@ -151,6 +151,7 @@ def test_validate_before_any_fit_refuses_uncalibrated_model():
         trainer.validate(M.ClassifierPL(), val)
 
 
+@pytest.mark.slow
 def test_calibration_does_not_shift_the_random_stream():
     """With ``calib_forward`` the callback reads extra calibration batches at train start: that must not move the RNG
     (a resumed fit, which does not calibrate, must see the same stream). The default calibrates inside the training
@@ -205,6 +206,7 @@ def test_kd_gradient_hook_equals_gradient_of_the_summed_loss():
     assert set(d.last_losses) == {"kd_logit", "kd_feature"}
 
 
+@pytest.mark.slow
 def test_fit_with_teacher_logs_kd_and_changes_the_update():
     torch.manual_seed(0)
     train, _ = M.loaders(n_train=32)
@@ -222,6 +224,7 @@ def test_fit_with_teacher_logs_kd_and_changes_the_update():
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.slow
 def test_teacher_with_other_output_shape_is_refused():
     train, _ = M.loaders(n_train=16)
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 7))
@@ -230,6 +233,7 @@ def test_teacher_with_other_output_shape_is_refused():
         _fit("pytorch_lightning", M.ClassifierPL(), [cb], train)
 
 
+@pytest.mark.slow
 def test_teacher_inside_the_module_is_refused():
     module = M.ClassifierPL()
     train, _ = M.loaders(n_train=16)
@@ -237,6 +241,7 @@ def test_teacher_inside_the_module_is_refused():
         _fit("pytorch_lightning", module, [RepQATCallback(teacher=module.model)], train)
 
 
+@pytest.mark.slow
 def test_unknown_feature_module_is_refused():
     train, _ = M.loaders(n_train=16)
     cb = RepQATCallback(teacher=M.TinyRepNet(), distill=DistillConfig(student="model", features={"model.nope": "blocks"}))
@@ -245,6 +250,7 @@ def test_unknown_feature_module_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------ export
+@pytest.mark.slow
 def test_fit_end_exports_a_deploy_artifact(tmp_path):
     from qat_rep.export import load_quantized
 
@@ -265,6 +271,7 @@ def test_fit_end_exports_a_deploy_artifact(tmp_path):
     assert all(not isinstance(m, RepBlock) or m.rep_quant is not None for m in module.modules())  # live model kept
 
 
+@pytest.mark.slow
 def test_fit_end_saves_models_without_spec_in_the_one_artifact_format(tmp_path):
     from safetensors.torch import load_file
 
@@ -287,6 +294,7 @@ def test_fit_end_saves_models_without_spec_in_the_one_artifact_format(tmp_path):
         load_quantized(tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["onnxruntime", "tensorrt"])
 def test_fit_end_writes_a_verified_qdq_onnx_file(tmp_path, layout):
     import onnx
@@ -324,6 +332,7 @@ def test_fit_end_writes_a_verified_qdq_onnx_file(tmp_path, layout):
     assert "qat/onnx_agreement" in metrics and "qat/onnx_max_diff_steps" in metrics
 
 
+@pytest.mark.slow
 def test_fit_end_onnx_can_be_turned_off_and_is_skipped_below_8_bits(tmp_path):
     train, val = M.loaders(n_train=16, n_val=16)
     off = RepQATCallback(calib_batches=1, export_dir=tmp_path / "off", onnx=None)
@@ -361,6 +370,7 @@ class _MLP(M.pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_training_quantizes_on_the_float32_grid():
     torch.manual_seed(0)
     train, _ = M.loaders(n_train=32)
@@ -382,6 +392,7 @@ def test_bf16_mixed_training_quantizes_on_the_float32_grid():
         assert torch.equal(out, q(x.float()).to(torch.bfloat16))  # integers picked in float32
 
 
+@pytest.mark.slow
 def test_export_warns_when_blocks_never_entered_qat(tmp_path):
     from qat_rep.quant import Schedule
 
@@ -394,6 +405,7 @@ def test_export_warns_when_blocks_never_entered_qat(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()  # exported all the same, as documented
 
 
+@pytest.mark.slow
 def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path, monkeypatch):
     import importlib
 
@@ -412,6 +424,7 @@ def test_fit_end_onnx_failure_warns_and_keeps_the_deploy_checkpoint(tmp_path, mo
     assert not list((tmp_path / "out").glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_export_module_that_does_not_exist_is_refused_at_setup(tmp_path):
     train, _ = M.loaders(n_train=16)
     cb = RepQATCallback(export_dir=tmp_path, export_module="backbone")
@@ -419,6 +432,7 @@ def test_export_module_that_does_not_exist_is_refused_at_setup(tmp_path):
         _fit("pytorch_lightning", M.ClassifierPL(), [cb], train)
 
 
+@pytest.mark.slow
 def test_unknown_student_module_is_refused_at_setup():
     train, _ = M.loaders(n_train=16)
     cb = RepQATCallback(teacher=M.TinyRepNet(), distill=DistillConfig(student="net"))

@@ -17,7 +17,9 @@ import qat_lit_modules as M  # noqa: E402
 from qat_rep.callbacks import RepQATCallback, load_qat_checkpoint  # noqa: E402
 from qat_rep.quant import PhaseRule, QuantConfig, Schedule  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+              pytest.mark.slow,  # multi-epoch fits and a fresh process
+              pytest.mark.usefixtures("one_thread")]
 pl = M.pl
 
 # blocks 2 and 3 run float multi-branch until epoch 3, then QAT; block 0 freezes at epoch 3
@@ -25,14 +27,6 @@ SCHEDULE = Schedule(rules=(PhaseRule("model.blocks.0", 0, 3), PhaseRule("model.b
                            PhaseRule("model.blocks.3", 3)), default="qat")
 PHASES_AT_END = {"model.blocks.0": "frozen", "model.blocks.1": "qat", "model.blocks.2": "qat",
                  "model.blocks.3": "qat"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _callback(**kw):
@@ -49,13 +43,10 @@ def _trainer(tmp, max_epochs, cb, **kw):
 def uninterrupted(tmp_path_factory):
     """A 4-epoch QAT fit with a checkpoint per epoch: (module, callback, checkpoint dir)."""
     tmp = tmp_path_factory.mktemp("full")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     pl.seed_everything(0)
     train, val = M.loaders()
     module, cb = M.ClassifierPL(), _callback()
     _trainer(tmp, 4, cb).fit(module, train, val)
-    torch.set_num_threads(n)
     return module, cb, tmp
 
 

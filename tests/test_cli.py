@@ -32,6 +32,7 @@ def test_every_subcommand_has_help(command, capsys):
     assert f"usage: qat-rep {command}" in out
 
 
+@pytest.mark.slow
 def test_console_script_module_runs():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "qat_rep.cli", "--help"], capture_output=True, text=True, env=env,
@@ -41,6 +42,7 @@ def test_console_script_module_runs():
         assert command in proc.stdout
 
 
+@pytest.mark.slow
 def test_inspect_table_and_json(artifact, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "240")  # rich wraps tables to the terminal width
     assert main(["inspect", str(artifact)]) == 0
@@ -52,6 +54,7 @@ def test_inspect_table_and_json(artifact, capsys, monkeypatch):
     assert len(data["layers"]) == 23 and data["layers"][0]["w_bits"] == 8
 
 
+@pytest.mark.slow
 def test_export_then_verify(artifact, tmp_path, capsys):
     onnx_path, fp32_path = tmp_path / "m.onnx", tmp_path / "m_fp32.onnx"
     assert main(["export", str(artifact), "--out", str(onnx_path), "--fp32", str(fp32_path)]) == 0
@@ -72,6 +75,7 @@ def test_export_then_verify(artifact, tmp_path, capsys):
                  "--min-agreement", "1.01"]) == 1
 
 
+@pytest.mark.slow
 def test_bench(artifact, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     assert main(["bench", str(artifact), "--batch", "1", "2", "--threads", "1", "--repeats", "2", "--json",
@@ -81,6 +85,7 @@ def test_bench(artifact, tmp_path, capsys):
     assert [r["batch"] for r in rows] == [1, 2] and all(r["int8_ms"] > 0 and r["fp32_ms"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_and_exit_2(artifact, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "qat-rep inspect: error:" in capsys.readouterr().out
@@ -150,6 +155,7 @@ def _onnx_case(kind: str, onnx_file: Path, tmp_path: Path) -> Path:
     return bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, expect", [
     ("onnx:truncated", "is not a readable ONNX model"),
     ("onnx:empty", "is not a readable ONNX model"),
@@ -206,6 +212,7 @@ def test_every_bad_input_is_one_line_and_exit_2(case, expect, artifact, onnx_fil
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_inspect_json_is_valid_json_and_shows_what_the_tensors_say(artifact, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "240")
     assert main(["inspect", str(artifact), "--json"]) == 0

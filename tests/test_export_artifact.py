@@ -29,6 +29,8 @@ from qat_rep.export import (
 from qat_rep.quant import QuantConfig, calibrate, prepare
 from test_export_onnx import SIZE, converted_copy, qat_digits
 
+pytestmark = pytest.mark.slow  # every test starts from the QAT-trained digits model or its artifact
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,6 +50,7 @@ def _forge(directory: Path, meta: dict | None = None) -> None:
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tensorrt", "onnxruntime"])
 def test_round_trip_in_a_fresh_process(tmp_path, preset):
     model = converted_copy(preset)  # model → QAT (fixture) → convert → save

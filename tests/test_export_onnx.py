@@ -97,6 +97,7 @@ def example() -> torch.Tensor:
     return torch.randn(1, 3, SIZE, SIZE)
 
 
+@pytest.mark.slow
 def test_model_is_a_meaningful_reference():
     # Agreement on a collapsed model (one class everywhere) would prove nothing.
     d = qat_digits()
@@ -105,6 +106,7 @@ def test_model_is_a_meaningful_reference():
     assert len(preds.unique()) == 10
 
 
+@pytest.mark.slow
 def test_qdq_around_every_quantized_layer_both_layouts(tmp_path):
     model = converted_copy()
     n_layers = len(quant_layers(model))
@@ -132,6 +134,7 @@ def test_qdq_around_every_quantized_layer_both_layouts(tmp_path):
     assert TensorQuantizer.use_fb_fake_quant is False  # the export switch was restored
 
 
+@pytest.mark.slow
 def test_ort_agreement_on_digits_validation(tmp_path):
     d = qat_digits()
     model = converted_copy()
@@ -162,6 +165,7 @@ def _reference_run(path, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
 
+@pytest.mark.slow
 def test_onnxruntime_layout_runs_integer_convs_and_is_exact_rewrite(tmp_path):
     from qat_rep.export.onnx_export import _int32_biases
 
@@ -183,6 +187,7 @@ def test_onnxruntime_layout_runs_integer_convs_and_is_exact_rewrite(tmp_path):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_int32_biases_are_the_fake_quant_models_integers(tmp_path):
     from qat_rep.quant.backend import int32_bias
 
@@ -204,6 +209,7 @@ def test_int32_biases_are_the_fake_quant_models_integers(tmp_path):
         np.testing.assert_allclose(value, ref.double().numpy(), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_onnxruntime_preset_is_integer_from_conv_to_conv_and_exact(tmp_path):
     d = qat_digits("onnxruntime")
     model = converted_copy("onnxruntime")
@@ -231,6 +237,7 @@ def test_onnxruntime_preset_is_integer_from_conv_to_conv_and_exact(tmp_path):
     assert not (tmp_path / "trt.onnx").exists()
 
 
+@pytest.mark.slow
 def test_fp32_export_matches_fused_float_model(tmp_path):
     torch.manual_seed(1)
     model = qat_rep.create_model("qarepvgg_a0", num_classes=10, small_input=True).eval()
@@ -247,6 +254,7 @@ def test_fp32_export_matches_fused_float_model(tmp_path):
     assert "QuantizeLinear" not in Counter(n.op_type for n in onnx.load(str(rep.path)).graph.node)
 
 
+@pytest.mark.slow
 def test_efficientrep_concat_and_multi_output(tmp_path):
     torch.manual_seed(2)
     model = qat_rep.create_model("efficientrep_n", small_input=True, block="qarepvgg").eval()
@@ -283,6 +291,7 @@ def test_shared_scale_check_can_fail():
     assert shared_scale_violations(_concat_graph(0.1, 0.1)) == []
 
 
+@pytest.mark.slow
 def test_export_before_calibration_is_refused(tmp_path):
     model = qat_rep.create_model("qarepvgg_a0", num_classes=10, small_input=True).eval()
     prepare(model, QuantConfig())
@@ -293,6 +302,7 @@ def test_export_before_calibration_is_refused(tmp_path):
         export_onnx(qat_rep.create_model("qarepvgg_a0", num_classes=10), tmp_path / "m.onnx", example())
 
 
+@pytest.mark.slow
 def test_export_below_8_bits_is_refused_before_tracing(tmp_path):
     # opset-13 QuantizeLinear holds int8/uint8: a 4-bit model must not be traced into a file of another network
     # (torch's exporter fails deep in tracing with "ONNX allows only (0, 127), (0, 255) and (-128, 127)")
@@ -305,6 +315,7 @@ def test_export_below_8_bits_is_refused_before_tracing(tmp_path):
     export_onnx(model, tmp_path / "fp32.onnx", example(), quantized=False)  # the float export still works
 
 
+@pytest.mark.slow
 def test_bad_example_input_and_options(tmp_path):
     model = converted_copy()
     with pytest.raises(ValueError, match="4-D"):
@@ -324,6 +335,7 @@ def test_bad_example_input_and_options(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_unwritable_destination(tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")
@@ -334,6 +346,7 @@ def test_unwritable_destination(tmp_path):
         export_onnx(converted_copy(), tmp_path / "d.onnx", example())
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     model = converted_copy()
     real_export = torch.onnx.export
@@ -360,6 +373,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
+@pytest.mark.slow
 def test_verify_errors(tmp_path):
     model = converted_copy()
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -373,6 +387,7 @@ def test_verify_errors(tmp_path):
         verify_onnx(rep.path, model, qat_digits()["val"], max_batches=0)
 
 
+@pytest.mark.slow
 def test_ort_latency_interleaved(tmp_path):
     model = converted_copy()
     files = {"fp32": export_onnx(model, tmp_path / "a.onnx", example(), quantized=False).path,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,7 @@ def _readme_callbacks() -> list[dict]:
     return yaml.safe_load(block)["trainer"]["callbacks"]
 
 
+@pytest.mark.slow
 def test_callback_from_the_readme_lightning_cli_config(tmp_path):
     (callback,) = _readme_callbacks()
     assert callback["class_path"] == "qat_rep.callbacks.RepQATCallback"

@@ -21,6 +21,7 @@ def test_registry_names():
     assert BACKBONES == ["efficientrep_m", "efficientrep_n", "efficientrep_s"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_every_classifier_fuses_exactly(name):
     # float64: with randomized BN statistics the deep variants reach outputs of ~1e5, where float32 summation order
@@ -38,6 +39,7 @@ def test_every_classifier_fuses_exactly(name):
     assert torch.equal(fused(x), fused(x))
 
 
+@pytest.mark.slow
 def test_group_layers_and_widths():
     m = create_model("repvgg_b1g4", num_classes=10)
     groups = [m.stage0.groups] + [b.groups for s in (m.stage1, m.stage2, m.stage3, m.stage4) for b in s]
@@ -49,6 +51,7 @@ def test_group_layers_and_widths():
     assert create_model("repvgg_a0", small_input=True).stage0.stride == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKBONES)
 @pytest.mark.parametrize("block", ["repvgg", "qarepvgg", "qarepvggv2"])
 def test_efficientrep_fuses_exactly(name, block):
@@ -73,6 +76,7 @@ def test_efficientrep_yolov6_names():
     assert ch == (128, 256, 512)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["a0", "b1g2"])
 @pytest.mark.parametrize("block", ["repvgg", "qarepvgg"])
 @pytest.mark.parametrize("deploy", [False, True], ids=["train", "deploy"])
@@ -86,6 +90,7 @@ def test_official_keys_load_strictly_and_match_reference(variant, block, deploy)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ["repvgg", "qarepvgg"])
 def test_train_checkpoint_into_fused_model_is_converted(block):
     sd = ref.random_state_dict("a0", block, deploy=False, num_classes=10, seed=3)
@@ -107,6 +112,7 @@ def test_fused_checkpoint_into_train_model_is_refused():
         load_state_dict_any_form(model, sd)
 
 
+@pytest.mark.slow
 def test_post_bn_checkpoint_into_folded_model():
     sd = ref.random_state_dict("a0", "qarepvgg", deploy=True, num_classes=10, seed=4)
     x = torch.randn(2, 3, 32, 32)
@@ -152,6 +158,7 @@ def test_reparameterize_foreign_conventions():
     assert "re-parameterized 5 block(s)" in str(report)
 
 
+@pytest.mark.slow
 def test_check_equivalence_detects_difference():
     a = create_model("repvgg_a0", num_classes=3, small_input=True)
     b = copy.deepcopy(a)

@@ -2,45 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
-from qat_rep.blocks import QARepVGGBlock, RepVGGBlock
+from helpers import BNRanges, calib_batches, tiny_rep_net
+from qat_rep.blocks import QARepVGGBlock
 from qat_rep.ptq import ReconConfig, Unit, block_units, mixed_units, quantize_ptq
 from qat_rep.quant import QuantConfig
 
-
-def tiny(block: type = RepVGGBlock, seed: int = 0) -> nn.Sequential:
-    """Four rep blocks and a classifier, with randomized BN statistics (default BN values hide bugs)."""
-    torch.manual_seed(seed)
-    m = nn.Sequential(block(3, 8, stride=2), block(8, 8), block(8, 16, stride=2), block(16, 16),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-    for bn in [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]:
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.2, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
-    return m.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def data(n: int = 64, bs: int = 16, seed: int = 1) -> list[tuple[torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 8, 8, generator=g)
-    return [(x[i:i + bs],) for i in range(0, n, bs)]
-
-
+tiny = functools.partial(tiny_rep_net, bn=BNRanges(bias=(-0.2, 0.2)))  # BN biases randomized too
+data = functools.partial(calib_batches, size=8)  # 8×8 images
 W4A4 = QuantConfig(w_bits=4, a_bits=4, first_last_8bit=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+@pytest.mark.slow
 def test_adaround_soft_rounding_ends_binary_and_beats_nearest() -> None:
     m, rep = quantize_ptq(tiny(), data(), W4A4, method="adaround", iters=300, batch_size=16, num_samples=64,
                           learn_act=False)
@@ -52,6 +33,7 @@ def test_adaround_soft_rounding_ends_binary_and_beats_nearest() -> None:
     assert sum(u.loss_after for u in rep.units) < sum(u.loss_before for u in rep.units)
 
 
+@pytest.mark.slow
 def test_published_schedule_alone_leaves_soft_rounding_undecided_at_cpu_run_lengths() -> None:
     # the control for the test above: without the hardening phase the same run ends with h(V) far from {0, 1}
     _, rep = quantize_ptq(tiny(), data(), W4A4, method="adaround", iters=300, batch_size=16, num_samples=64,
@@ -59,6 +41,7 @@ def test_published_schedule_alone_leaves_soft_rounding_undecided_at_cpu_run_leng
     assert max(u.round_gap for u in rep.units) > 1e-3
 
 
+@pytest.mark.slow
 def test_brecq_units_are_rep_blocks_plus_remaining_layers() -> None:
     m = tiny()
     m_q, rep = quantize_ptq(m, data(), W4A4, method="brecq", iters=30, batch_size=16, num_samples=64)
@@ -68,6 +51,7 @@ def test_brecq_units_are_rep_blocks_plus_remaining_layers() -> None:
     assert sum(u.loss_after < 0.95 * u.loss_before for u in rep.units) >= 3
 
 
+@pytest.mark.slow
 def test_mrecg_with_k0_reproduces_brecq_exactly() -> None:
     opts = dict(iters=25, batch_size=16, num_samples=64, qdrop=0.5, seed=7)
     a, ra = quantize_ptq(tiny(QARepVGGBlock), data(), W4A4, method="brecq", **opts)

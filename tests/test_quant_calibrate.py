@@ -28,13 +28,7 @@ from qat_rep.quant.backend import (  # pytorch-quantization's own functions: the
 )
 from qat_rep.quant.calibrate import compute_amax, histogram_entropy_amax
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_model(seed=0):
@@ -111,6 +105,7 @@ def test_mse_equals_pytorch_quantization_search_with_cuda_patched(monkeypatch):
     assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_mse_histogram_search_agrees_with_brute_force_on_raw_data(bits):
     g = torch.Generator().manual_seed(bits)
@@ -131,6 +126,7 @@ def test_mse_histogram_search_agrees_with_brute_force_on_raw_data(bits):
     del g
 
 
+@pytest.mark.slow
 def test_mse_and_entropy_calibrate_end_to_end_on_cpu():
     for method in ("mse", "entropy"):
         model = _small_model()
@@ -287,6 +283,7 @@ def test_nonnegative_image_is_unsigned_and_negative_data_turns_a_flag_back():
     assert not model[0].rep_quant.input_quantizer.unsigned
 
 
+@pytest.mark.slow
 def test_unsigned_flag_travels_with_the_state_dict_and_entropy_uses_it():
     model = _small_model()
     prepare(model, QuantConfig(unsigned_activations=True, calibrator="entropy"))

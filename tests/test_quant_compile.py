@@ -19,15 +19,8 @@ from torch import nn
 from qat_rep import QARepVGGBlock, create_model
 from qat_rep.quant import QuantConfig, calibrate, prepare
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.mark.parametrize("arch", ["qarepvgg_a0", "repvgg_a0"])

@@ -189,6 +189,7 @@ def test_quantizer_constructor_and_set_amax_errors():
 
 
 # ------------------------------------------------------------------------------------------------ prepare policy
+@pytest.mark.slow
 def test_first_and_last_layer_keep_8_bits_by_default():
     m = create_model("repvgg_a0", num_classes=10, small_input=True)
     rep = prepare(m, QuantConfig(w_bits=4, a_bits=4))
@@ -228,6 +229,7 @@ def test_prepare_errors():
         get_config(nn.Sequential(nn.Conv2d(3, 4, 3)))
 
 
+@pytest.mark.slow
 def test_prepare_keeps_parameters_and_forward():
     m = create_model("qarepvgg_a0", num_classes=10, small_input=True)
     params = {id(p) for p in m.parameters()}

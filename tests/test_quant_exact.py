@@ -15,13 +15,7 @@ from qat_rep import create_model
 from qat_rep.data import DataSpec, load_dataset
 from qat_rep.quant import QuantConfig, calibrate, convert, prepare
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qat_trained(arch: str, cfg: QuantConfig, steps: int = 3, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -67,6 +61,7 @@ CASES = [(arch, gran, learn) for arch in ("repvgg_a0", "qarepvgg_a0")
          for gran in ("per_channel", "per_tensor") for learn in (False, True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,gran,learn", CASES)
 def test_eval_equals_converted_bit_for_bit(arch, gran, learn):
     model, x = qat_trained(arch, QuantConfig(w_granularity=gran, learn_amax=learn))
@@ -77,6 +72,7 @@ def test_eval_equals_converted_bit_for_bit(arch, gran, learn):
     assert torch.equal(y_qat, y_dep), float((y_qat - y_dep).abs().max())
 
 
+@pytest.mark.slow
 def test_post_bn_statistics_are_non_trivial_after_training():
     # the QARep case above only means something if the post-BNs moved away from (0, 1) during the steps
     model, _ = qat_trained("qarepvgg_a0", QuantConfig())

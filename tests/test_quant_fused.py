@@ -18,13 +18,7 @@ from torch import nn
 from qat_rep import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock
 from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, convert, prepare
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BLOCKS = [

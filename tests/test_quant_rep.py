@@ -14,15 +14,7 @@ from torch import nn
 from qat_rep import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock, create_model
 from qat_rep.quant import QuantConfig, RepQuant, calibrate, convert, prepare, quant_layers
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: intra-op threads only oversubscribe them (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BLOCKS = [
@@ -40,10 +32,11 @@ def _block(cls, kw, seed=0):
     return m
 
 
-def _calibrated(cls, kw, cfg, seed=0):
+def _calibrated(cls, kw, cfg, seed=0, device="cpu"):
     m = _block(cls, kw, seed)
     prepare(m, cfg)
-    x = torch.randn(4, kw["in_channels"], 10, 10, generator=torch.Generator().manual_seed(seed + 1))
+    m.to(device)
+    x = torch.randn(4, kw["in_channels"], 10, 10, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     calibrate(m, [x])
     return m, x
 
@@ -56,9 +49,9 @@ def _int_quant(t: torch.Tensor, amax: torch.Tensor, bits: int) -> tuple[torch.Te
 
 @pytest.mark.parametrize("cls,kw", BLOCKS)
 @pytest.mark.parametrize("gran,bits", [("per_channel", 8), ("per_tensor", 8), ("per_channel", 4)])
-def test_qat_block_equals_dequantized_integer_conv(cls, kw, gran, bits):
+def test_qat_block_equals_dequantized_integer_conv(cls, kw, gran, bits, device):
     cfg = QuantConfig(w_bits=bits, a_bits=bits, w_granularity=gran, first_last_8bit=False)
-    m, x = _calibrated(cls, kw, cfg)
+    m, x = _calibrated(cls, kw, cfg, device=device)
     block = m[0]
     block.eval()
     with torch.no_grad():
@@ -146,12 +139,12 @@ def _explicit_forward(block, x, x_amax, w_bits, a_bits, per_channel, train_post_
 
 @pytest.mark.parametrize("cls,kw", BLOCKS[:3])
 @pytest.mark.parametrize("gran", ["per_channel", "per_tensor"])
-def test_branch_gradients_equal_explicit_ste_formula(cls, kw, gran):
+def test_branch_gradients_equal_explicit_ste_formula(cls, kw, gran, device):
     cfg = QuantConfig(w_bits=4, a_bits=8, w_granularity=gran, first_last_8bit=False)
-    m, x = _calibrated(cls, kw, cfg, seed=3)
+    m, x = _calibrated(cls, kw, cfg, seed=3, device=device)
     block = m[0]
     block.train()
-    g = torch.randn_like(block(x), generator=torch.Generator().manual_seed(7))
+    g = torch.randn(block(x).shape, generator=torch.Generator().manual_seed(7)).to(device)
     params = [p for n, p in block.named_parameters() if "rep_quant" not in n]
     assert len(params) >= 4
     ref_block = copy.deepcopy(block)  # before the forward: a train-mode forward updates the post-BN statistics
@@ -209,8 +202,9 @@ def test_float_phase_is_the_float_multi_branch_block():
 
 @pytest.mark.parametrize("cls,kw", BLOCKS)
 @pytest.mark.parametrize("gran", ["per_channel", "per_tensor"])
-def test_convert_matches_qat_form_per_block(cls, kw, gran):
-    m, x = _calibrated(cls, kw, QuantConfig(w_granularity=gran, w_bits=6, a_bits=6, first_last_8bit=False))
+def test_convert_matches_qat_form_per_block(cls, kw, gran, device):
+    m, x = _calibrated(cls, kw, QuantConfig(w_granularity=gran, w_bits=6, a_bits=6, first_last_8bit=False),
+                       device=device)
     m.eval()
     with torch.no_grad():
         y_qat = m(x)
@@ -222,6 +216,7 @@ def test_convert_matches_qat_form_per_block(cls, kw, gran):
     torch.testing.assert_close(y_conv, y_qat, rtol=1e-5, atol=1e-5 * float(y_qat.abs().max()))
 
 
+@pytest.mark.slow
 def test_convert_model_state_dict_keys_rebuildable_and_outputs_agree():
     torch.manual_seed(0)
     m = create_model("qarepvgg_a0", num_classes=10, small_input=True)
@@ -266,6 +261,7 @@ def test_prepared_state_dict_keys_depend_only_on_architecture_and_config():
     assert isinstance(a.linear, nn.Linear) and type(a.linear) is nn.Linear
 
 
+@pytest.mark.slow
 def test_plain_conv_bn_folded_at_convert_efficientrep():
     torch.manual_seed(0)
     m = create_model("efficientrep_n", small_input=True, block="qarepvgg")

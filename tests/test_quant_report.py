@@ -40,6 +40,7 @@ def test_layer_report_rows_follow_the_definitions():
     assert rep.rows[0].kind == "rep/qat" and rep.rows[0].w_bits == 8
 
 
+@pytest.mark.slow
 def test_lower_bits_give_lower_sqnr_and_larger_error():
     hi, lo = _model(8), _model(4)
     calibrate(hi, _data())

@@ -10,15 +10,14 @@ import torch
 from qat_rep import create_model
 from qat_rep.quant import PhaseRule, QuantConfig, Schedule, apply_schedule, prepare, rep_stages
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     m = create_model("qarepvgg_a0", num_classes=10, small_input=True)
     prepare(m, QuantConfig())
-    yield m
-    torch.set_num_threads(n)
+    return m
 
 
 def test_rep_stages_shallow_to_deep(model):

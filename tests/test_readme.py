@@ -28,6 +28,7 @@ def test_ci_runs_readme_command():
     assert _quickstart_commands()[1] in ci
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_snippet_runs(index, tmp_path):
     # each snippet runs in a fresh interpreter, from an empty folder, as a user would paste it

@@ -52,6 +52,7 @@ def _fast_data(results: dict) -> "common.ImageDataModule":
     return common.ImageDataModule("digits", results["image_size"], 64, 0, limit=128, val_limit=128)
 
 
+@pytest.mark.slow
 def test_qat_b0_fast_runs_both_block_types_and_every_cell(qat_b0_run: Path) -> None:
     """Defaults: RepVGG and QARepVGG side by side; every PTQ, CFWS and QAT cell is in results.json, the report and
     the table rows, and each number is what the saved artifacts give when loaded back."""
@@ -60,6 +61,7 @@ def test_qat_b0_fast_runs_both_block_types_and_every_cell(qat_b0_run: Path) -> N
     import qat_b0
     from qat_rep.callbacks import load_qat_checkpoint
     from qat_rep.export import load_quantized, read_metadata, verify_onnx
+    from qat_rep.ptq import MinMaxConfig
     from qat_rep.quant import get_config, is_calibrated, quant_layers
 
     out = qat_b0_run
@@ -68,8 +70,8 @@ def test_qat_b0_fast_runs_both_block_types_and_every_cell(qat_b0_run: Path) -> N
     dm = _fast_data(results)
     val = dm.val_dataloader()
     settings = qat_b0.ptq_settings(1)
-    # the issue's cells: plain max PTQ at W8A8, W8A8 per-tensor weights, W6A6, W4A4 (and CFWS, below)
-    labels = {(s.method, s.label) for s in settings}
+    # the cells the default run must hold: plain max PTQ at W8A8, W8A8 per-tensor weights, W6A6, W4A4 (CFWS below)
+    labels = {(s.method.name, s.label) for s in settings}
     assert {("minmax", "W8A8"), ("minmax", "W8A8 per-tensor W"), ("minmax", "W6A6"), ("minmax", "W4A4")} <= labels
     report = (out / "report.md").read_text()
     for name, res in results["models"].items():
@@ -83,7 +85,7 @@ def test_qat_b0_fast_runs_both_block_types_and_every_cell(qat_b0_run: Path) -> N
         worst = min((s for s in settings if s.config.w_bits > 4), key=lambda s: plain[s.label]).label
         assert qat_b0.collapse_setting(settings, plain).label == worst
         assert set(res["ptq"]) == {f"minmax/{s.label}" for s in settings} | {f"cfws/{worst}"}
-        w6 = next(s for s in settings if (s.method, s.label) == ("minmax", "W6A6"))
+        w6 = next(s for s in settings if (s.method, s.label) == (MinMaxConfig(), "W6A6"))
         calib = common.collect_batches(dm.train_dataloader(), 1)
         assert qat_b0.plain_ptq(fp32.model, calib, val, w6) == pytest.approx(res["ptq"]["minmax/W6A6"], abs=1e-9)
         assert set(res["qat"]) == {"w8a8", "w4a4"}
@@ -127,6 +129,7 @@ def _artifact_set(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.endswith(".log")}
 
 
+@pytest.mark.slow
 def test_qat_b0_ddp_two_processes_writes_the_same_artifacts(qat_b0_run: Path, tmp_path: Path) -> None:
     """``--block qarepvgg --bits 8`` is the single-model run; under DDP it writes what the one-process run writes for
     that model."""
@@ -147,6 +150,7 @@ def test_qat_b0_ddp_two_processes_writes_the_same_artifacts(qat_b0_run: Path, tm
     assert ver.agreement >= 0.995
 
 
+@pytest.mark.slow
 def test_qat_b0_onnxruntime_target_is_integer_from_conv_to_conv(tmp_path: Path) -> None:
     """The ONNX Runtime target on a model that decides: three FP32 epochs and one QAT epoch on the full digits.
 
@@ -179,6 +183,7 @@ def test_qat_b0_onnxruntime_target_is_integer_from_conv_to_conv(tmp_path: Path) 
     assert 100 * ver.agreement == pytest.approx(results["models"]["qarepvgg_a0"]["qat"]["w8a8"]["ort_agreement"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,main_method,bits", [("ptq_cfws.py", "cfws", 8), ("ptq_mrecg.py", "mrecg", 8)])
 def test_ptq_recipes_on_a_trained_checkpoint(qat_b0_run: Path, tmp_path: Path, script: str, main_method: str,
                                              bits: int) -> None:
@@ -207,6 +212,7 @@ def test_ptq_recipes_on_a_trained_checkpoint(qat_b0_run: Path, tmp_path: Path, s
     check_png(out / "accuracy.png")
 
 
+@pytest.mark.slow
 def test_qat_yolov6_backbone_fast(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -360,6 +366,7 @@ def test_crafted_checkpoint_never_runs_its_payload(tmp_path: Path, name: str, mo
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_state_dict_checkpoint_loads_in_any_form(tmp_path: Path) -> None:
     """``--ckpt`` also takes a bare state dict — train form or fused, with or without a ``model.`` prefix."""
     from safetensors.torch import save_file

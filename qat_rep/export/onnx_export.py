@@ -3,7 +3,8 @@
 The PyTorch model is exported with the TorchScript-based exporter (``dynamo=False``, explicit: the dynamo exporter
 does not know pytorch-quantization's ops) inside :func:`qat_rep.quant.backend.onnx_export_mode`, which turns every
 fake quantizer into an ONNX ``QuantizeLinear``/``DequantizeLinear`` pair (symmetric, zero point 0; weights per output
-channel on axis 0, activations per tensor). The network is exported in its fused form: each rep block is one conv.
+channel on axis 0, a ``ConvTranspose``'s on axis 1; activations per tensor). The network is exported in its fused
+form: each rep block is one conv.
 
 Two graph layouts carry the same numbers:
 
@@ -312,7 +313,8 @@ def _quantize_before_flatten(graph) -> int:
 
 
 def _int32_biases(graph) -> int:
-    """The float bias of ``DQ(x), DQ(W) → Conv/Gemm`` ⇒ ``DQ(round(b / (s_x·s_w)) as INT32, s_x·s_w, 0)``."""
+    """The float bias of ``DQ(x), DQ(W) → Conv/ConvTranspose/Gemm`` ⇒ ``DQ(round(b / (s_x·s_w)) as INT32, s_x·s_w,
+    0)``."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
@@ -320,7 +322,7 @@ def _int32_biases(graph) -> int:
     consumers = _consumers(graph)
     added, count = [], 0
     for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
             continue
         dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
         if any(d is None or d.op_type != "DequantizeLinear" or d.input[1] not in inits for d in (dq_x, dq_w)):
@@ -332,9 +334,14 @@ def _int32_biases(graph) -> int:
         s_w = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float32)
         if s_x.size != 1 or bias.ndim != 1 or s_w.size not in (1, bias.size):
             continue
-        if s_w.size > 1:  # per output channel: Conv's axis 0, Gemm's axis 0 (transB=1) or 1 (transB=0)
+        if s_w.size > 1:  # per output channel: Conv's axis 0, ConvTranspose's 1 (group 1), Gemm's 0 (transB=1) or 1
             w_dims = len(inits[dq_w.input[0]].dims) if dq_w.input[0] in inits else 2
-            out_axis = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
+            if node.op_type == "ConvTranspose":
+                if _attr(node, "group", 1) != 1:
+                    continue
+                out_axis = 1
+            else:
+                out_axis = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
             if _attr(dq_w, "axis", 1) % max(w_dims, 1) != out_axis:
                 continue
         scale = (s_x.reshape(()) * s_w.reshape(-1)).astype(np.float32)
@@ -398,11 +405,55 @@ def quantized_node_names(model_or_path) -> dict[str, tuple[bool, bool]]:
     }
 
 
-def shared_scale_violations(model_or_path) -> list[str]:
-    """``Add``/``Concat``/``Sum`` nodes whose dequantized inputs carry different scales (TensorRT would re-quantize).
+_SCALE_LINK_OPS = ("Concat", "Add", "Sum", "Relu", "MaxPool")
 
-    Inputs that do not come from a ``DequantizeLinear`` are float and impose no scale; a node is listed only when
-    two of its DQ inputs use scales that differ in value.
+
+def _scale_conflicts(graph, producer: dict, inits: dict) -> list[str]:
+    """Activation quantizers that must agree but do not: ``QuantizeLinear`` nodes of one tensor, or of tensors
+    joined by Concat/Add/Sum (through Relu, MaxPool and Q→DQ pairs), with different scales. Named by the joining
+    nodes of the group (or the Q nodes when nothing joins them)."""
+    parent: dict[str, str] = {}
+
+    def find(t: str) -> str:
+        while parent.setdefault(t, t) != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    def union(a: str, b: str) -> None:
+        parent[find(a)] = find(b)
+
+    for node in graph.node:
+        if node.op_type in _SCALE_LINK_OPS:
+            for i in (node.input if node.op_type in ("Concat", "Add", "Sum") else node.input[:1]):
+                if i and i not in inits:
+                    union(i, node.output[0])
+        elif node.op_type == "DequantizeLinear":
+            q = producer.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                union(q.input[0], node.output[0])
+    scales: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits and node.input[1] in inits:
+            s = np.asarray(inits[node.input[1]], dtype=np.float64).ravel()
+            scales.setdefault(find(node.input[0]), []).append((node.name or node.output[0], s))
+    bad = []
+    for root, qs in scales.items():
+        if any(s.shape != qs[0][1].shape or not np.array_equal(s, qs[0][1]) for _, s in qs):
+            joins = [n.name or n.output[0] for n in graph.node
+                     if n.op_type in ("Concat", "Add", "Sum") and find(n.output[0]) == root]
+            bad += joins or [name for name, _ in qs]
+    return bad
+
+
+def shared_scale_violations(model_or_path) -> list[str]:
+    """Where TensorRT would re-quantize: nodes whose quantized inputs carry different scales.
+
+    Two cases, in graph order: an ``Add``/``Concat``/``Sum`` whose dequantized inputs use scales that differ in
+    value (inputs that do not come from a ``DequantizeLinear`` are float and impose no scale); and activation
+    ``QuantizeLinear`` nodes that must agree — on one tensor, or on tensors joined by a Concat/Add/Sum (through
+    Relu, MaxPool and Q/DQ pairs, which keep a per-tensor scale) — but differ (named by the joining nodes, or by
+    the Q nodes when they quantize one tensor). :func:`qat_rep.quant.share_input_scales` prevents both.
     """
     from onnx import numpy_helper
 
@@ -420,6 +471,7 @@ def shared_scale_violations(model_or_path) -> list[str]:
                 scales.append(np.asarray(inits[p.input[1]], dtype=np.float64).ravel())
         if len(scales) > 1 and any(s.shape != scales[0].shape or not np.array_equal(s, scales[0]) for s in scales):
             bad.append(node.name or node.output[0])
+    bad += [n for n in _scale_conflicts(graph, producer, inits) if n not in bad]
     return bad
 
 

@@ -1,6 +1,6 @@
 """``quantize_ptq``: one entry point for every post-training method, on the fused model.
 
-Pipeline (each step is one module of this package):
+Pipeline (the method's part, steps 3–5, is the handler registered for its config type, :mod:`.methods`):
 
 1. :func:`qat_rep.reparameterize` (QARep post-BN folded) and a plain conv's following BN folded — PTQ sees the
    network that will be deployed.
@@ -9,7 +9,8 @@ Pipeline (each step is one module of this package):
 3. Weight ``amax`` = ``max|W|`` (or BRECQ's MSE search); CFWS marks the rep kernels it splits.
 4. Activation ``amax`` from ``|input|`` histograms of the float model (:mod:`.kl`): ``max`` / ``percentile`` /
    ``entropy`` / ``mse`` / CFWS's ``improved_kl``; per layer, the maximum replaces a threshold that gives the
-   quantized layer a larger output error on the calibration data (:mod:`.act_guard`).
+   quantized layer a larger output error on the calibration data, and the maximum replaces them all when the
+   quantized network's output error is larger with them than without (:mod:`.act_guard`).
 5. Reconstruction: AdaRound / BRECQ / MRECG (:mod:`.reconstruct`).
 6. Optional partial quantization: the ``keep_float`` most sensitive layers (:mod:`.sensitivity`) stay float.
 7. :func:`~.layers.finalize`: backend ``QuantConv2d``/``QuantLinear``/:class:`~.cfws.CFWSConv2d` with static amax.
@@ -17,12 +18,13 @@ Pipeline (each step is one module of this package):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -32,38 +34,27 @@ from ..quant.insert import bn_after
 from ..quant import QuantConfig
 from ..quant.calibrate import check_calibrated, check_finite_batch, default_forward
 from ..reparam import reparameterize
-from .act_guard import ActChoice, choose_act_amax
+from .act_guard import ActChoice, NetworkChoice, check_network, choose_act_amax
 from .kl import amax_from_histogram, collect_input_histograms
-from .layers import finalize, install_sim, sim_layers
+from .layers import SimQuantLayer, finalize, install_sim, sim_layers
+from .methods import BUILTIN_METHODS, MinMaxConfig, PTQMethodConfig, method_config, ptq_handler
 from .qmath import mse_weight_amax
-from .reconstruct import (ReconConfig, UnitResult, _connected, block_units, data_capacity, layer_units,
-                          mixed_units, module_capacity, reconstruct)
+from .reconstruct import UnitResult, _connected
 from .sensitivity import LayerSensitivity, layer_sensitivity
 
-__all__ = ["METHODS", "PTQReport", "quantize_ptq", "sensitivity_report"]
+__all__ = ["METHODS", "PTQContext", "PTQReport", "quantize_ptq", "sensitivity_report"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("minmax", "percentile", "entropy", "mse", "cfws", "adaround", "brecq", "mrecg")
-_CALIB = {"minmax": "max", "percentile": "percentile", "entropy": "entropy", "mse": "mse"}
-_RECON = ("adaround", "brecq", "mrecg")
-_RECON_KEYS = tuple(f.name for f in fields(ReconConfig))
-_OPTIONS: dict[str, tuple[str, ...]] = {
-    **{m: () for m in _CALIB},
-    "cfws": ("split", "improved_kl"),
-    "adaround": _RECON_KEYS + ("act_calibrator", "weight_init", "num_samples"),
-    "brecq": _RECON_KEYS + ("act_calibrator", "weight_init", "num_samples", "blocks"),
-    "mrecg": _RECON_KEYS + ("act_calibrator", "weight_init", "num_samples", "blocks", "k", "capacity",
-                            "stride_penalty"),
-}
-_COMMON = ("forward", "keep_float", "progress", "bins", "act_guard")
+#: the built-in methods' string forms (``quantize_ptq(..., method=name, **options)``)
+METHODS = tuple(t.name for t in BUILTIN_METHODS)
 
 
 @dataclass
 class PTQReport:
     """What :func:`quantize_ptq` did: method, settings, per-layer kinds, activation threshold rules (``act_choice``:
-    the calibrator's threshold or the maximum, whichever gave the layer the smaller output error), reconstruction
-    losses, timing."""
+    the calibrator's threshold or the maximum, whichever gave the layer the smaller output error; ``act_network``:
+    the network-level check of those choices against the maximum everywhere), reconstruction losses, timing."""
 
     method: str
     config: dict[str, Any]
@@ -72,6 +63,7 @@ class PTQReport:
     bits: dict[str, str] = field(default_factory=dict)  # name -> "W8A8"
     act_amax: dict[str, float] = field(default_factory=dict)
     act_choice: dict[str, ActChoice] = field(default_factory=dict)  # which threshold rule won, per layer
+    act_network: NetworkChoice | None = None  # None: no layer had a threshold below its maximum to check
     units: list[UnitResult] = field(default_factory=list)
     pairs: list[tuple[str, str, float]] = field(default_factory=list)
     sensitivity: list[LayerSensitivity] = field(default_factory=list)
@@ -91,10 +83,16 @@ class PTQReport:
                  ""]
         if self.act_choice:
             rules = [c.winner for c in self.act_choice.values()]
-            lines += [f"activation thresholds: " + ", ".join(f"{rules.count(r)} {r}" for r in dict.fromkeys(rules)),
-                      "", "| layer | threshold rule | amax | amax / max | output MSE (rule) | output MSE (max) |",
+            lines += [f"activation thresholds: " + ", ".join(f"{rules.count(r)} {r}" for r in dict.fromkeys(rules))]
+            net = self.act_network
+            if net is not None:
+                lines.append(f"network output MSE on the calibration data: {_num(net.chosen_mse)} with the layers' "
+                             f"choices, {_num(net.max_mse)} with the maximum everywhere → "
+                             + ("choices kept" if net.winner == "layers"
+                                else f"maximum everywhere ({net.layers_changed} layer(s) set back)"))
+            lines += ["", "| layer | threshold rule | amax | amax / max | output MSE (rule) | output MSE (max) |",
                       "|---|---|---|---|---|---|"]
-            lines += [f"| {n} | {c.winner}{' (fallback)' if c.fell_back else ''} | {c.amax:.4g} | "
+            lines += [f"| {n} | {c.winner}{_fallback(c)} | {c.amax:.4g} | "
                       f"{c.amax / c.max_amax if c.max_amax > 0 else 1.0:.3f} | {_num(c.rule_mse)} | {_num(c.max_mse)} |"
                       for n, c in self.act_choice.items()]
             lines.append("")
@@ -120,7 +118,7 @@ class PTQReport:
             u = losses.get(name)
             c = self.act_choice.get(name)
             table.add_row(name, kind, self.bits.get(name, ""), f"{self.act_amax.get(name, float('nan')):.4g}",
-                          "" if c is None else c.winner + (" (fallback)" if c.fell_back else ""),
+                          "" if c is None else c.winner + _fallback(c),
                           f"{u.loss_before:.4g} → {u.loss_after:.4g}" if u else "")
         return table
 
@@ -131,19 +129,11 @@ def _num(v: float) -> str:
     return "—" if math.isnan(v) else f"{v:.3g}"
 
 
-def _gather(loader: Iterable[Any], max_batches: int | None, max_samples: int | None) -> tuple[list[Any], int]:
-    batches: list[Any] = []
-    n = 0
-    for batch in loader:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        batches.append(batch)
-        n += int(x.shape[0]) if hasattr(x, "shape") and len(x.shape) else 1
-        if (max_batches is not None and len(batches) >= max_batches) or (max_samples is not None and n >= max_samples):
-            break
-    return batches, n
-
-
 @torch.no_grad()
+def _fallback(c: ActChoice) -> str:
+    return (" (fallback, network)" if c.network else " (fallback)") if c.fell_back else ""
+
+
 def _fold_plain_bn(model: nn.Module) -> int:
     """Fold a BN that directly follows a plain conv (next in a Sequential, or a ``conv``/``bn`` pair), in float."""
     n = 0
@@ -161,97 +151,91 @@ def _fold_plain_bn(model: nn.Module) -> int:
     return n
 
 
-def _calibrate_activations(sims: dict[str, Any], fmodel: nn.Module, batches: list[Any],
+def _calibrate_activations(qmodel: nn.Module, sims: dict[str, Any], fmodel: nn.Module, batches: list[Any],
                            fwd: Callable[[nn.Module, Any], Any], rule: str, config: QuantConfig, bins: int,
-                           guard: bool) -> dict[str, ActChoice]:
-    """Every layer's activation amax: ``rule`` on the histogram of its float input, checked against the maximum
-    by the layer's output error when ``guard`` (:mod:`.act_guard`)."""
+                           guard: bool) -> tuple[dict[str, ActChoice], NetworkChoice | None]:
+    """Every layer's activation amax: ``rule`` on the histogram of its float input; when ``guard``, checked
+    against the maximum by the layer's output error, then by the network's (:mod:`.act_guard`)."""
     hists = collect_input_histograms(fmodel, {n: fmodel.get_submodule(n) for n in sims}, batches, fwd, bins)
     rule_amax = {n: amax_from_histogram(hists[n], rule, s.a_bits, config.percentile) for n, s in sims.items()}
     max_amax = {n: hists[n].amax for n in sims}
     if guard:
-        return choose_act_amax(sims, fmodel, batches, fwd, rule, rule_amax, max_amax)
+        choices = choose_act_amax(sims, fmodel, batches, fwd, rule, rule_amax, max_amax)
+        return check_network(qmodel, sims, fmodel, batches, fwd, choices)
     nan = float("nan")
     for n, s in sims.items():
         s.set_act_amax(rule_amax[n])
-    return {n: ActChoice(rule, rule, rule_amax[n], rule_amax[n], max_amax[n], nan, nan) for n in sims}
+    return {n: ActChoice(rule, rule, rule_amax[n], rule_amax[n], max_amax[n], nan, nan) for n in sims}, None
 
 
-def _check_options(method: str, options: dict[str, Any]) -> None:
-    valid = _OPTIONS[method]
-    bad = sorted(set(options) - set(valid))
-    if bad:
-        raise TypeError(f"method {method!r} got unknown option(s) {bad}; valid: {', '.join(valid) or '(none)'}")
+@dataclass
+class PTQContext:
+    """What a PTQ method's handler (:func:`~.methods.register_ptq_method`) works on.
 
-
-# ------------------------------------------------------------------------------------------------- API
-def quantize_ptq(
-    model: nn.Module,
-    calib_loader: Iterable[Any],
-    config: QuantConfig | None = None,
-    method: str = "minmax",
-    *,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
-    keep_float: int = 0,
-    progress: bool = False,
-    bins: int = 2048,
-    act_guard: bool = True,
-    **method_options: Any,
-) -> tuple[nn.Module, PTQReport]:
-    """Post-training quantization of ``model`` (in place; returned for chaining) and a :class:`PTQReport`.
-
-    Args:
-        model: a float model, train or fused form; it is fused first (``qat_rep.reparameterize``).
-        calib_loader: any iterable of batches (``(inputs, targets)`` or inputs). Plain calibration reads
-            ``config.calib_batches`` batches; reconstruction reads ``num_samples`` samples (default 1024).
-        config: bits, granularity, ``skip`` and ``first_last_8bit`` (:class:`qat_rep.quant.QuantConfig`).
-            ``config.calibrator`` is used only where a method does not fix it (reconstruction's activation init
-            defaults to ``mse`` instead, as in BRECQ/QDrop).
-        method: ``minmax`` | ``percentile`` | ``entropy`` | ``mse`` (calibration only), ``cfws`` (split fused rep
-            kernels + improved KL; options ``split=True``, ``improved_kl=True``), ``adaround`` (layer-wise),
-            ``brecq`` (block-wise; option ``blocks=[names]`` for non-rep models, else falls back to layer-wise with
-            a warning), ``mrecg`` (``k`` jointly reconstructed adjacent pairs, default 3; ``capacity="data_free"``
-            or ``"data_dependent"``; ``stride_penalty``). Reconstruction options: every
-            :class:`~.reconstruct.ReconConfig` field (``iters``, ``batch_size``, ``qdrop=0.5`` for QDrop, …),
-            ``act_calibrator``, ``weight_init`` (``"mse"``/``"max"``), ``num_samples``.
-        forward: ``forward(model, batch)``; default ``model(batch[0])`` for tuples/lists, else ``model(batch)``.
-        keep_float: keep the N most output-sensitive layers in floating point (partial quantization).
-        progress: show a rich progress bar during reconstruction.
-        bins: histogram bins for activation calibration.
-        act_guard: per layer, keep the calibrator's activation threshold only if the quantized layer's output
-            error on the calibration data is not larger than with the maximum; else use the maximum
-            (``PTQReport.act_choice`` says which won). ``False`` takes the calibrator's thresholds as they are.
+    ``model`` is the fused model in its working form: every quantized layer a :class:`~.layers.SimQuantLayer`
+    (``sims``, by name) with its weight amax at ``max|W|`` and no activation amax yet. ``float_model`` is its fused
+    float copy (same module names), the reference; ``batches`` are the calibration batches, run with ``forward``.
+    A handler sets every layer's activation amax (:meth:`calibrate_activations`), may change weights and weight
+    amax, and records what it did in ``report``.
     """
-    t0 = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"unknown PTQ method {method!r}; valid: {', '.join(METHODS)}")
+
+    model: nn.Module
+    float_model: nn.Module
+    sims: dict[str, SimQuantLayer]
+    batches: list[Any]
+    forward: Callable[[nn.Module, Any], Any]
+    config: QuantConfig
+    report: PTQReport
+    bins: int = 2048
+    act_guard: bool = True
+    progress: bool = False
+
+    def calibrate_activations(self, rule: str) -> None:
+        """Every layer's activation amax by ``rule`` (``max``, ``percentile``, ``entropy``, ``mse``,
+        ``improved_kl``) from histograms of its float input, checked against the maximum by the layer's output
+        error, then by the network's, when ``act_guard`` (:mod:`.act_guard`); the decisions go to
+        ``report.act_choice`` and ``report.act_network``. Set the weights first: the checks measure each layer
+        with the weights it will deploy."""
+        self.report.act_choice, self.report.act_network = _calibrate_activations(
+            self.model, self.sims, self.float_model, self.batches, self.forward, rule, self.config, self.bins,
+            self.act_guard)
+
+    @torch.no_grad()
+    def mse_weight_amax(self) -> None:
+        """Every layer's weight amax by MSE search (BRECQ's initialization) instead of ``max|W|``."""
+        for sim in self.sims.values():
+            sim.w_amax.copy_(mse_weight_amax(sim.weight, sim.w_bits, sim.per_channel))
+
+    def connected(self, a: str, b: str) -> bool:
+        """True when module ``b`` consumes exactly what module ``a`` produces (checked on one float batch)."""
+        return _connected(self.float_model, a, b, self.batches[0], self.forward)
+
+    def progress_bar(self, label: str) -> ContextManager[Any]:
+        """A ``rich`` progress bar for :func:`~.reconstruct.reconstruct` when ``progress``, else ``None``."""
+        if not self.progress:
+            return contextlib.nullcontext(None)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        return Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+
+
+def _prepare(model: nn.Module, calib_loader: Iterable[Any], config: QuantConfig | None, method: PTQMethodConfig,
+             forward: Callable[[nn.Module, Any], Any] | None, bins: int, act_guard: bool, progress: bool,
+             purpose: str) -> PTQContext:
+    """Validate, read the method's calibration batches, fuse ``model`` in place (rep blocks with QARep's post-BN,
+    a plain conv's BN) and install the simulated layers: the setup of :func:`quantize_ptq` and
+    :func:`sensitivity_report`."""
     config = QuantConfig() if config is None else config
     _check_ptq_config(config)
-    if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
-        raise ValueError(f"keep_float must be a non-negative integer, got {keep_float!r}")
     if not isinstance(act_guard, bool):
         raise TypeError(f"act_guard must be True or False, got {act_guard!r}")
-    _check_options(method, method_options)
-    fwd = forward or default_forward
-    opts = dict(method_options)
-
-    recon_cfg = None
-    if method in _RECON:
-        recon_cfg = ReconConfig(**{k: opts[k] for k in _RECON_KEYS if k in opts})
-        num_samples = opts.get("num_samples", 1024)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        batches, n_samples = _gather(calib_loader, None, num_samples)
-        if n_samples < recon_cfg.batch_size:
-            raise ValueError(f"the calibration set has {n_samples} sample(s), fewer than one reconstruction batch "
-                             f"(batch_size={recon_cfg.batch_size}); pass more data or a smaller batch_size")
-    else:
-        batches, n_samples = _gather(calib_loader, config.calib_batches, None)
+    batches, n_samples = method.calibration_batches(calib_loader, config.calib_batches)
     if not batches:
-        raise ValueError("the calibration loader is empty; PTQ needs at least one batch of representative inputs")
+        raise ValueError(f"the calibration loader is empty; {purpose} needs at least one batch of representative "
+                         "inputs")
     for i, batch in enumerate(batches):
         check_finite_batch(batch, i)
-
     reparameterize(model, fold_post_bn=True)
     _fold_plain_bn(model)
     model.eval()
@@ -260,69 +244,53 @@ def quantize_ptq(
     sims = install_sim(model, config.w_bits, config.a_bits, config.per_channel, config.skip, first_last)
     if not sims:
         raise ValueError("the model has no nn.Conv2d/nn.Linear left to quantize (all skipped?); check config.skip")
+    report = PTQReport(method.name, config.to_dict(), method.to_dict(), calib_samples=n_samples)
+    return PTQContext(model, fmodel, sims, batches, forward or default_forward, config, report, bins, act_guard,
+                      progress)
 
-    # weights first: the activation check below measures each layer with the weights it will deploy
-    weight_init = opts.get("weight_init", "mse" if method in _RECON else "max")
-    if weight_init not in ("max", "mse"):
-        raise ValueError(f"weight_init must be 'max' or 'mse', got {weight_init!r}")
-    if weight_init == "mse":
-        for sim in sims.values():
-            sim.w_amax.copy_(mse_weight_amax(sim.weight, sim.w_bits, sim.per_channel))
-    if method == "cfws" and opts.get("split", True):
-        for sim in sims.values():
-            sim.cfws = sim.rep and sim.is_conv and tuple(sim.weight.shape[-2:]) == (3, 3)
 
-    # activations: histograms of every layer's float input, then the per-layer output-error check
-    if method in _CALIB:
-        act_method = _CALIB[method]
-    elif method == "cfws":
-        act_method = "improved_kl" if opts.get("improved_kl", True) else config.calibrator
-    else:
-        act_method = opts.get("act_calibrator", "mse")
-    report = PTQReport(method, config.to_dict(), {k: v for k, v in opts.items()}, calib_samples=n_samples)
-    report.act_choice = _calibrate_activations(sims, fmodel, batches, fwd, act_method, config, bins, act_guard)
+def _keep_float(ctx: PTQContext, n: int) -> None:
+    """Partial quantization: the ``n`` layers whose quantization changes the model output most stay float."""
+    ctx.report.sensitivity = layer_sensitivity(ctx.model, ctx.batches, ctx.forward)
+    for row in ctx.report.sensitivity[:n]:
+        sim = ctx.model.get_submodule(row.name)
+        sim.quant_weight = sim.quant_act = False
+        ctx.report.kept_float.append(row.name)
 
-    if method in _RECON:
-        assert recon_cfg is not None
-        if method == "adaround":
-            units = layer_units(model)
-        else:
-            units = block_units(model, opts.get("blocks"))
-        if method == "mrecg":
-            k = opts.get("k", 3)
-            capacity = opts.get("capacity", "data_free")
-            if capacity == "data_free":
-                caps = [module_capacity(model, u, opts.get("stride_penalty", 0.5)) for u in units]
-            elif capacity == "data_dependent":
-                caps = data_capacity(model, fmodel, units, batches[:2], fwd)
-            else:
-                raise ValueError(f"capacity must be 'data_free' or 'data_dependent', got {capacity!r}")
-            units, report.pairs = mixed_units(units, caps, k,
-                                              lambda a, b: _connected(fmodel, a, b, batches[0], fwd))
-        if progress:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            with Progress(TextColumn(f"[bold]{method}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
-                report.units = reconstruct(model, fmodel, units, batches, fwd, recon_cfg, bar)
-        else:
-            report.units = reconstruct(model, fmodel, units, batches, fwd, recon_cfg)
+# ------------------------------------------------------------------------------------------------- API
+def quantize_ptq(model: nn.Module, calib_loader: Iterable[Any], config: QuantConfig | None = None,
+                 method: PTQMethodConfig | str = MinMaxConfig(), *,
+                 forward: Callable[[nn.Module, Any], Any] | None = None, keep_float: int = 0, progress: bool = False,
+                 bins: int = 2048, act_guard: bool = True, **method_options: Any) -> tuple[nn.Module, PTQReport]:
+    """Post-training quantization of ``model`` (in place; returned for chaining) and a :class:`PTQReport`.
 
+    ``model`` (train or fused form) is fused first. ``calib_loader`` is any iterable of batches (``(inputs,
+    targets)`` or inputs), ``config`` the bits, granularity, ``skip`` and ``first_last_8bit``. ``method`` is a
+    method config (:mod:`.methods`: ``MinMaxConfig()``, ``PercentileConfig()``, ``EntropyConfig()``,
+    ``MSEConfig()``, ``CFWSConfig()``, ``AdaRoundConfig(iters=...)``, ``BRECQConfig(blocks=...)``,
+    ``MRECGConfig(k=..., capacity=...)`` or one of your own) or a method's name with its fields as keywords
+    (``method="mrecg", k=2``). ``forward(model, batch)`` runs a batch (default ``model(batch[0])`` for tuples and
+    lists); ``keep_float`` keeps the N most output-sensitive layers float; ``progress`` shows a progress bar while
+    reconstructing; ``bins`` are the activation histograms' bins; ``act_guard`` keeps a calibrator's threshold
+    only where the layer's output error is not larger than with the maximum (``report.act_choice``).
+    """
+    t0 = time.perf_counter()
+    method = method_config(method, method_options)
+    if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
+        raise ValueError(f"keep_float must be a non-negative integer, got {keep_float!r}")
+    ctx = _prepare(model, calib_loader, config, method, forward, bins, act_guard, progress, "PTQ")
+    ptq_handler(method)(ctx, method)
     if keep_float:
-        report.sensitivity = layer_sensitivity(model, batches, fwd)
-        for row in report.sensitivity[:keep_float]:
-            sim = model.get_submodule(row.name)
-            sim.quant_weight = sim.quant_act = False
-            report.kept_float.append(row.name)
-
+        _keep_float(ctx, keep_float)
     for name, sim in sim_layers(model):
-        report.bits[name] = f"W{sim.w_bits}A{sim.a_bits}"
-        report.act_amax[name] = float(sim.act_amax)
-    report.layers = finalize(model)
+        ctx.report.bits[name] = f"W{sim.w_bits}A{sim.a_bits}"
+        ctx.report.act_amax[name] = float(sim.act_amax)
+    ctx.report.layers = finalize(model)
     model.eval()
     check_calibrated(model)  # refuses an activation amax of ~0 (all-zero or constant data at a layer), naming it
-    report.seconds = time.perf_counter() - t0
-    return model, report
+    ctx.report.seconds = time.perf_counter() - t0
+    return model, ctx.report
 
 
 def _check_ptq_config(config: QuantConfig) -> None:
@@ -343,24 +311,10 @@ def sensitivity_report(model: nn.Module, calib_loader: Iterable[Any], config: Qu
 
     Layer names are those of the fused model (``stage1.0.rbr_reparam``; put the block name ``stage1.0`` in
     ``QuantConfig.skip`` to keep it float — the QAT callback and :func:`quantize_ptq` both accept that).
-    Activation thresholds as in :func:`quantize_ptq` (``calibrator``, default ``config.calibrator``; ``act_guard``).
+    Activation thresholds as in :func:`quantize_ptq` (``calibrator``, default ``config.calibrator``; ``act_guard``),
+    on ``config.calib_batches`` batches.
     """
-    if not isinstance(act_guard, bool):
-        raise TypeError(f"act_guard must be True or False, got {act_guard!r}")
-    config = QuantConfig() if config is None else config
-    _check_ptq_config(config)
-    fwd = forward or default_forward
-    batches, _ = _gather(calib_loader, config.calib_batches, None)
-    if not batches:
-        raise ValueError("the calibration loader is empty; sensitivity needs at least one batch")
-    for i, batch in enumerate(batches):
-        check_finite_batch(batch, i)
-    work = copy.deepcopy(model)
-    reparameterize(work, fold_post_bn=True)
-    _fold_plain_bn(work)
-    work.eval()
-    ref = copy.deepcopy(work)
-    first_last = 8 if config.first_last_8bit and (config.w_bits < 8 or config.a_bits < 8) else None
-    sims = install_sim(work, config.w_bits, config.a_bits, config.per_channel, config.skip, first_last)
-    _calibrate_activations(sims, ref, batches, fwd, calibrator or config.calibrator, config, bins, act_guard)
-    return layer_sensitivity(work, batches, fwd)
+    ctx = _prepare(copy.deepcopy(model), calib_loader, config, MinMaxConfig(), forward, bins, act_guard, False,
+                   "sensitivity")
+    ctx.calibrate_activations(calibrator or ctx.config.calibrator)
+    return layer_sensitivity(ctx.model, ctx.batches, ctx.forward)

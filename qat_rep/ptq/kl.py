@@ -140,7 +140,7 @@ def collect_input_histograms(
             if state["pass"] == 0:
                 amax[name] = max(amax[name], float(x.max()))
             elif amax[name] > 0:
-                counts[name] += torch.histc(x, bins=bins, min=0.0, max=amax[name]).to(torch.float64)
+                counts[name] += torch.histc(x, bins=bins, min=0.0, max=amax[name]).to("cpu", torch.float64)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]

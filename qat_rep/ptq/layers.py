@@ -70,6 +70,8 @@ class SimQuantLayer(nn.Module):
         self.soft = False
         self.qdrop = 1.0
         self.cfws = False
+        self.cfws_fine_range = "mse"  # cfws_split's fine_range
+        self._split_cache: tuple[tuple, Tensor] | None = None
         # kept out of the module tree (no duplicate parameters, not found as a layer): finalize reuses it
         self.__dict__["float_layer"] = layer
 
@@ -105,8 +107,12 @@ class SimQuantLayer(nn.Module):
         if self.cfws:
             if self.alpha is not None:
                 raise RuntimeError("a CFWS layer is not reconstructed: its weight is split, not AdaRounded")
-            split = cfws_split(self.weight, self.w_bits, self.per_channel)  # what CFWSConv2d will compute
-            return split.coarse_3x3() + fake_quant(split.fine, split.fine_amax, self.w_bits)
+            # what CFWSConv2d will compute; cached (the fine range search runs once, not on every forward)
+            key = (self.weight._version, self.weight.data_ptr(), self.w_bits, self.per_channel, self.cfws_fine_range)
+            if self._split_cache is None or self._split_cache[0] != key:
+                split = cfws_split(self.weight, self.w_bits, self.per_channel, self.cfws_fine_range)
+                self._split_cache = (key, split.coarse_3x3() + fake_quant(split.fine, split.fine_amax, self.w_bits))
+            return self._split_cache[1]
         if self.alpha is None:
             return fake_quant(self.weight, self.w_amax, self.w_bits)
         b = qbound(self.w_bits)
@@ -127,8 +133,8 @@ class SimQuantLayer(nn.Module):
 
     # ------------------------------------------------------------------------------------------ activations
     def set_act_amax(self, amax: float | Tensor, learn: bool = False) -> None:
-        self.act_amax = nn.Parameter(torch.as_tensor(amax, dtype=torch.float32).reshape(()).clone(),
-                                     requires_grad=learn)
+        self.act_amax = nn.Parameter(torch.as_tensor(amax, dtype=torch.float32, device=self.weight.device)
+                                     .reshape(()).clone(), requires_grad=learn)
 
     def quant_input(self, x: Tensor) -> Tensor:
         if not self.quant_act:
@@ -212,8 +218,8 @@ def finalize(model: nn.Module) -> dict[str, str]:
             raise ValueError(f"layer {name!r} quantizes only its {'weight' if sim.quant_weight else 'input'}; "
                              "a deployable layer quantizes both or neither")
         if sim.cfws:
-            mod = CFWSConv2d.from_conv(sim.float_layer, sim.w_bits, sim.a_bits, sim.per_channel)
-            mod.load_split(sim.weight, sim.bias, sim.act_amax.detach())
+            mod = CFWSConv2d.from_conv(sim.float_layer, sim.w_bits, sim.a_bits, sim.per_channel).to(sim.weight.device)
+            mod.load_split(sim.weight, sim.bias, sim.act_amax.detach(), sim.cfws_fine_range)
             kinds[name] = "cfws"
         else:
             w_shape = tuple(sim.w_amax.shape) if sim.per_channel else ()

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReconConfig:
     """Hyper-parameters of AdaRound/BRECQ/MRECG reconstruction (published values except ``iters``).
 
@@ -120,7 +120,7 @@ class ReconConfig:
             raise ValueError(f"qdrop must be in (0, 1] (1.0 = always quantize, 0.5 = QDrop), got {self.qdrop!r}")
         if len(self.beta) != 2 or min(self.beta) <= 0:
             raise ValueError(f"beta must be a (start, end) pair of positive numbers, got {self.beta!r}")
-        self.beta = (float(self.beta[0]), float(self.beta[1]))
+        object.__setattr__(self, "beta", (float(self.beta[0]), float(self.beta[1])))
 
     @property
     def effective_lr(self) -> float:

@@ -29,6 +29,7 @@ from .insert import PrepareReport, convert, get_config, prepare, quant_layers, q
 from .rep_qat import PHASES, RepQuant
 from .report import LayerReport, LayerRow, layer_report
 from .schedule import PhaseRule, Schedule, apply_schedule, rep_stages, reset_optimizer_state
+from .shared_scales import share_input_scales, tie_quantizers
 from .state import check_incoming_state, check_same_config, config_mismatch, quantizers_disabled
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "quantizers",
     "refresh_weight_amax",
     "get_config",
+    "share_input_scales",
+    "tie_quantizers",
     "RepQuant",
     "PHASES",
     "Schedule",

@@ -69,6 +69,7 @@ def _import_library() -> None:
 _import_library()
 
 from . import qmath as qm  # noqa: E402
+from ..fuse import fuse_bn_module  # noqa: E402
 
 from pytorch_quantization import calib as _pq_calib  # noqa: E402
 from pytorch_quantization import nn as _pq_nn  # noqa: E402
@@ -85,6 +86,8 @@ __all__ = [
     "QuantDescriptor",
     "QuantConv2d",
     "QuantLinear",
+    "QuantConvTranspose2d",
+    "FoldedBatchNorm2d",
     "QuantAvgPool",
     "MaxCalibrator",
     "HistogramCalibrator",
@@ -366,8 +369,24 @@ class QuantConv2d(_pq_nn.QuantConv2d):
     """pytorch-quantization's ``QuantConv2d`` (``_input_quantizer``, ``_weight_quantizer``) built from a float conv.
 
     The forward is :func:`quant_conv2d`: the library's with the bias on the int32 accumulator grid
-    (:func:`int32_bias`).
+    (:func:`int32_bias`). A conv that :func:`~qat_rep.quant.prepare` paired with the BatchNorm after it
+    (:meth:`fold_bn`) runs, in evaluation mode, the conv that :func:`~qat_rep.quant.convert` writes — the BN folded
+    into the kernel and bias, then quantized — while that BN passes its input through; so ``model.eval()(x)`` equals
+    ``convert(copy.deepcopy(model))(x)`` bit for bit for conv+BN pairs as for rep blocks. Training runs conv then BN
+    (batch statistics), as before.
     """
+
+    def fold_bn(self, bn: "FoldedBatchNorm2d") -> None:
+        """Fold ``bn`` (the BN right after this conv) in evaluation mode. Plain references, not submodules: the
+        state-dict keys do not change."""
+        object.__setattr__(self, "_eval_bn", bn)
+        object.__setattr__(bn, "_folded_by", self)
+
+    def unfold_bn(self) -> None:
+        """Forget the pairing (``convert`` folded the BN for good)."""
+        bn = self.__dict__.pop("_eval_bn", None)
+        if bn is not None:
+            bn.__dict__.pop("_folded_by", None)
 
     def forward(self, input: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
@@ -375,6 +394,11 @@ class QuantConv2d(_pq_nn.QuantConv2d):
             padding = (0, 0)
         else:
             padding = self.padding
+        bn = self.__dict__.get("_eval_bn")
+        if bn is not None and not self.training and not bn.training:  # convert's folded conv
+            weight, bias = fuse_bn_module(self.weight, bn, self.bias)
+            return quant_conv2d(input, weight, bias, self._input_quantizer, self._weight_quantizer, self.stride,
+                                padding, self.dilation, self.groups)
         if self.training:  # the lean step (int8-saved input), bias added after the conv
             y = quant_matmul(input, self.weight, self._input_quantizer, self._weight_quantizer, self.stride, padding,
                              self.dilation, self.groups)
@@ -399,6 +423,28 @@ class QuantConv2d(_pq_nn.QuantConv2d):
         return q.to(device=conv.weight.device)
 
 
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """The BatchNorm after a :class:`QuantConv2d` that folds it in evaluation mode (:meth:`QuantConv2d.fold_bn`):
+    then the identity (the conv already applied it), otherwise an ordinary ``BatchNorm2d``. Same state-dict keys."""
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d) -> "FoldedBatchNorm2d":
+        """A ``FoldedBatchNorm2d`` holding ``bn``'s own parameters and buffers (the same objects)."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        for k, v in bn._parameters.items():
+            new._parameters[k] = v
+        for k, v in bn._buffers.items():
+            new._buffers[k] = v
+        new.train(bn.training)
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        conv = self.__dict__.get("_folded_by")
+        if conv is not None and not self.training and not conv.training:
+            return input
+        return super().forward(input)
+
+
 class QuantLinear(_pq_nn.QuantLinear):
     """pytorch-quantization's ``QuantLinear`` built from a float ``nn.Linear`` (bias on the int32 grid)."""
 
@@ -420,6 +466,41 @@ class QuantLinear(_pq_nn.QuantLinear):
         q._input_quantizer = input_quantizer
         q._weight_quantizer = weight_quantizer
         return q.to(device=linear.weight.device)
+
+
+class QuantConvTranspose2d(_pq_nn.QuantConvTranspose2d):
+    """pytorch-quantization's ``QuantConvTranspose2d`` built from a float ``nn.ConvTranspose2d`` (bias on the int32
+    grid).
+
+    The weight of a transposed conv is ``(in, out, kH, kW)``: per-channel weight quantizers use ``axis=1`` (one
+    ``amax`` per output channel, as TensorRT's deconvolution expects and the ONNX ``ConvTranspose``'s
+    ``DequantizeLinear`` carries). Only ``groups=1`` (the output channels are then the weight's axis 1). Training and
+    evaluation run the same composition ``conv_transpose2d(Q_x(x), Q_w(W), int32_bias(b))``.
+    """
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError("QuantConvTranspose2d supports padding_mode='zeros' only")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                              self.dilation)
+        xq = self._input_quantizer(input)
+        wq = self._weight_quantizer(self.weight)
+        return F.conv_transpose2d(xq, wq, int32_bias(self.bias, self._input_quantizer, self._weight_quantizer),
+                                  self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+    @classmethod
+    def from_float(cls, conv: nn.ConvTranspose2d, input_quantizer: TensorQuantizer,
+                   weight_quantizer: TensorQuantizer) -> "QuantConvTranspose2d":
+        """Wrap ``conv``'s own parameters (same ``Parameter`` objects) with the given quantizers."""
+        if conv.groups != 1:
+            raise ValueError(f"QuantConvTranspose2d quantizes groups=1 transposed convs only, got groups={conv.groups}")
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.output_padding, conv.groups, conv.bias is not None, conv.dilation, conv.padding_mode)
+        q.weight = conv.weight
+        q.bias = conv.bias
+        q._input_quantizer = input_quantizer
+        q._weight_quantizer = weight_quantizer
+        return q.to(device=conv.weight.device)
 
 
 class QuantAvgPool(nn.Module):

@@ -154,7 +154,8 @@ def check_calibrated(model: nn.Module, *, allow_uncalibrated: bool = False) -> i
             elif amax.numel() == 1:
                 nonzero = small & (weight.detach() != 0).any()
             else:
-                rows = weight.detach().reshape(weight.shape[0], -1)
+                axis = q.axis if isinstance(q.axis, int) else 0  # 1 for a transposed conv's (in, out, kH, kW)
+                rows = weight.detach().movedim(axis, 0).reshape(weight.shape[axis], -1)
                 nonzero = small & (rows != 0).any(dim=1) if rows.shape[0] == amax.numel() else small
             if bool(nonzero.any()):
                 channels = nonzero.nonzero().flatten().tolist()
@@ -322,6 +323,13 @@ class CalibrationSession:
         except BaseException:
             self.close()
             raise
+
+    def restart(self) -> None:
+        """Drop what was observed, read the model's quantizers again (e.g. after some were tied into one) and
+        start over."""
+        self.close()
+        self.inputs, self.batches, self._mins = quantizers(self.model, "input"), 0, {}
+        self.start()
 
     def count(self) -> None:
         """One more batch was run through the model."""

@@ -1,9 +1,10 @@
 """Quantizer insertion (:func:`prepare`), the deployable fused form (:func:`convert`) and layer discovery.
 
 :func:`prepare` works in place and never wraps the model's forward: rep blocks get ``block.rep_quant`` (a
-:class:`~qat_rep.quant.rep_qat.RepQuant`), plain ``nn.Conv2d``/``nn.Linear`` become ``QuantConv2d``/``QuantLinear``
-holding the same ``Parameter`` objects. The resulting module names and state-dict keys depend only on the
-architecture and the :class:`QuantConfig`, so a loader can rebuild the structure before loading weights.
+:class:`~qat_rep.quant.rep_qat.RepQuant`), plain ``nn.Conv2d``/``nn.Linear``/``nn.ConvTranspose2d`` become
+``QuantConv2d``/``QuantLinear``/``QuantConvTranspose2d`` holding the same ``Parameter`` objects. The resulting
+module names and state-dict keys depend only on the architecture and the :class:`QuantConfig`, so a loader can
+rebuild the structure before loading weights.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 
 from ..blocks import RepBlock
 from ..fuse import bn_module_scale, fold_bn_into_conv_
-from .backend import QuantAvgPool, QuantConv2d, QuantLinear, TensorQuantizer, make_quantizer
+from .backend import (FoldedBatchNorm2d, QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear, TensorQuantizer,
+                      make_quantizer)
 from .config import QuantConfig
 from .rep_qat import RepQuant, deploy_kernel_bias
 
@@ -25,6 +27,7 @@ __all__ = ["PrepareReport", "prepare", "convert", "quant_layers", "quantizers", 
            "is_prepared", "get_config"]
 
 CONFIG_ATTR = "qat_rep_quant_config"
+_PLAIN = (QuantConv2d, QuantLinear, QuantConvTranspose2d)
 
 
 @dataclass
@@ -57,7 +60,8 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def _units(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """Quantizable units in module order: ``(name, module, kind)``, kind ``rep`` | ``conv`` | ``linear``.
+    """Quantizable units in module order: ``(name, module, kind)``, kind ``rep`` | ``conv`` | ``linear`` |
+    ``deconv`` (an ``nn.ConvTranspose2d`` with ``groups=1``, e.g. YOLOv6's upsampling; grouped ones stay float).
 
     Everything inside an unfused rep block belongs to the block (its branch convs are never quantized on their
     own; an SE inside a block stays float). A fused block's ``rbr_reparam`` is a plain conv.
@@ -76,6 +80,8 @@ def _units(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             units.append((name, m, "conv"))
         elif type(m) is nn.Linear:
             units.append((name, m, "linear"))
+        elif type(m) is nn.ConvTranspose2d and m.groups == 1:
+            units.append((name, m, "deconv"))
     return units
 
 
@@ -87,8 +93,9 @@ def _pools(model: nn.Module, units: list[tuple[str, nn.Module, str]]) -> list[tu
 
 
 def is_prepared(model: nn.Module) -> bool:
-    """True when ``model`` holds any quantized layer (a ``RepQuant``, ``QuantConv2d``, ``QuantLinear`` or pool)."""
-    return any(isinstance(m, (RepQuant, QuantConv2d, QuantLinear, QuantAvgPool)) for m in model.modules())
+    """True when ``model`` holds any quantized layer (a ``RepQuant``, ``QuantConv2d``, ``QuantLinear``,
+    ``QuantConvTranspose2d`` or pool)."""
+    return any(isinstance(m, (RepQuant, *_PLAIN, QuantAvgPool)) for m in model.modules())
 
 
 def get_config(model: nn.Module) -> QuantConfig:
@@ -105,10 +112,12 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _weight_quantizer(cfg: QuantConfig, bits: int, weight_shape: torch.Size, name: str) -> TensorQuantizer:
+def _weight_quantizer(cfg: QuantConfig, bits: int, weight_shape: torch.Size, name: str,
+                      axis: int = 0) -> TensorQuantizer:
+    """``axis``: the weight's output-channel axis (0 for convs and linears, 1 for a transposed conv)."""
     if cfg.per_channel:
-        shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
-        q = make_quantizer(bits, axis=0, calibrator="max", learn_amax=cfg.learn_amax, amax_shape=shape,
+        shape = tuple(int(weight_shape[axis]) if d == axis else 1 for d in range(len(weight_shape)))
+        q = make_quantizer(bits, axis=axis, calibrator="max", learn_amax=cfg.learn_amax, amax_shape=shape,
                            dynamic=not cfg.learn_amax, name=name)
     else:
         q = make_quantizer(bits, axis=None, calibrator="max", learn_amax=cfg.learn_amax, dynamic=not cfg.learn_amax,
@@ -171,12 +180,14 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
             m.rep_quant = rq.to(device=kernel.device)
             report.rep_blocks[name] = (w_bits, a_bits)
         else:
-            cls = QuantConv2d if kind == "conv" else QuantLinear
+            cls = {"conv": QuantConv2d, "linear": QuantLinear, "deconv": QuantConvTranspose2d}[kind]
             q = cls.from_float(m, _input_quantizer(config, a_bits, f"{name}._input_quantizer"),
-                               _weight_quantizer(config, w_bits, m.weight.shape, f"{name}._weight_quantizer"))
+                               _weight_quantizer(config, w_bits, m.weight.shape, f"{name}._weight_quantizer",
+                                                 axis=1 if kind == "deconv" else 0))
             q.train(m.training)
             _set_child(model, name, q)
             report.plain[name] = (w_bits, a_bits)
+    _pair_conv_bn(model)
     pool_bits = 8 if config.first_last_8bit else config.a_bits  # the pool feeds the (8-bit) classifier
     device = next((b.device for b in model.buffers()), None)
     for name, m in pools:
@@ -187,13 +198,35 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
     return report
 
 
+def _pair_conv_bn(model: nn.Module) -> int:
+    """Pair every quantized plain conv with the BN that :func:`convert` will fold into it, so that evaluation mode
+    computes the converted conv (:meth:`QuantConv2d.fold_bn`). Only where convert's fold is exact: a dynamic,
+    not learned weight quantizer (the amax of the folded kernel is taken from it) and a plain ``BatchNorm2d`` of
+    the conv's width. Returns the number of pairs."""
+    n = 0
+    for name, layer in [(n_, m) for n_, m in model.named_modules() if type(m) is QuantConv2d]:
+        wq = layer._weight_quantizer
+        if not wq.dynamic or wq.learn_amax:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        found = bn_after(parent, child, layer)
+        if found is None or type(found[1]) is not nn.BatchNorm2d or found[1].num_features != layer.out_channels:
+            continue
+        bn = FoldedBatchNorm2d.from_bn(found[1])
+        setattr(parent, found[0], bn)
+        layer.fold_bn(bn)
+        n += 1
+    return n
+
+
 def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The quantized layers of a prepared or converted model, in module order.
 
     Each exposes ``._input_quantizer`` and ``._weight_quantizer``; for a rep block in QAT form that is its
     ``rep_quant`` (named ``<block>.rep_quant``), after :func:`convert` its ``rbr_reparam`` (a ``QuantConv2d``).
     """
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (RepQuant, QuantConv2d, QuantLinear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (RepQuant, *_PLAIN))]
 
 
 def quantizers(model: nn.Module, role: str | None = None) -> list[tuple[str, TensorQuantizer]]:
@@ -288,6 +321,7 @@ def convert(model: nn.Module) -> nn.Module:
         if found is None or found[1].num_features != layer.out_channels:
             continue
         bn_name, bn = found
+        layer.unfold_bn()
         fold_bn_into_conv_(layer, bn)
         wq = layer._weight_quantizer
         if not wq.learn_amax:

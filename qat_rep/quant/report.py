@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import QuantConv2d, TensorQuantizer
+from ..fuse import fuse_bn_module
+from .backend import QuantConv2d, QuantConvTranspose2d, TensorQuantizer
 from .calibrate import default_forward
 from .insert import get_config, quant_layers
 from .rep_qat import RepQuant, deploy_kernel_bias, folded_kernel_bias
@@ -94,7 +95,14 @@ def _float_out(layer: nn.Module, args: tuple) -> Tensor:
         return block.conv(x, k, b)
     x = args[0]
     if isinstance(layer, QuantConv2d):
-        return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        weight, bias = layer.weight, layer.bias
+        bn = layer.__dict__.get("_eval_bn")
+        if bn is not None:  # eval mode: the layer outputs the BN-folded conv; compare with its float
+            weight, bias = fuse_bn_module(weight, bn, bias)
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if isinstance(layer, QuantConvTranspose2d):
+        return F.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding,
+                                  layer.groups, layer.dilation)
     return F.linear(x, layer.weight, layer.bias)
 
 
@@ -147,7 +155,8 @@ def layer_report(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn
         w = _float_weight(model, name, layer).detach()
         w_q = wq(w)
         amax = wq.amax.detach().flatten()
-        kind = "rep" if isinstance(layer, RepQuant) else ("conv" if isinstance(layer, QuantConv2d) else "linear")
+        kind = ("rep" if isinstance(layer, RepQuant) else "conv" if isinstance(layer, QuantConv2d)
+                else "deconv" if isinstance(layer, QuantConvTranspose2d) else "linear")
         if isinstance(layer, RepQuant):
             kind = f"rep/{layer.phase}"
         rel = math.sqrt(err[name] / sig[name]) if sig[name] > 0 else (0.0 if err[name] == 0 else math.inf)
