@@ -7,7 +7,8 @@ Run from the repository root::
     python recipes/qat_b0.py --model b0 --image-size 32       # the B0 width and depth, larger inputs (much slower)
     python recipes/qat_b0.py --data ~/my_images --devices 2 --strategy ddp
 
-The default sizes (A0 width and depth, 16x16 inputs, 8 FP32 epochs) keep the whole run within about ten minutes on
+The default sizes (A0 width and depth, 16x16 inputs, 6 FP32 epochs: in an 8-epoch run both models' validation accuracy
+had reached 99.2 % by the fifth epoch and moved within 98.3–100 % after it) keep the whole run within ten minutes on
 two CPU cores; the file keeps its historical name.
 
 For each block type (``--block both``: RepVGG and QARepVGG, same width, depth, FP32 recipe and seed):
@@ -82,7 +83,7 @@ def collapse_setting(settings: Sequence[PTQSetting], accuracy: dict[str, float])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = common.base_parser(__doc__.split("\n\n")[0], epochs=8, qat_epochs=1, out="out/qat_b0", bits="8,4",
+    p = common.base_parser(__doc__.split("\n\n")[0], epochs=6, qat_epochs=1, out="out/qat_b0", bits="8,4",
                            block="both", blocks=("both",) + BLOCKS, image_size=16)
     p.add_argument("--model", default="a0",
                    help="model variant of the RepVGG family (a0, a1, a2, b0, b1, …); the same for both block types")
