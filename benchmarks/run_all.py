@@ -189,6 +189,7 @@ def quickstart_section(results_dir: Path = RESULTS) -> str | None:
                 if k.startswith("minmax/")} for n in (rep, qarep)}
     above4 = [s for s in drop[rep] if not s.startswith(("W2", "W3", "W4"))]
     collapse = min(above4, key=lambda s: drop[rep][s])
+    cfws = {n: models[n]["ptq"].get(f"cfws/{collapse}") for n in (rep, qarep)}
     low = {n: models[n]["qat"].get("w4a4") for n in (rep, qarep)}
     agree = {n: models[n]["qat"].get("w8a8", {}).get("ort_agreement") for n in (rep, qarep)}
     secs = data.get("seconds", {})
@@ -204,7 +205,10 @@ def quickstart_section(results_dir: Path = RESULTS) -> str | None:
              + (f"; {wall:.0f} s wall, {secs.get('cpu', float('nan')):.0f} s CPU" if wall is not None else "") + "):",
              "",
              f"- plain PTQ (max calibration) at {collapse}, where RepVGG loses most above 4 bits: {ra} "
-             f"{drop[rep][collapse]:+.2f} points, {qa} {drop[qarep][collapse]:+.2f}; at W4A4 "
+             f"{drop[rep][collapse]:+.2f} points, {qa} {drop[qarep][collapse]:+.2f}"
+             + (f" (CFWS there: {cfws[rep] - a['fp32_acc']:+.2f} and {cfws[qarep] - b['fp32_acc']:+.2f})"
+                if cfws[rep] is not None and cfws[qarep] is not None else "")
+             + "; at W4A4 "
              f"{drop[rep].get('W4A4', float('nan')):+.2f} and {drop[qarep].get('W4A4', float('nan')):+.2f};"]
     if low[rep] and low[qarep]:
         lines.append(f"- QAT W4A4 vs FP32: {ra} {low[rep]['fakequant_acc'] - a['fp32_acc']:+.2f} points "

@@ -122,7 +122,8 @@ def test_problem_table_is_built_from_ptq_accuracy_json(tmp_path: Path) -> None:
 
 def _qat_b0_models(rep_fp32: float, qarep_fp32: float, rep_ptq: dict, qarep_ptq: dict) -> dict:
     def model(fp32, ptq, w4):
-        return {"fp32_acc": fp32, "ptq": {f"minmax/{k}": v for k, v in ptq.items()} | {"cfws/W6A6": fp32},
+        cfws = {"cfws/W8A8 per-tensor W": fp32 - 0.25}  # CFWS at the collapsing setting of the data below
+        return {"fp32_acc": fp32, "ptq": {f"minmax/{k}": v for k, v in ptq.items()} | cfws,
                 "qat": {"w8a8": {"fakequant_acc": fp32, "ort_agreement": 100.0},
                         "w4a4": {"fakequant_acc": w4, "onnx_skipped": "8-bit only"}}}
     return {"repvgg_a0": model(rep_fp32, rep_ptq, rep_fp32 - 1.25),
@@ -146,8 +147,8 @@ def test_quickstart_numbers_are_built_from_the_collected_default_run(tmp_path: P
     assert "](benchmarks/results/qat_b0.png)" in section and "359 validation images" in section
     assert "commit abc1234" in section and "512 s wall" in section
     # the collapsing setting is where RepVGG loses most above 4 bits (per-tensor W8 here, not W4A4)
-    assert "at W8A8 per-tensor W, where RepVGG loses most above 4 bits: RepVGG-A0 -39.00 points, QARepVGG-A0 -0.50" \
-        in section
+    assert ("at W8A8 per-tensor W, where RepVGG loses most above 4 bits: RepVGG-A0 -39.00 points, QARepVGG-A0 -0.50 "
+            "(CFWS there: -0.25 and -0.25)") in section
     assert "at W4A4 -89.00 and -86.50" in section
     assert "RepVGG-A0 -1.25 points (99.00 → 97.75), QARepVGG-A0 +0.50 (98.50 → 99.00)" in section
     assert "100.00 % (RepVGG-A0) and 100.00 % (QARepVGG-A0)" in section
