@@ -40,6 +40,9 @@ END = "<!-- qat-rep:results:end -->"
 #: the README's opening "problem" table (RepVGG vs QARepVGG under plain PTQ), built from ptq_accuracy.json
 PROBLEM_START = "<!-- qat-rep:problem:start -->"
 PROBLEM_END = "<!-- qat-rep:problem:end -->"
+#: the README Quickstart's figure and numbers, built from qat_b0.json (the default run of recipes/qat_b0.py)
+QUICKSTART_START = "<!-- qat-rep:quickstart:start -->"
+QUICKSTART_END = "<!-- qat-rep:quickstart:end -->"
 PROBLEM_COLUMNS = {("FP32", "fp32"): "FP32", ("W8A8-pt", "minmax"): "W8A8 per-tensor min-max",
                    ("W8A8", "minmax"): "W8A8 min-max", ("W6A6-pt", "minmax"): "W6A6 per-tensor min-max",
                    ("W8A8-pt", "cfws"): "W8A8 per-tensor CFWS", ("W8A8", "cfws"): "W8A8 CFWS",
@@ -104,7 +107,8 @@ def collect_recipe(out: Path, name: str) -> None:
     table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     secs = results.get("seconds", {})
-    note = (f"_{_stamp()}; wall time {secs.get('total', float('nan')):.0f} s, CPU time "
+    results["stamp"] = _stamp()
+    note = (f"_{results['stamp']}; wall time {secs.get('process', secs.get('total', float('nan'))):.0f} s, CPU time "
             f"{secs.get('cpu', float('nan')):.0f} s_")
     _atomic_write(RESULTS / f"{name}.md", note + "\n\n" + table + f"\n\n![{name}](benchmarks/results/{name}.png)\n")
     _atomic_write(RESULTS / f"{name}.json", json.dumps(results, indent=2) + "\n")
@@ -164,6 +168,64 @@ def problem_table(results_dir: Path = RESULTS) -> str | None:
     return "\n".join(lines)
 
 
+def _model_title(name: str) -> str:
+    """``"qarepvgg_a0"`` → ``"QARepVGG-A0"``."""
+    block, _, variant = name.partition("_")
+    return {"repvgg": "RepVGG", "qarepvgg": "QARepVGG"}.get(block, block) + (f"-{variant.upper()}" if variant else "")
+
+
+def quickstart_section(results_dir: Path = RESULTS) -> str | None:
+    """The README Quickstart's figure, its one-sentence caption and the measured numbers, from ``qat_b0.json`` (the
+    default run of ``recipes/qat_b0.py`` collected by :func:`collect_recipe`); None without a two-model result.
+
+    Numbers: plain PTQ's drop for each block type at the "collapsing setting" (the plain-PTQ setting above 4 bits
+    where RepVGG loses most), QAT W4A4 vs FP32 for both, and ONNX Runtime's agreement at W8A8."""
+    path = results_dir / "qat_b0.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    models = data.get("models", {})
+    rep, qarep = (next((n for n in models if n.startswith(p)), None) for p in ("repvgg_", "qarepvgg_"))
+    if rep is None or qarep is None:
+        return None
+    a, b = models[rep], models[qarep]
+    drop = {n: {k.split("/", 1)[1]: acc - models[n]["fp32_acc"] for k, acc in models[n]["ptq"].items()
+                if k.startswith("minmax/")} for n in (rep, qarep)}
+    above4 = [s for s in drop[rep] if not s.startswith(("W2", "W3", "W4"))]
+    collapse = min(above4, key=lambda s: drop[rep][s])
+    cfws = {n: models[n]["ptq"].get(f"cfws/{collapse}") for n in (rep, qarep)}
+    low = {n: models[n]["qat"].get("w4a4") for n in (rep, qarep)}
+    agree = {n: models[n]["qat"].get("w8a8", {}).get("ort_agreement") for n in (rep, qarep)}
+    secs = data.get("seconds", {})
+    wall = secs.get("process", secs.get("total"))
+    ra, qa = _model_title(rep), _model_title(qarep)
+    lines = [QUICKSTART_START, "", f"![{ra} vs {qa}: top-1 accuracy against bit-width](benchmarks/results/qat_b0.png)",
+             "",
+             f"Top-1 accuracy on the digits' {data.get('validation_images', '?')} validation images against bit-width "
+             "for plain PTQ (max calibration), CFWS and QAT, one panel per block type "
+             f"({' left, '.join(_model_title(n) for n in models)} right; same FP32 recipe and seed), with the FP32 "
+             "accuracy dashed and ONNX Runtime's INT8 run of the W8A8 QAT model as open diamonds.", "",
+             f"Measured by that run ({data.get('stamp', 'unstamped')}"
+             + (f"; {wall:.0f} s wall, {secs.get('cpu', float('nan')):.0f} s CPU" if wall is not None else "") + "):",
+             "",
+             f"- plain PTQ (max calibration) at {collapse}, where RepVGG loses most above 4 bits: {ra} "
+             f"{drop[rep][collapse]:+.2f} points, {qa} {drop[qarep][collapse]:+.2f}"
+             + (f" (CFWS there: {cfws[rep] - a['fp32_acc']:+.2f} and {cfws[qarep] - b['fp32_acc']:+.2f})"
+                if cfws[rep] is not None and cfws[qarep] is not None else "")
+             + "; at W4A4 "
+             f"{drop[rep].get('W4A4', float('nan')):+.2f} and {drop[qarep].get('W4A4', float('nan')):+.2f};"]
+    if low[rep] and low[qarep]:
+        lines.append(f"- QAT W4A4 vs FP32: {ra} {low[rep]['fakequant_acc'] - a['fp32_acc']:+.2f} points "
+                     f"({a['fp32_acc']:.2f} → {low[rep]['fakequant_acc']:.2f}), {qa} "
+                     f"{low[qarep]['fakequant_acc'] - b['fp32_acc']:+.2f} ({b['fp32_acc']:.2f} → "
+                     f"{low[qarep]['fakequant_acc']:.2f});")
+    if agree[rep] is not None and agree[qarep] is not None:
+        lines.append(f"- ONNX Runtime INT8 (W8A8) vs PyTorch, same predictions on {agree[rep]:.2f} % ({ra}) and "
+                     f"{agree[qarep]:.2f} % ({qa}) of the validation images.")
+    lines += ["", QUICKSTART_END]
+    return "\n".join(lines)
+
+
 def rewrite_readme(readme: Path, section: str, start: str = START, end: str = END, append: bool = True) -> bool:
     """Replace the text between the markers (inclusive) with ``section``; append a Results section if absent (and
     ``append``). Returns True when the markers were found."""
@@ -211,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = problem_table()
     if problem is not None:
         rewrite_readme(args.readme, problem, PROBLEM_START, PROBLEM_END, append=False)
+    quickstart = quickstart_section()
+    if quickstart is not None:
+        rewrite_readme(args.readme, quickstart, QUICKSTART_START, QUICKSTART_END, append=False)
     if times or failed:
         from rich.console import Console
         from rich.table import Table

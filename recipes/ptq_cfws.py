@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python recipes/ptq_cfws.py --ckpt out/qat_b0-repvgg/fp32.ckpt       # PTQ of a trained checkpoint
-    python recipes/ptq_cfws.py                                          # trains the FP32 model first
+    python recipes/ptq_cfws.py --ckpt out/qat_b0/repvgg_a0/fp32.ckpt --image-size 16  # PTQ of a trained checkpoint
+    python recipes/ptq_cfws.py                                                        # trains the FP32 model first
 
 CFWS (Yang et al., arXiv 2312.10588) targets exactly what breaks plain INT8 PTQ of RepVGG: the fused kernel's
 centre tap carries the identity and 1×1 branches, so one per-channel scale is set by the centre and wipes out the

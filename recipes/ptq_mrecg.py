@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python recipes/ptq_mrecg.py --ckpt out/qat_b0-qarepvgg/fp32.ckpt --bits 4
+    python recipes/ptq_mrecg.py --ckpt out/qat_b0/qarepvgg_a0/fp32.ckpt --image-size 16 --bits 4
     python recipes/ptq_mrecg.py --bits 4,2 --iters 1000 --num-samples 1024
 
 MRECG (Ma et al., CVPR 2023) observes that block-wise reconstruction (BRECQ) oscillates where adjacent modules

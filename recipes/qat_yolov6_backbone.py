@@ -248,7 +248,7 @@ def load_yolov6_keyed(module: SegModule, path: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------- recipe
 def build_parser() -> argparse.ArgumentParser:
     p = common.base_parser(__doc__.split("\n\n")[0], epochs=12, qat_epochs=3, out="out/qat_yolov6_backbone",
-                           block="qarepvgg", blocks=("qarepvgg", "qarepvggv2", "repvgg"))
+                           block="qarepvgg", blocks=("qarepvgg", "qarepvggv2", "repvgg"), image_size=None)
     p.add_argument("--size", default="n", choices=["n", "s", "m"], help="EfficientRep size (YOLOv6-n/s/m)")
     p.add_argument("--lr", type=float, default=2e-3, help="FP32 peak learning rate (AdamW, cosine)")
     p.add_argument("--qat-lr", type=float, default=2e-4, help="QAT peak learning rate (AdamW, cosine)")

@@ -10,14 +10,26 @@ script's folder ``recipes/`` on ``sys.path``, so ``import recipe_common`` works 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+#: when the recipe started (before torch and Lightning are imported): the report's wall time counts from here
+PROCESS_START = time.perf_counter()
+
+# OpenMP threads spin while they wait for each other. When other processes share the cores, two spinning threads
+# made a training step of qarepvgg_a0 about 6x slower than one thread (9.6 s vs 1.6 s per step, batch 64, 16x16,
+# load average 10 on 2 cores); passive waiting brought it back to 1.7 s. Set before torch is imported (OpenMP reads
+# it once, so this stays above the imports); an OMP_WAIT_POLICY the user exported wins. Recipes only: the library
+# leaves the process alone.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytorch_lightning as pl
 import torch
@@ -33,13 +45,15 @@ from qat_rep.export.atomic import atomic_file, write_text_atomic
 
 log = logging.getLogger("qat_rep.recipes")
 console = Console(stderr=False, highlight=False)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 160  # a log file: tables on one line per row instead of rich's 80-column wrapping
 
 __all__ = [
     "ImageClassifier", "ImageDataModule", "base_parser", "parse_bits", "check_common_args", "prepare_run",
     "make_trainer", "evaluate_accuracy", "collect_batches", "ResultRow", "results_table", "results_markdown",
     "plot_accuracy", "write_report", "finish_run", "atomic_write_text", "atomic_write_json", "Stopwatch", "console",
     "cpu_seconds", "environment_markdown", "load_classifier", "classifier_kwargs", "train_or_load_fp32",
-    "finish_distributed",
+    "finish_distributed", "warmup_cosine",
 ]
 
 
@@ -60,15 +74,21 @@ class ImageClassifier(pl.LightningModule):
 
     The logits contract matters for :class:`qat_rep.callbacks.RepQATCallback`: a module whose ``forward`` returns
     class logits (and whose batches are ``(images, labels)``) gets FP32-equivalent and fake-quant accuracy logged
-    side by side. AdamW (no decay on biases and norms) with a per-step cosine schedule to ``final_lr_ratio · lr``.
+    side by side. AdamW (no decay on biases and norms) with a per-step schedule: a linear warm-up over the first
+    ``warmup_ratio`` of the steps, then cosine to ``final_lr_ratio · lr``. Learned quantizer ranges (``*._amax``
+    parameters, ``QuantConfig(learn_amax=True)``) train at ``amax_lr_scale · lr`` without weight decay.
     """
 
     def __init__(self, model_name: str = "qarepvgg_b0", num_classes: int = 10, small_input: bool = False,
                  lr: float = 3e-3, weight_decay: float = 0.01, final_lr_ratio: float = 0.01,
-                 model_kwargs: dict[str, Any] | None = None):
+                 model_kwargs: dict[str, Any] | None = None, warmup_ratio: float = 0.0, amax_lr_scale: float = 1.0):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if amax_lr_scale <= 0:
+            raise ValueError(f"amax_lr_scale must be > 0, got {amax_lr_scale}")
         self.save_hyperparameters()
         self.model = create_model(model_name, num_classes=num_classes, small_input=small_input,
                                   **(model_kwargs or {}))
@@ -101,15 +121,46 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc(logits, y)
         self.log("test_acc", self.val_acc)
 
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: weights with decay; biases and norms without; learned ranges without decay at
+        ``amax_lr_scale · lr`` (a group only when the model has them)."""
+        hp = self.hparams
+        amax = [p for n, p in self.named_parameters() if n.endswith("._amax")]
+        rest = [p for n, p in self.named_parameters() if not n.endswith("._amax")]
+        groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": hp.weight_decay},
+                  {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0}]
+        if amax:
+            groups.append({"params": amax, "weight_decay": 0.0, "lr": hp.lr * hp.get("amax_lr_scale", 1.0)})
+        return groups
+
+    #: learned ranges stay at least this large after every step: an Adam step at ``amax_lr_scale`` times the learning
+    #: rate can exceed a small weight range (in a 4-bit RepVGG-A0 run at 10x, one channel of stage3.0, whose ranges
+    #: were about 0.04-0.15, went below zero: the scale's clamp then stops its gradient for good, and the deploy
+    #: check refuses the artifact)
+    AMAX_MIN = 1e-4
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("._amax"):
+                    p.clamp_(min=self.AMAX_MIN)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.parameters() if p.ndim <= 1]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
+        opt = torch.optim.AdamW(self.optimizer_groups(), lr=hp.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=hp.lr * hp.final_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+            warmup_cosine, total=total, warmup=int(total * hp.get("warmup_ratio", 0.0)), final=hp.final_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def warmup_cosine(step: int, total: int, warmup: int, final: float) -> float:
+    """The learning-rate factor at ``step``: linear from ``1/(warmup+1)`` to 1 over ``warmup`` steps, then cosine
+    from 1 to ``final`` at step ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    t = min(step - warmup, total - warmup) / max(1, total - warmup)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -176,8 +227,8 @@ def parse_bits(text: str) -> list[int]:
 
 
 def base_parser(description: str, *, epochs: int, qat_epochs: int | None, out: str, bits: str = "8",
-                block: str | None = "qarepvgg", blocks: Sequence[str] = ("qarepvgg", "repvgg")
-                ) -> argparse.ArgumentParser:
+                block: str | None = "qarepvgg", blocks: Sequence[str] = ("qarepvgg", "repvgg"),
+                image_size: int | None = 32) -> argparse.ArgumentParser:
     """The flags every recipe shares; each one documented for ``--help`` (``qat_epochs=None``: no QAT stage)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=int, default=epochs,
@@ -199,9 +250,13 @@ def base_parser(description: str, *, epochs: int, qat_epochs: int | None, out: s
     p.add_argument("--fast", action="store_true",
                    help="smoke-test mode: tiny model, few batches and epochs (about a minute or two)")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, data order)")
+    if image_size is not None:
+        p.add_argument("--image-size", type=int, default=image_size,
+                       help="input size in pixels (images are resized to it; the embedded digits are 8x8 originally)")
     if block is not None:
         p.add_argument("--block", default=block, choices=list(blocks),
                        help="rep block type: qarepvgg (QARepVGG, quantization-friendly), repvgg (plain RepVGG)"
+                            + (", both (one model of each, compared)" if "both" in blocks else "")
                             + (", qarepvggv2 (QARepVGG-V2, with an avg-pool branch)" if "qarepvggv2" in blocks
                                else ""))
     p.add_argument("--threads", type=int, default=0,
@@ -221,6 +276,8 @@ def check_common_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(f"--ckpt {args.ckpt!r} is not a file")
     if args.epochs == 0 and args.ckpt is None:
         parser.error("--epochs 0 needs --ckpt (a trained FP32 model to start from)")
+    if getattr(args, "image_size", 32) < 8:
+        parser.error(f"--image-size must be >= 8, got {args.image_size}")
     if getattr(args, "calib_batches", 1) < 1:
         parser.error(f"--calib-batches must be >= 1, got {args.calib_batches}")
     if getattr(args, "model", "") is None:
@@ -246,6 +303,10 @@ def prepare_run(args: argparse.Namespace) -> Path:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")  # --fast's 2-batch epochs
+    # an upstream deprecation inside Lightning's own pytree helper (not actionable here); recipes only — the library
+    # never filters its users' warnings
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,22 +316,42 @@ def prepare_run(args: argparse.Namespace) -> Path:
 def make_trainer(args: argparse.Namespace, out: Path, *, max_epochs: int, callbacks: Sequence[Any] = (),
                  name: str = "fit", limit_batches: int | float | None = None,
                  enable_progress: bool = True) -> pl.Trainer:
-    """A CPU Trainer writing its CSV logs under ``out/logs/<name>``, with rich progress, no automatic checkpoints
-    (recipes save the checkpoints they document)."""
+    """A CPU Trainer writing its CSV logs under ``out/logs/<name>``, no automatic checkpoints (recipes save the
+    checkpoints they document), and progress: a rich bar on a terminal, one line per epoch otherwise (a log file)."""
     from pytorch_lightning.callbacks import RichProgressBar
     from pytorch_lightning.loggers import CSVLogger
 
     cbs = list(callbacks)
     if enable_progress:
-        cbs.append(RichProgressBar(leave=False))
+        cbs.append(RichProgressBar(leave=False) if console.is_terminal else EpochLines(name))
     kw: dict[str, Any] = {}
     if limit_batches is not None:
         kw.update(limit_train_batches=limit_batches, limit_val_batches=limit_batches)
     return pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy=args.strategy, max_epochs=max_epochs,
         callbacks=cbs, logger=CSVLogger(str(out / "logs"), name=name), enable_checkpointing=False,
-        enable_model_summary=False, deterministic=False, num_sanity_val_steps=0, log_every_n_steps=5, **kw,
+        enable_model_summary=False, deterministic=False, num_sanity_val_steps=0, log_every_n_steps=5,
+        enable_progress_bar=enable_progress and console.is_terminal, **kw,
     )
+
+
+class EpochLines(pl.Callback):
+    """Progress for a log file: one plain line per finished epoch (epoch, time, the logged metrics), rank 0 only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = " ".join(f"{k} {float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items())
+                           if getattr(v, "numel", lambda: 1)() == 1)
+        console.print(f"{self.name}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
+                      f"({time.perf_counter() - self.t0:.0f} s) {metrics}", soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -364,21 +445,36 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def results_table(rows: Sequence[ResultRow], title: str, metric: str = "top-1 %") -> Table:
-    """The rows as a rich table."""
+def _columns(rows: Sequence[ResultRow], metric: str, extra_columns: Sequence[str]
+             ) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    """(header, justification) pairs and cell texts shared by the rich and the markdown table."""
+    setting = any("setting" in r.extra for r in rows)
+    cols = [(c, "left") for c in extra_columns] + [("method", "left"), ("setting" if setting else "bits", "left"),
+                                                    (metric, "right"), ("latency ms", "right"), ("notes", "left")]
+    cells = [[str(r.extra.get(c, "")) for c in extra_columns]
+             + [r.method, str(r.extra.get("setting", r.bits)), _fmt(r.accuracy), _fmt(r.latency_ms), r.notes]
+             for r in rows]
+    return cols, cells
+
+
+def results_table(rows: Sequence[ResultRow], title: str, metric: str = "top-1 %",
+                  extra_columns: Sequence[str] = ()) -> Table:
+    """The rows as a rich table (``extra_columns``: keys of ``ResultRow.extra`` shown first)."""
     t = Table(title=title)
-    for col, just in (("method", "left"), ("bits", "left"), (metric, "right"), ("latency ms", "right"),
-                      ("notes", "left")):
+    cols, cells = _columns(rows, metric, extra_columns)
+    for col, just in cols:
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for r in rows:
-        t.add_row(r.method, r.bits, _fmt(r.accuracy), _fmt(r.latency_ms), r.notes)
+    for c in cells:
+        t.add_row(*c)
     return t
 
 
-def results_markdown(rows: Sequence[ResultRow], metric: str = "top-1 %") -> str:
-    """The rows as a GitHub markdown table."""
-    lines = [f"| method | bits | {metric} | latency ms | notes |", "|---|---|---:|---:|---|"]
-    lines += [f"| {r.method} | {r.bits} | {_fmt(r.accuracy)} | {_fmt(r.latency_ms)} | {r.notes} |" for r in rows]
+def results_markdown(rows: Sequence[ResultRow], metric: str = "top-1 %", extra_columns: Sequence[str] = ()) -> str:
+    """The rows as a GitHub markdown table (``extra_columns``: keys of ``ResultRow.extra`` shown first)."""
+    cols, cells = _columns(rows, metric, extra_columns)
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |",
+             "|" + "|".join("---:" if j == "right" else "---" for _, j in cols) + "|"]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines)
 
 
@@ -413,6 +509,14 @@ def plot_accuracy(rows: Sequence[ResultRow], path: str | os.PathLike, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_file(path) as tmp:
@@ -434,7 +538,7 @@ def finish_run(out: Path, results: dict[str, Any], title: str, sections: Sequenc
                args: argparse.Namespace, sw: "Stopwatch") -> None:
     """The end every recipe shares: stage times into ``results``, ``results.json``, then ``report.md`` (``sections``
     plus the list of files written and the environment), and the report's path on the console."""
-    results["seconds"] = dict(sw.times, total=sw.total, cpu=cpu_seconds())
+    results["seconds"] = dict(sw.times, total=sw.total, process=time.perf_counter() - PROCESS_START, cpu=cpu_seconds())
     atomic_write_json(out / "results.json", results)
     files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     write_report(out / "report.md", title, [
@@ -464,6 +568,7 @@ def environment_markdown(args: argparse.Namespace, times: dict[str, float]) -> s
              f"- torch {torch.__version__}, pytorch-lightning {pl.__version__}, onnxruntime {onnxruntime.__version__}",
              f"- machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s), "
              f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end",
+             f"- wall time of the whole run (imports included): {time.perf_counter() - PROCESS_START:.0f} s",
              f"- CPU time of this process: {cpu_seconds():.0f} s", ""]
     lines += ["| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
@@ -509,12 +614,16 @@ def load_classifier(path: str | os.PathLike, **module_kwargs: Any) -> ImageClass
 
 
 def classifier_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
-    """ImageClassifier arguments from the recipe flags (``--model``, ``--block``, ``--lr``)."""
-    return dict(model_name=f"{args.block}_{args.model}", num_classes=num_classes, small_input=False, lr=args.lr)
+    """ImageClassifier arguments from the recipe flags (``--model``, ``--block``, ``--lr``, ``--warmup`` when the
+    recipe has it, ``--image-size``: below 32 pixels the first block keeps the resolution, as for CIFAR-sized
+    inputs)."""
+    return dict(model_name=f"{args.block}_{args.model}", num_classes=num_classes,
+                small_input=getattr(args, "image_size", 32) < 32, lr=args.lr,
+                warmup_ratio=getattr(args, "warmup", 0.0))
 
 
 def train_or_load_fp32(args: argparse.Namespace, dm: ImageDataModule, out: Path, sw: Stopwatch,
-                       limit_batches: int | None = None) -> ImageClassifier:
+                       limit_batches: int | None = None, label: str = "FP32 training") -> ImageClassifier:
     """The FP32 starting point: ``--ckpt`` when given, else ``--epochs`` of training saved to ``out/fp32.ckpt``."""
     kwargs = classifier_kwargs(args, dm.num_classes)
     if args.ckpt:
@@ -522,7 +631,7 @@ def train_or_load_fp32(args: argparse.Namespace, dm: ImageDataModule, out: Path,
             module = load_classifier(args.ckpt, **kwargs)
             console.print(f"loaded FP32 model from [bold]{args.ckpt}[/] ({module.hparams.model_name})")
         return module
-    with sw("FP32 training"):
+    with sw(label):
         module = ImageClassifier(**kwargs)
         trainer = make_trainer(args, out, max_epochs=args.epochs, name="fp32", limit_batches=limit_batches)
         trainer.fit(module, datamodule=dm)

@@ -36,3 +36,20 @@ def test_snippet_runs(index, tmp_path):
     path.write_text(SNIPPETS[index])
     proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_quickstart_embeds_the_collected_default_run():
+    """The Quickstart's figure and numbers are the ones benchmarks/run_all.py builds from the committed
+    benchmarks/results/qat_b0.json, and every image the README embeds is a file in the repository."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qat_rep_run_all", ROOT / "benchmarks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    section = run_all.quickstart_section()
+    quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    assert section is not None and section in quickstart
+    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", README)
+    assert "benchmarks/results/qat_b0.png" in images
+    for image in images:
+        assert (ROOT / image).is_file(), image

@@ -118,3 +118,41 @@ def test_problem_table_is_built_from_ptq_accuracy_json(tmp_path: Path) -> None:
     plain.write_text("# no markers\n")
     assert not run_all.rewrite_readme(plain, table, run_all.PROBLEM_START, run_all.PROBLEM_END, append=False)
     assert plain.read_text() == "# no markers\n"
+
+
+def _qat_b0_models(rep_fp32: float, qarep_fp32: float, rep_ptq: dict, qarep_ptq: dict) -> dict:
+    def model(fp32, ptq, w4):
+        cfws = {"cfws/W8A8 per-tensor W": fp32 - 0.25}  # CFWS at the collapsing setting of the data below
+        return {"fp32_acc": fp32, "ptq": {f"minmax/{k}": v for k, v in ptq.items()} | cfws,
+                "qat": {"w8a8": {"fakequant_acc": fp32, "ort_agreement": 100.0},
+                        "w4a4": {"fakequant_acc": w4, "onnx_skipped": "8-bit only"}}}
+    return {"repvgg_a0": model(rep_fp32, rep_ptq, rep_fp32 - 1.25),
+            "qarepvgg_a0": model(qarep_fp32, qarep_ptq, qarep_fp32 + 0.5)}
+
+
+def test_quickstart_numbers_are_built_from_the_collected_default_run(tmp_path: Path) -> None:
+    d = tmp_path / "results"
+    d.mkdir()
+    assert run_all.quickstart_section(d) is None  # nothing collected yet: the README keeps what it has
+    (d / "qat_b0.json").write_text(json.dumps({"models": {"qarepvgg_a0": {}}}))
+    assert run_all.quickstart_section(d) is None  # a one-model run does not make the comparison
+    rep_ptq = {"W8A8": 98.0, "W8A8 per-tensor W": 60.0, "W6A6": 90.0, "W4A4": 10.0}
+    qarep_ptq = {"W8A8": 98.5, "W8A8 per-tensor W": 98.0, "W6A6": 97.0, "W4A4": 12.0}
+    (d / "qat_b0.json").write_text(json.dumps({
+        "validation_images": 359, "stamp": "commit abc1234, 2026-01-01 00:00 UTC",
+        "seconds": {"process": 512.4, "total": 500.0, "cpu": 700.0},
+        "models": _qat_b0_models(99.0, 98.5, rep_ptq, qarep_ptq)}))
+    section = run_all.quickstart_section(d)
+    assert section.startswith(run_all.QUICKSTART_START) and section.endswith(run_all.QUICKSTART_END)
+    assert "](benchmarks/results/qat_b0.png)" in section and "359 validation images" in section
+    assert "commit abc1234" in section and "512 s wall" in section
+    # the collapsing setting is where RepVGG loses most above 4 bits (per-tensor W8 here, not W4A4)
+    assert ("at W8A8 per-tensor W, where RepVGG loses most above 4 bits: RepVGG-A0 -39.00 points, QARepVGG-A0 -0.50 "
+            "(CFWS there: -0.25 and -0.25)") in section
+    assert "at W4A4 -89.00 and -86.50" in section
+    assert "RepVGG-A0 -1.25 points (99.00 → 97.75), QARepVGG-A0 +0.50 (98.50 → 99.00)" in section
+    assert "100.00 % (RepVGG-A0) and 100.00 % (QARepVGG-A0)" in section
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\n## Quickstart\n\n{run_all.QUICKSTART_START}\nold\n{run_all.QUICKSTART_END}\n\n## Next\n")
+    assert run_all.rewrite_readme(readme, section, run_all.QUICKSTART_START, run_all.QUICKSTART_END, append=False)
+    assert readme.read_text() == f"# T\n\n## Quickstart\n\n{section}\n\n## Next\n"
