@@ -42,6 +42,7 @@ from recipe_common import (ImageClassifier, ImageDataModule, ResultRow, Stopwatc
     collect_batches, console, evaluate_accuracy, finish_distributed, make_trainer, prepare_run, results_markdown,
     results_table, train_or_load_fp32)
 
+import pytorch_lightning as pl
 import torch
 
 from qat_rep import CFWSConfig, MinMaxConfig, QuantConfig, Schedule, quantize_ptq
@@ -330,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         out.mkdir(parents=True, exist_ok=True)
         block_args = argparse.Namespace(**{**vars(args), "block": block})
         # the same initial weights and data order for each block type, and as in a one-block run
-        common.pl.seed_everything(args.seed, workers=True, verbose=False)
+        pl.seed_everything(args.seed, workers=True, verbose=False)
         fp32 = train_or_load_fp32(block_args, dm, out, sw, limit_batches=limit, label=f"{name}: FP32 training")
         with sw(f"{name}: QAT fine-tuning"):
             qat = {b: run_qat(block_args, fp32, dm, out, b, limit) for b in args.bits}

@@ -214,8 +214,6 @@ def plot_map(results: dict[str, Any], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qat_rep.export.atomic import atomic_file
-
     stages = [k for k in STAGE_LABELS if k in results["map"]]
     fig, ax = plt.subplots(figsize=(7.2, 3.8), dpi=110)
     for i, (key, label) in enumerate((("map", "mAP@0.5:0.95"), ("map_50", "mAP@0.5"))):
@@ -227,10 +225,7 @@ def plot_map(results: dict[str, Any], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def report_markdown(results: dict[str, Any]) -> str:

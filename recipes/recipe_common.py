@@ -53,7 +53,7 @@ __all__ = [
     "make_trainer", "evaluate_accuracy", "collect_batches", "ResultRow", "results_table", "results_markdown",
     "plot_accuracy", "write_report", "finish_run", "atomic_write_text", "atomic_write_json", "Stopwatch", "console",
     "cpu_seconds", "environment_markdown", "load_classifier", "classifier_kwargs", "train_or_load_fp32",
-    "finish_distributed", "warmup_cosine",
+    "finish_distributed", "warmup_cosine", "save_figure",
 ]
 
 
