@@ -64,11 +64,13 @@ def test_sensitivity_keep_float_and_distillation(tmp_path):
     assert json.loads((tmp_path / "re" / "results.json").read_text())["map"]["fp32"] == res["map"]["fp32"]
 
 
+@pytest.mark.slow
 def test_keep_float_without_sensitivity_exits_2(tmp_path):
     proc = _run("--fast", "--keep-float", "2", "--out", str(tmp_path / "out"), timeout=600)
     assert proc.returncode == 2 and "--keep-float K needs --sensitivity N" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_folder_exits_2_with_one_line(tmp_path):
     proc = _run("--fast", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), timeout=600)
     assert proc.returncode == 2

@@ -434,7 +434,8 @@ def test_learned_ranges_get_their_own_learning_rate_and_an_mse_start() -> None:
     """Below 8 bits qat_b0 trains the learned ranges at ``amax_lr_scale · lr`` without weight decay, and starts the
     weight ranges from an MSE search instead of max|W| (never above it)."""
     import qat_b0
-    from qat_rep.quant import calibrate, prepare, quantizers
+    from qat_rep.quant import calibrate, prepare
+    from qat_rep.quant.insert import quantizers
 
     module = common.ImageClassifier(model_name="repvgg_a0", small_input=True, lr=1e-3, amax_lr_scale=10.0)
     assert len(module.optimizer_groups()) == 2  # no learned ranges yet: no third group
