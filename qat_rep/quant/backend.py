@@ -41,16 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import pq_import  # noqa: F401  (first: pytorch-quantization imported with single log lines)
-from pytorch_quantization import calib as _pq_calib
-from pytorch_quantization import nn as _pq_nn
-from pytorch_quantization.calib.histogram import (
-    _compute_amax_entropy as pq_compute_amax_entropy,
-    _compute_amax_mse as pq_compute_amax_mse,
-    _compute_amax_percentile as pq_compute_amax_percentile,
-)
-from pytorch_quantization.nn.modules.tensor_quantizer import TensorQuantizer as _PQTensorQuantizer
-from pytorch_quantization.tensor_quant import QuantDescriptor, fake_tensor_quant
+from .pq_import import QuantDescriptor, fake_tensor_quant
+from .pq_import import TensorQuantizer as _PQTensorQuantizer
+from .pq_import import calib as _pq_calib
+from .pq_import import compute_amax_entropy as pq_compute_amax_entropy
+from .pq_import import compute_amax_mse as pq_compute_amax_mse
+from .pq_import import compute_amax_percentile as pq_compute_amax_percentile
+from .pq_import import quant_nn as _pq_nn
 
 from . import qmath as qm
 from ..fuse import fuse_bn_module

@@ -1,7 +1,13 @@
-"""Imports pytorch-quantization once, before any of its modules, keeping the process's log lines single."""
+"""pytorch-quantization, imported here and nowhere else: once, quietly, and the few names the backend builds on.
+
+The library is imported by :func:`import_quietly` (which keeps the process's log lines single) before any of its
+submodules, so the submodules are looked up with :func:`importlib.import_module` after it rather than imported at
+the top. :mod:`.backend` takes everything it needs from here.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 
@@ -30,3 +36,15 @@ def import_quietly() -> None:
 
 
 import_quietly()
+
+#: calibrators (``MaxCalibrator``, ``HistogramCalibrator``) and the quantized layers (``QuantConv2d``, ...)
+calib = importlib.import_module("pytorch_quantization.calib")
+quant_nn = importlib.import_module("pytorch_quantization.nn")
+TensorQuantizer = importlib.import_module("pytorch_quantization.nn.modules.tensor_quantizer").TensorQuantizer
+QuantDescriptor = importlib.import_module("pytorch_quantization.tensor_quant").QuantDescriptor
+fake_tensor_quant = importlib.import_module("pytorch_quantization.tensor_quant").fake_tensor_quant
+#: the library's amax searches over a histogram (TensorRT's entropy, MSE, percentile), private in the library
+_histogram = importlib.import_module("pytorch_quantization.calib.histogram")
+compute_amax_entropy = _histogram._compute_amax_entropy
+compute_amax_mse = _histogram._compute_amax_mse
+compute_amax_percentile = _histogram._compute_amax_percentile
