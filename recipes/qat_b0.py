@@ -318,9 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     root = prepare_run(args)
     sw = Stopwatch()
     limit = 2 if args.fast else None
-    dm = ImageDataModule(args.data, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-                         limit=128 if args.fast else None, val_limit=128 if args.fast else None)
-    dm.setup()
+    dm = ImageDataModule.from_args(args)
     console.print(f"[bold]qat_b0[/]: {', '.join(f'{b}_{args.model}' for b in args.blocks)} on {args.data!r} "
                   f"({len(dm.train_set)} train / {len(dm.val_set)} val images, {dm.num_classes} classes, "
                   f"{args.image_size}x{args.image_size}), output → {root}")

@@ -69,9 +69,7 @@ def run_ptq_recipe(name: str, title: str, methods: Sequence[PTQMethod], main_met
     out = prepare_run(args)
     sw = Stopwatch()
     limit = 2 if args.fast else None
-    dm = ImageDataModule(args.data, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed,
-                         limit=128 if args.fast else None, val_limit=128 if args.fast else None)
-    dm.setup()
+    dm = ImageDataModule.from_args(args)
     fp32 = train_or_load_fp32(args, dm, out, sw, limit_batches=limit)
     if not common.finish_distributed():
         return {}
