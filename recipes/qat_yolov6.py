@@ -166,30 +166,6 @@ STAGE_LABELS = {"fp32": "FP32", "ptq_w8a8_per_channel": "PTQ W8A8 (per-channel W
                 "ort_int8": "ONNX Runtime INT8"}
 
 
-def load_state(path: Path) -> dict[str, Tensor]:
-    """A state dict from safetensors or a ``torch.save`` file (``weights_only=True``: nothing is unpickled), with a
-    ``"model"``/``"state_dict"`` wrapper removed."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
-def save_state(model: torch.nn.Module, path: Path) -> Path:
-    """The model's state dict (upstream keys) as safetensors, written atomically."""
-    from safetensors.torch import save
-
-    from qat_rep.export.atomic import write_bytes_atomic
-
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    return write_bytes_atomic(path, save(state, metadata={"format": "pt"}))
-
-
 def map_sensitivity(model: torch.nn.Module, calib: list[Tensor], val: Any, images: int,
                     config: QuantConfig) -> list[Any]:
     """Every quantized layer ranked by the mAP@0.5:0.95 it costs when quantized alone (``config``, the QAT
@@ -297,11 +273,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       default_root_dir=str(out))
     if args.ckpt:
-        module.model.load_state_dict(load_state(Path(args.ckpt)), strict=True)
+        try:
+            state = common.read_state_dict(args.ckpt)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        module.model.load_state_dict(state, strict=True)
     elif args.epochs:
         pl.Trainer(max_epochs=args.epochs, limit_train_batches=2 if args.fast else None, **trainer_kw).fit(
             module, train)
-    save_state(module.model, out / "fp32.safetensors")
+    common.write_state_dict(module.model, out / "fp32.safetensors")
     times["fp32"] = time.time() - t0
     results: dict[str, Any] = {"model": args.model, "block": args.block, "seed": args.seed,
                                "data": args.data, "image_size": args.image_size, "args": vars(args), "map": {}}

@@ -205,31 +205,15 @@ def ort_runner(path: Path):
 # ------------------------------------------------------------------------------------------------- checkpoints
 def save_yolov6_keyed(net: DigitSegmenter, path: Path) -> Path:
     """The FP32 weights with YOLOv6's key names (``backbone.*``, plus ``head.*``) as safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "keys": "yolov6"})
-    tmp.replace(path)
-    return path
+    return common.write_state_dict(net, path, keys="yolov6")
 
 
 def load_yolov6_keyed(module: SegModule, path: Path) -> list[str]:
     """Load a YOLOv6-keyed state dict (``backbone.*`` [+ ``head.*``], train or fused form; a ``model.`` or ``net.``
     prefix is stripped). The backbone must match exactly; returns the head keys that were missing (left random)."""
     from qat_rep import load_state_dict_any_form
-    from qat_rep.callbacks.checkpoint import weights_only_errors
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        with weights_only_errors(path):
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
+    state = common.read_state_dict(path)
     for prefix in ("model.", "net."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}

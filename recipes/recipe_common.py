@@ -53,7 +53,8 @@ __all__ = [
     "make_trainer", "evaluate_accuracy", "collect_batches", "ResultRow", "results_table", "results_markdown",
     "plot_accuracy", "write_report", "finish_run", "atomic_write_text", "atomic_write_json", "Stopwatch", "console",
     "cpu_seconds", "environment_markdown", "load_classifier", "classifier_kwargs", "train_or_load_fp32",
-    "finish_distributed", "warmup_cosine", "save_figure",
+    "finish_distributed", "warmup_cosine", "save_figure", "read_state_dict",
+    "write_state_dict",
 ]
 
 
@@ -587,6 +588,35 @@ def environment_markdown(args: argparse.Namespace, times: dict[str, float]) -> s
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict from a safetensors file or a ``torch.save`` file, read with ``weights_only=True`` (nothing is
+    unpickled; a refused object becomes one ``ValueError`` naming it), a ``"state_dict"``/``"model"`` wrapper
+    removed."""
+    from qat_rep.callbacks.checkpoint import weights_only_errors
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    with weights_only_errors(path):
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def write_state_dict(module: nn.Module, path: str | os.PathLike, **metadata: str) -> Path:
+    """``module``'s state dict as a safetensors file (``metadata`` in its header), written atomically."""
+    from safetensors.torch import save
+
+    from qat_rep.export.atomic import write_bytes_atomic
+
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    return write_bytes_atomic(path, save(state, metadata={"format": "pt", **metadata}))
+
+
 def load_classifier(path: str | os.PathLike, **module_kwargs: Any) -> ImageClassifier:
     """An :class:`ImageClassifier` from a trained FP32 checkpoint.
 
