@@ -111,7 +111,7 @@ RECIPES: dict[str, FP32Recipe] = {
 }
 
 
-def _shift_batch(x: "torch.Tensor", shift: int, gen: "torch.Generator") -> "torch.Tensor":
+def shift_batch(x: "torch.Tensor", shift: int, gen: "torch.Generator") -> "torch.Tensor":
     """Translate every image by its own random (dy, dx) in ``[-shift, shift]``; the border pixels are repeated."""
     import torch
     import torch.nn.functional as F
@@ -157,7 +157,7 @@ def train_fp32(model_name: str, recipe: FP32Recipe | str, seed: int, *, cache: P
     for _ in range(recipe.epochs):
         for x, y in loader:
             if recipe.shift:
-                x = _shift_batch(x, recipe.shift, gen)
+                x = shift_batch(x, recipe.shift, gen)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

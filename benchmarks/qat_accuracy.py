@@ -58,6 +58,7 @@ import copy
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -71,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import CACHE, RECIPES, markdown_table, stamp, train_fp32
+from common import CACHE, RECIPES, markdown_table, shift_batch, stamp, train_fp32
 from qat_rep import DataSpec, create_model, load_dataset, reparameterize
 from qat_rep.blocks import RepBlock
 from qat_rep.fuse import fuse_bn_module
@@ -93,19 +94,24 @@ class Setting:
     config: QuantConfig
     epochs: int
     lr: float
+    amax_lr_scale: float = 1.0  # learned ranges train at this multiple of ``lr`` (no weight decay)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or not self.lr > 0:
-            raise ValueError(f"setting {self.label}: epochs must be >= 1 and lr > 0, got {self.epochs}, {self.lr}")
+        if self.epochs < 1 or not self.lr > 0 or not self.amax_lr_scale > 0:
+            raise ValueError(f"setting {self.label}: epochs must be >= 1, lr and amax_lr_scale > 0, got "
+                             f"{self.epochs}, {self.lr}, {self.amax_lr_scale}")
 
 
-def default_settings(w8_epochs: int = 1, w8_lr: float = 1e-4, w4_epochs: int = 1, w4_lr: float = 1e-3
-                     ) -> dict[str, Setting]:
-    """W8A8 with per-tensor weights (a gentle fine-tune) and W4A4 with MSE init and learned ``amax`` (a real one)."""
+def default_settings(w8_epochs: int = 1, w8_lr: float = 1e-4, w4_epochs: int = 5, w4_lr: float = 1e-3,
+                     amax_lr_scale: float = 5.0) -> dict[str, Setting]:
+    """W8A8 with per-tensor weights (a gentle fine-tune) and W4A4 (a real one, ``recipes/qat_b0.py``'s low-bit
+    recipe): MSE-calibrated activations, weight ranges from the MSE search, both learned at ``amax_lr_scale`` × the
+    lr, unsigned activations after a ReLU, first and last layer at 8 bits."""
     return {
         "W8A8-pt": Setting("W8A8-pt", QuantConfig(w_bits=8, a_bits=8, w_granularity="per_tensor"), w8_epochs, w8_lr),
-        "W4A4": Setting("W4A4", QuantConfig(w_bits=4, a_bits=4, calibrator="mse", learn_amax=True), w4_epochs,
-                        w4_lr),
+        "W4A4": Setting("W4A4", QuantConfig(w_bits=4, a_bits=4, calibrator="mse", learn_amax=True,
+                                            weight_calibrator="mse", unsigned_activations=True), w4_epochs, w4_lr,
+                        amax_lr_scale),
     }
 
 
@@ -146,6 +152,20 @@ def _has_fused_phase() -> bool:
     return "fused" in PHASES
 
 
+def _build_fused(model: nn.Module, config: QuantConfig) -> StepHook:
+    """The callback's default schedule, ``Schedule.fused()``: every block collapsed into one trainable conv (QARep:
+    plus its post-BN) at the first step, on the multi-branch model ``prepare`` quantized."""
+    if not _has_fused_phase():
+        raise ValueError(f"the fused route needs the schedule's 'fused' phase; this qat_rep has {PHASES}")
+    prepare(model, config)
+    schedule = Schedule.fused(unit="step")
+
+    def on_step(step: int, total: int, optimizer: torch.optim.Optimizer) -> None:
+        apply_schedule(model, schedule, 0, step, [optimizer])
+
+    return on_step
+
+
 def _build_progressive(model: nn.Module, config: QuantConfig) -> StepHook:
     """Equivalent-kernel QAT for the first ``PROGRESSIVE_FUSE_AT`` of the steps, then every block collapsed into one
     trainable conv (QARep: plus its post-BN) — ``Schedule.all_at_once(fuse_at=...)`` by step; the collapse drops
@@ -169,8 +189,10 @@ ROUTES: dict[str, Route] = {
     "fuse_first": Route("fuse_first", _build_fuse_first),
     "progressive": Route("progressive", _build_progressive, _has_fused_phase,
                          "qat_rep.quant.rep_qat.PHASES has no 'fused' phase in this checkout"),
+    "fused": Route("fused", _build_fused, _has_fused_phase,
+                   "qat_rep.quant.rep_qat.PHASES has no 'fused' phase in this checkout"),
 }
-QAT_ROUTES = ("eqk", "fuse_first", "progressive")
+QAT_ROUTES = ("eqk", "fuse_first", "progressive", "fused")
 
 
 def get_route(name: str) -> Route:
@@ -236,13 +258,20 @@ def scores(pred: Tensor, val: ValSet) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------- training
 def finetune(model: nn.Module, train_set, setting: Setting, batch_size: int, seed: int,
-             on_step: StepHook | None = None) -> list[float]:
-    """AdamW + cosine (to 1 % of the lr) for ``setting.epochs``; returns the wall time of every step."""
+             on_step: StepHook | None = None, shift: int = 0) -> list[float]:
+    """AdamW + cosine (to 1 % of the lr) for ``setting.epochs``, with the FP32 recipe's random ``shift`` (pixels);
+    learned ranges at ``setting.amax_lr_scale`` × the lr without weight decay. Returns every step's wall time."""
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=gen)
     total = setting.epochs * len(loader)
-    opt = torch.optim.AdamW(model.parameters(), lr=setting.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=setting.lr * 0.01)
+    ranges = [p for n, p in model.named_parameters() if n.endswith("_amax")]
+    ids = {id(p) for p in ranges}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+    if ranges:
+        groups.append({"params": ranges, "lr": setting.lr * setting.amax_lr_scale, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=setting.lr, weight_decay=1e-4)
+    shift_gen = torch.Generator().manual_seed(seed + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / total)))
     times, step = [], 0
     for _ in range(setting.epochs):
         model.train()
@@ -250,6 +279,8 @@ def finetune(model: nn.Module, train_set, setting: Setting, batch_size: int, see
             t0 = time.perf_counter()
             if on_step is not None:
                 on_step(step, total, opt)
+            if shift:
+                x = shift_batch(x, shift, shift_gen)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,7 +319,7 @@ def deploy(model: nn.Module) -> nn.Module:
 
 
 def run_route(fp32: nn.Module, route: Route, setting: Setting, train_set, val: ValSet, batch_size: int,
-              seed: int) -> dict[str, Any]:
+              seed: int, shift: int = 0) -> dict[str, Any]:
     """One QAT run: build the route on a copy of ``fp32``, calibrate, fine-tune, convert; score both forms."""
     torch.manual_seed(seed)
     model = copy.deepcopy(fp32)
@@ -297,7 +328,7 @@ def run_route(fp32: nn.Module, route: Route, setting: Setting, train_set, val: V
     gen = torch.Generator().manual_seed(seed)
     calib = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=gen)
     calibrate(model, calib)
-    times = finetune(model, train_set, setting, batch_size, seed, hook)
+    times = finetune(model, train_set, setting, batch_size, seed, hook, shift)
     seconds = time.perf_counter() - t0
     c = view_index(0, 0, val.shift) * val.n  # the trained model is scored on the unshifted view (evaluation cost)
     trained = predictions(model, val.x[c:c + val.n])
@@ -377,11 +408,12 @@ def measure_memory(model_name: str, route_name: str, setting_label: str | None, 
 
 # ----------------------------------------------------------------------------------------------------- results
 def _setting_dict(s: Setting) -> dict[str, Any]:
-    return {"label": s.label, "config": s.config.to_dict(), "epochs": s.epochs, "lr": s.lr}
+    return {"label": s.label, "config": s.config.to_dict(), "epochs": s.epochs, "lr": s.lr,
+            "amax_lr_scale": s.amax_lr_scale}
 
 
 def _setting_from(d: dict[str, Any]) -> Setting:
-    return Setting(d["label"], QuantConfig.from_dict(d["config"]), d["epochs"], d["lr"])
+    return Setting(d["label"], QuantConfig.from_dict(d["config"]), d["epochs"], d["lr"], d.get("amax_lr_scale", 1.0))
 
 
 def run_key(r: dict[str, Any]) -> tuple:
@@ -516,16 +548,16 @@ def render(data: dict[str, Any]) -> str:
     mem = {(m["model"], m["setting"], m["route"]): m for m in data.get("memory", [])}
     fp_mem = {m["model"]: m for m in data.get("memory", []) if m["route"] == "fp32"}
     head = ["FP32 recipe", "model", "setting", "route", "seeds", "top-1 deployed (mean ± spread)", "drop vs FP32",
-            "unshifted view", "trained = deployed", "s/step", "× eqk", "QAT wall s", "step memory × FP32"]
+            "unshifted view", "trained = deployed", "s/step", "× fuse_first", "QAT wall s", "step memory × FP32"]
     table = []
-    eqk_step = {(r["recipe"], r["model"], r["setting"]): r["step_s"] for r in rows if r["route"] == "eqk"}
+    ff_step = {(r["recipe"], r["model"], r["setting"]): r["step_s"] for r in rows if r["route"] == "fuse_first"}
     for r in rows:
         if r["setting"] == "FP32":
             cells = [r["recipe"], r["model"], "FP32", "", str(r["seeds"]), f"{r['top1']:.2f} ± {r['spread']:.2f}",
                      "", f"{r['top1_unshifted']:.2f}", "", "", "", "", "1.00"]
         else:
             m, f = mem.get((r["model"], r["setting"], r["route"])), fp_mem.get(r["model"])
-            e = eqk_step.get((r["recipe"], r["model"], r["setting"]))
+            e = ff_step.get((r["recipe"], r["model"], r["setting"]))
             cells = [r["recipe"], r["model"], r["setting"], r["route"], str(r["seeds"]),
                      f"{r['top1']:.2f} ± {r['spread']:.2f}", "" if r["drop"] is None else f"{r['drop']:+.2f}",
                      f"{r['top1_unshifted']:.2f}", f"{r['agreement']:.1f} %",
@@ -558,15 +590,16 @@ def render(data: dict[str, Any]) -> str:
                          "in training (benchmarks/common.py).")
     notes.append("trained = deployed: how often the trained fake-quant model (eval mode) and the converted, fused "
                  "model predict the same class. s/step: median training step of the fine-tune, routes of one seed "
-                 "run back to back (× eqk is the ratio in the same run); QAT wall s: prepare + calibration + "
+                 "run back to back (× fuse_first is the ratio in the same run); QAT wall s: prepare + calibration + "
                  "fine-tune. Step memory: peak RSS of one training step over the RSS before it, fresh process per "
                  "route (table below).")
-    cmp = compare(rows)
-    if cmp:
-        notes.append("eqk − fuse_first (deployed top-1, mean over seeds; spread = the larger seed spread; time = "
-                     "eqk s/step ÷ fuse_first s/step): " + "; ".join(
-                         f"{c['recipe']} {c['model']} {c['setting']}: {c['diff']:+.2f} ± {c['spread']:.2f} → "
-                         f"{c['verdict']}, time × {c['time_ratio']:.2f}" for c in cmp) + ".")
+    for a in ("eqk", "progressive", "fused"):
+        cmp = compare(rows, a)
+        if cmp:
+            notes.append(f"{a} − fuse_first (deployed top-1, mean over seeds; spread = the larger seed spread; "
+                         f"time = {a} s/step ÷ fuse_first s/step): " + "; ".join(
+                             f"{c['recipe']} {c['model']} {c['setting']}: {c['diff']:+.2f} ± {c['spread']:.2f} → "
+                             f"{c['verdict']}, time × {c['time_ratio']:.2f}" for c in cmp) + ".")
     out = ["\n".join(md), "", "\n".join(f"- {n}" for n in notes)]
     mt = _memory_table(data)
     if mt:
@@ -589,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--w8-epochs", type=int, default=1)
     ap.add_argument("--w8-lr", type=float, default=1e-4)
-    ap.add_argument("--w4-epochs", type=int, default=1)
+    ap.add_argument("--w4-epochs", type=int, default=5)
     ap.add_argument("--w4-lr", type=float, default=1e-3)
     ap.add_argument("--val-shift", type=int, default=1, help="score every validation image at ±this many pixels")
     ap.add_argument("--threads", type=int, default=1)
@@ -649,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                         key = (recipe_name, model_name, seed, label, route.name)
                         if key in done:
                             continue
-                        r = run_route(fp32, route, setting, train_set, val, args.batch_size, seed)
+                        r = run_route(fp32, route, setting, train_set, val, args.batch_size, seed, recipe.shift)
                         save(args.out, meta, runs=[{**base, "setting": label, "route": route.name,
                                                     "epochs": setting.epochs, "lr": setting.lr,
                                                     "commit": meta["stamp"]["commit"], **r}])

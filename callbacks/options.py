@@ -42,7 +42,10 @@ class RepQATOptions:
 
     Args:
         config: what to quantize and how (:class:`qat_rep.quant.QuantConfig` or its dict); default W8A8 per channel.
-        schedule: when each rep block is ``float`` / ``qat`` / ``frozen`` (:class:`qat_rep.quant.Schedule`).
+        schedule: when each rep block is ``float`` / ``qat`` / ``frozen`` / ``fused`` (:class:`qat_rep.quant.Schedule`);
+            default :meth:`Schedule.fused() <qat_rep.quant.Schedule.fused>`: every block collapsed into one
+            trainable conv from the start (fuse-first's cost; equivalent-kernel QAT,
+            ``Schedule.all_at_once()``, measured no more accurate in ``benchmarks/qat_accuracy.py``).
         calib_batches: how many of the first training steps calibrate (overrides ``config.calib_batches``).
         calib_forward: explicit override ``fn(module, batch)``: calibrate at train start on the first training
             batches through it, in eval mode (module level, to be picklable for ``ddp_spawn``).
@@ -77,7 +80,7 @@ class RepQATOptions:
         if self.calib_batches is not None:
             check_int("calib_batches", self.calib_batches, 1, "training steps that calibrate")
             self.config = dataclasses.replace(self.config, calib_batches=self.calib_batches)
-        self.schedule = _coerce(Schedule.all_at_once() if self.schedule is None else self.schedule, Schedule,
+        self.schedule = _coerce(Schedule.fused() if self.schedule is None else self.schedule, Schedule,
                                 "schedule", "qat_rep.quant.Schedule (e.g. Schedule.shallow_to_deep())")
         if self.calib_forward is not None and not callable(self.calib_forward):
             raise TypeError(f"calib_forward must be a callable (module, batch) -> output, got {self.calib_forward!r}")

@@ -139,40 +139,16 @@ def qat_config(args: argparse.Namespace, bits: int) -> tuple[QuantConfig, int, f
     if bits >= 8:
         return (make(w_bits=bits, a_bits=bits, calibrator=args.calibrator, calib_batches=args.calib_batches),
                 args.qat_epochs, args.qat_lr)
-    return (make(w_bits=bits, a_bits=bits, calibrator="mse", learn_amax=True, calib_batches=args.calib_batches,
-                 unsigned_activations=True), args.qat_epochs_low, args.qat_lr_low)
-
-
-@torch.no_grad()
-def init_weight_ranges_mse(model: torch.nn.Module) -> list[float]:
-    """Set every learned weight ``amax`` from ``max|W|`` to the per-channel clipping that minimises the quantization
-    error of the kernel it quantizes (the post-BN-folded equivalent kernel of a rep block); returns new/old per layer.
-
-    At 4 bits, ``max|W|`` spends the grid on a few large weights, and a learned ``amax`` moves about one learning
-    rate per step: on RepVGG the fine-tune then spends its first epochs shrinking ranges."""
-    from qat_rep.ptq.qmath import mse_weight_amax
-    from qat_rep.quant.insert import quant_layers
-    from qat_rep.quant.rep_qat import RepQuant, folded_kernel_bias
-
-    ratios = []
-    for name, layer in quant_layers(model):
-        wq = layer._weight_quantizer
-        if not wq.learn_amax:
-            continue
-        kernel = (folded_kernel_bias(model.get_submodule(name.rpartition(".")[0]))[0] if isinstance(layer, RepQuant)
-                  else layer.weight)
-        old = wq.amax.detach().clone().flatten()
-        wq.set_amax(mse_weight_amax(kernel, wq.num_bits, wq.axis is not None))
-        ratios.append(float((wq.amax.detach().flatten() / old).mean()))
-    return ratios
+    return (make(w_bits=bits, a_bits=bits, calibrator="mse", learn_amax=True, weight_calibrator="mse",
+                 calib_batches=args.calib_batches, unsigned_activations=True), args.qat_epochs_low, args.qat_lr_low)
 
 
 def run_qat(args: argparse.Namespace, fp32: ImageClassifier, dm: ImageDataModule, out: Path, bits: int,
             limit_batches: int | None) -> ImageClassifier:
     """QAT fine-tuning of a copy of ``fp32`` with RepQATCallback; saves ``qat_w<b>a<b>.ckpt``.
 
-    With learned ranges (below 8 bits) the model is prepared and calibrated here, before the fit, so that the weight
-    ranges can start from :func:`init_weight_ranges_mse`; the callback then finds it calibrated and trains it."""
+    With learned ranges (below 8 bits) the model is prepared and calibrated here, before the fit (weight ranges from
+    the MSE search of ``weight_calibrator="mse"``); the callback then finds it calibrated and trains it."""
     from qat_rep.callbacks import RepQATCallback
     from qat_rep.quant import calibrate, prepare
 
@@ -184,9 +160,6 @@ def run_qat(args: argparse.Namespace, fp32: ImageClassifier, dm: ImageDataModule
     if cfg.learn_amax:
         prepare(module, cfg)
         calibrate(module, collect_batches(dm.train_dataloader(), cfg.calib_batches))
-        ratios = init_weight_ranges_mse(module)
-        console.print(f"W{bits}A{bits}: weight ranges of {len(ratios)} layers start at {min(ratios):.2f}–"
-                      f"{max(ratios):.2f} of max|W| (MSE search)")
     # below 8 bits the weights and ranges are trained for the low-bit grid: their FP32 view says nothing (11-21 % in
     # the default run) and costs a second forward pass per validation batch
     callback = RepQATCallback(config=cfg, schedule=Schedule.all_at_once(), compare_fp32=bits >= 8)

@@ -95,8 +95,9 @@ def test_render_has_costs_beside_accuracy(bench):
     md = bench.render(data)
     eqk = next(line for line in md.splitlines() if "| eqk |" in line and "W4A4" in line and "97.00" in line)
     assert "| 1.30 |" in eqk and "+1.00" in eqk
+    assert "| 2.00 |" in eqk  # step time relative to fuse_first in the same run
     ff = next(line for line in md.splitlines() if "| fuse_first |" in line and "96.00" in line)
-    assert "| 0.50 |" in ff  # step time relative to eqk in the same run
+    assert "| 1.00 |" in ff
     assert "3231 images" in md and "0.28 point" in md
 
 
@@ -183,18 +184,30 @@ def test_fuse_first_deploys_the_network_it_trained_per_channel(bench, label):
     assert all(getattr(m, "bn", None) is None for m in shipped.modules() if hasattr(m, "rbr_reparam"))
     assert torch.isfinite(deployed).all()
     if cfg.per_channel:
-        # measured: 94 % of 32 random-network predictions agree (4-bit activations amplify float rounding through
-        # 22 layers); convert() alone, which leaves the learned amax unscaled, agrees on 19 %
-        assert float((trained.argmax(1) == deployed.argmax(1)).float().mean()) >= 0.7
+        # block by block (on the same input) the fold is exact up to float rounding of W·t / (s·t): measured
+        # 0.15 % of the output range on the first stage-1 block; convert() alone, which leaves the learned amax
+        # unscaled, ships a different network. (Whole-network top-1 agreement of a random 4-bit network is chaotic:
+        # 0.6-1.0 between weight calibrators, so it is not the check.)
+        from qat_rep.quant import convert
+
+        plain = convert(copy.deepcopy(model)).eval()
+        with torch.no_grad():
+            h = model.stage0(x)
+            ref = model.stage1[0](h)
+            err = float((shipped.stage1[0](h) - ref).abs().max())
+            err_plain = float((plain.stage1[0](h) - ref).abs().max())
+        assert err <= 0.01 * float(ref.abs().max()) and err_plain > 10 * err
 
 
 @pytest.mark.slow
-def test_progressive_route_collapses_every_block_half_way_and_deploys_what_it_trained(bench):
+@pytest.mark.parametrize("route", ["progressive", "fused"])
+def test_schedule_routes_collapse_every_block_and_deploy_what_they_trained(bench, route):
+    # progressive: eqk for half the steps, then fused; fused (the callback's default schedule): from the first step
     torch.manual_seed(0)
     fp32 = create_model("repvgg_a0", num_classes=10, small_input=True).eval()
     setting = bench.Setting("W8A8-pt", bench.default_settings()["W8A8-pt"].config, epochs=1, lr=1e-4)
     model = copy.deepcopy(fp32)
-    hook = bench.get_route("progressive").build(model, setting.config)
+    hook = bench.get_route(route).build(model, setting.config)
     x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
     from qat_rep.quant import calibrate
 
@@ -203,6 +216,6 @@ def test_progressive_route_collapses_every_block_half_way_and_deploys_what_it_tr
     phases = {b.rep_quant.phase for b in model.modules() if getattr(b, "rep_quant", None) is not None}
     assert phases == {"fused"}
     val = bench.ValSet(x=bench.shifted_views(x[:4], 1), y=y[:4].repeat(9), n=4, shift=1)
-    r = bench.run_route(fp32, bench.get_route("progressive"), setting, TensorDataset(x, y), val, batch_size=8,
-                        seed=0)
+    r = bench.run_route(fp32, bench.get_route(route), setting, TensorDataset(x, y), val, batch_size=8, seed=0,
+                        shift=1)
     assert r["steps"] == 4 and r["agreement"] == 100.0

@@ -12,9 +12,9 @@ from qat_rep.quant import QuantConfig, Schedule
 
 def test_defaults_and_dict_arguments_build_the_same_callback():
     a = RepQATCallback()
-    b = RepQATCallback(config=QuantConfig().to_dict(), schedule=Schedule.all_at_once().to_dict())
+    b = RepQATCallback(config=QuantConfig().to_dict(), schedule=Schedule.fused().to_dict())
     assert a.config == b.config == QuantConfig()
-    assert a.schedule == b.schedule == Schedule.all_at_once()
+    assert a.schedule == b.schedule == Schedule.fused()
     assert a.state_key == "RepQATCallback"
 
 

@@ -15,7 +15,7 @@ from helpers import BNRanges, randomize_bn
 from qat_rep.blocks import RepVGGBlock
 from qat_rep.ptq.cfws import CFWSConv2d, cfws_split
 from qat_rep.ptq.kl import Histogram, amax_from_histogram, histogram_quant_mse, improved_kl_amax
-from qat_rep.ptq.qmath import fake_quant, qbound
+from qat_rep.quant.qmath import fake_quant, qbound
 from qat_rep.quant import backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,7 +162,7 @@ def test_improved_kl_counts_clipped_outliers_that_land_in_an_empty_bin() -> None
     c[:512] = 100.0
     c[1500:1510] = 1.0
     assert improved_kl_amax(_hist(c), num_bits=8) == 1510.0
-    assert improved_kl_amax(_hist(c), num_bits=8, tensorrt=True) >= 1510.0
+    assert _tensorrt_entropy(_hist(c)) >= 1510.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -175,7 +175,14 @@ def test_improved_kl_keeps_the_tail_of_relu_activations(seed: int) -> None:
     h = Histogram(counts, torch.linspace(0, float(x.max()), 2049, dtype=torch.float64))
     amax = improved_kl_amax(h, 8)
     assert float(x.quantile(0.999)) <= amax <= float(x.max())
-    assert amax == pytest.approx(improved_kl_amax(h, 8, tensorrt=True), rel=0.2)
+    assert amax == pytest.approx(_tensorrt_entropy(h), rel=0.2)
+
+
+def _tensorrt_entropy(h: Histogram) -> float:
+    # TensorRT's entropy calibration: the one implementation, in the QAT calibrator
+    from qat_rep.quant.calibrate import histogram_entropy_amax
+
+    return float(histogram_entropy_amax(h.counts.numpy(), h.edges.numpy(), 8, start_bin=128))
 
 
 def _abs_hist(x: torch.Tensor, bins: int = 2048) -> Histogram:
@@ -224,13 +231,13 @@ def test_kl_threshold_is_kept_where_clipping_pays() -> None:
     assert _quant_err(x, amax, 6) < _quant_err(x, float(x.max()), 6)
 
 
-def test_tensorrt_mode_matches_pytorch_quantization_entropy() -> None:
+def test_the_entropy_calibration_matches_pytorch_quantization() -> None:
     torch.manual_seed(0)
     x = torch.relu(torch.randn(20000)) ** 1.5
     counts = torch.histc(x, 512, 0, float(x.max())).double()
     h = Histogram(counts, torch.linspace(0, float(x.max()), 513, dtype=torch.float64))
     ref = float(backend.pq_compute_amax_entropy(counts.numpy().copy(), h.edges.numpy().copy(), 8, False, 1, 128))
-    assert improved_kl_amax(h, 8, tensorrt=True) == pytest.approx(ref, rel=1e-6)
+    assert _tensorrt_entropy(h) == pytest.approx(ref, rel=1e-6)
 
 
 def test_improved_kl_needs_enough_bins() -> None:

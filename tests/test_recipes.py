@@ -435,7 +435,7 @@ def test_learned_ranges_get_their_own_learning_rate_and_an_mse_start() -> None:
     weight ranges from an MSE search instead of max|W| (never above it)."""
     import qat_b0
     from qat_rep.quant import calibrate, prepare
-    from qat_rep.quant.insert import quantizers
+    from qat_rep.quant.insert import quantizers, refresh_weight_amax
 
     module = common.ImageClassifier(model_name="repvgg_a0", small_input=True, lr=1e-3, amax_lr_scale=10.0)
     assert len(module.optimizer_groups()) == 2  # no learned ranges yet: no third group
@@ -450,10 +450,10 @@ def test_learned_ranges_get_their_own_learning_rate_and_an_mse_start() -> None:
     assert groups[2]["lr"] == pytest.approx(1e-2) and groups[2]["weight_decay"] == 0.0
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in module.parameters())
 
-    before = {n: q.amax.detach().clone() for n, q in quantizers(module, "weight") if q.learn_amax}
-    ratios = qat_b0.init_weight_ranges_mse(module)
     after = {n: q.amax.detach().clone() for n, q in quantizers(module, "weight") if q.learn_amax}
-    assert len(ratios) == len(before) > 0
+    refresh_weight_amax(module, "max")
+    before = {n: q.amax.detach().clone() for n, q in quantizers(module, "weight") if q.learn_amax}
+    assert len(after) == len(before) > 0 and cfg.weight_calibrator == "mse"
     assert all(bool((after[n] <= before[n] * (1 + 1e-6)).all()) for n in before)
     assert any(bool((after[n] < 0.99 * before[n]).any()) for n in before)  # 4-bit kernels: some ranges shrink
     assert module(x).shape == (16, 10)

@@ -38,7 +38,7 @@ from .act_guard import ActChoice, NetworkChoice, check_network, choose_act_amax
 from .kl import amax_from_histogram, collect_input_histograms
 from .layers import SimQuantLayer, finalize, install_sim, sim_layers
 from .methods import BUILTIN_METHODS, MinMaxConfig, PTQMethodConfig, method_config, ptq_handler
-from .qmath import mse_weight_amax
+from ..quant.qmath import mse_weight_amax
 from .reconstruct import UnitResult, connected
 from .sensitivity import LayerSensitivity, layer_sensitivity
 

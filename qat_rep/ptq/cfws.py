@@ -17,7 +17,7 @@ exporter emits two QDQ convs and an ``Add``.
 The fine part's weight amax: the paper's is ``max|W_fine|``. With one scale per tensor at 6 bits, a single large
 outer tap then sets the step for every channel, and the channels whose fine taps are several times smaller keep a
 handful of levels. ``fine_range="mse"`` (the default) clips the fine range where that lowers
-``Σ|W_fine − fq(W_fine)|^2.4`` (BRECQ's weight init, :func:`~.qmath.mse_weight_amax`); ``"max"`` is the paper's.
+``Σ|W_fine − fq(W_fine)|^2.4`` (BRECQ's weight init, :func:`~qat_rep.quant.qmath.mse_weight_amax`); ``"max"`` is the paper's.
 Measured on RepVGG-A0 trained with SGD at 32×32, W6A6 per-tensor, seeds 0 / 1 / 2: top-1 drop from FP32
 0.84 / 0.56 / 2.79 with ``"max"``, 0.28 / −0.28 / 2.23 with ``"mse"``.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .qmath import channel_amax, mse_weight_amax, qbound
+from ..quant.qmath import channel_amax, mse_weight_amax, qbound, round_clamp
 
 FINE_RANGES = ("mse", "max")
 
@@ -61,7 +61,7 @@ def cfws_split(weight: Tensor, num_bits: int = 8, per_channel: bool = True, fine
     centre = weight[:, :, 1:2, 1:2]
     c_amax = channel_amax(centre, per_channel)
     scale = torch.where(c_amax > 0, c_amax / bound, torch.ones_like(c_amax))
-    coarse = torch.clamp(torch.round(centre / scale), -bound, bound) * scale
+    coarse = round_clamp(centre / scale, -bound, bound) * scale
     fine = weight - F.pad(coarse, [1, 1, 1, 1])
     fine_amax = mse_weight_amax(fine, num_bits, per_channel) if fine_range == "mse" else channel_amax(fine, per_channel)
     return CFWSSplit(coarse=coarse, fine=fine, coarse_amax=c_amax.clone(), fine_amax=fine_amax.clone())

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .qmath import fake_quant, qbound
+from ..quant.qmath import fake_quant, qbound
 
 
 @dataclass
@@ -41,8 +41,7 @@ class Histogram:
         return float(self.edges[-1])
 
 
-def improved_kl_amax(hist: Histogram, num_bits: int = 8, start_bin: int | None = None, stride: int = 1,
-                     tensorrt: bool = False) -> float:
+def improved_kl_amax(hist: Histogram, num_bits: int = 8, start_bin: int | None = None, stride: int = 1) -> float:
     """The clipping threshold (an upper bin edge) that minimizes the improved KL divergence; see the module doc.
 
     For each candidate ``i`` (``start_bin`` … ``bins``; default start: ``bins / 16`` as TensorRT's 128 of 2048, and
@@ -54,10 +53,8 @@ def improved_kl_amax(hist: Histogram, num_bits: int = 8, start_bin: int | None =
     (``P > 0 = Q`` there) is skipped: restricted to the common support its KL would ignore the clipped mass
     altogether. Ties go to the smallest threshold. Returns ``edges[i*]``.
 
-    ``tensorrt=True`` computes TensorRT's entropy calibration instead (``Q`` spread over the non-empty bins of the
-    unclipped histogram, a candidate whose ``P`` has mass where ``Q`` has none is rejected, both normalized over
-    all bins; ties go to the largest threshold) — the same algorithm as pytorch-quantization's ``entropy``,
-    vectorized per candidate (the library's pure-Python loop takes about a minute per layer at 2048 bins).
+    TensorRT's entropy calibration itself is :func:`qat_rep.quant.calibrate.histogram_entropy_amax` (the one
+    implementation, shared with QAT calibration).
     """
     counts = hist.counts.to(torch.float64).numpy().copy()
     if stride < 1:
@@ -67,7 +64,7 @@ def improved_kl_amax(hist: Histogram, num_bits: int = 8, start_bin: int | None =
     if nbins < levels:
         raise ValueError(f"the histogram has {nbins} bins, fewer than the {levels} quantization levels of "
                          f"{num_bits} bits; collect it with more bins")
-    if nbins > 1 and (tensorrt or counts[0] > counts[1]):
+    if nbins > 1 and counts[0] > counts[1]:
         # as TensorRT/pytorch-quantization: the zero bin (ReLU's exact zeros, representable in any grid) must not
         # dominate the divergence — otherwise the smallest threshold (one bin per level) always wins. TensorRT
         # does this unconditionally; the improved metric only flattens an actual spike (an input without exact
@@ -76,12 +73,11 @@ def improved_kl_amax(hist: Histogram, num_bits: int = 8, start_bin: int | None =
     if float(counts.sum()) <= 0:
         return hist.amax
     if start_bin is None:
-        start = levels if tensorrt else max(levels, nbins // 16)
+        start = max(levels, nbins // 16)
     else:
         start = start_bin
     start = min(max(start, levels), nbins)
     best_i, best_kl = nbins, float("inf")
-    total = counts.sum()
     tail = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])  # tail[i] = counts[i:].sum()
     for i in range(start, nbins + 1, stride):
         p = counts[:i].copy()
@@ -90,24 +86,17 @@ def improved_kl_amax(hist: Histogram, num_bits: int = 8, start_bin: int | None =
         chunk_sum = np.bincount(chunk, weights=counts[:i], minlength=levels)
         # TensorRT spreads over the unclipped histogram's non-empty bins; the improved metric over P's, so that the
         # bin holding the clipped tail takes part whenever its level has any mass
-        nonempty = counts[:i] > 0 if tensorrt else p > 0
+        nonempty = p > 0
         chunk_len = np.bincount(chunk, weights=nonempty.astype(np.float64), minlength=levels)
         q = np.where(nonempty, chunk_sum[chunk] / np.maximum(chunk_len[chunk], 1), 0.0)
         if bool(((p > 0) & (q <= 0)).any()):
-            continue  # TensorRT: infinite KL; improved: the clipped mass would drop out of the comparison
-        if tensorrt:
-            qsum = q.sum()
-            mask = p > 0
-            if qsum <= 0:
-                continue
-            pn, qn = p[mask] / total, q[mask] / qsum
-        else:
-            mask = (p > 0) & (q > 0)
-            if not mask.any():
-                continue
-            pn, qn = p[mask] / p[mask].sum(), q[mask] / q[mask].sum()  # both distributions on the same support
+            continue  # the clipped mass would drop out of the comparison
+        mask = (p > 0) & (q > 0)
+        if not mask.any():
+            continue
+        pn, qn = p[mask] / p[mask].sum(), q[mask] / q[mask].sum()  # both distributions on the same support
         kl = float(np.sum(pn * np.log(pn / qn)))
-        if (kl <= best_kl + 1e-12) if tensorrt else (kl < best_kl - 1e-12):
+        if kl < best_kl - 1e-12:
             best_kl, best_i = kl, i
     return float(hist.edges[best_i])
 
@@ -201,7 +190,8 @@ def amax_from_histogram(hist: Histogram, method: str, num_bits: int = 8, percent
     """An activation amax from a ``|x|`` histogram by one of :data:`HIST_METHODS`.
 
     ``percentile`` is pytorch-quantization's algorithm (through the backend), ``entropy`` TensorRT's KL
-    calibration (:func:`improved_kl_amax` with ``tensorrt=True``); ``mse`` is the core's CPU
+    calibration (:func:`qat_rep.quant.calibrate.histogram_entropy_amax`, from the first level-count bin); ``mse`` is
+    the core's CPU
     histogram search (:func:`qat_rep.quant.calibrate.histogram_mse_amax`); ``improved_kl`` is :func:`improved_kl_amax`.
     Both KL thresholds fall back to the maximum where they would quantize the histogram's values with a larger
     error than the maximum does (:func:`histogram_quant_mse`).
@@ -214,12 +204,16 @@ def amax_from_histogram(hist: Histogram, method: str, num_bits: int = 8, percent
         return max(hist.amax, 0.0)
     if method == "max":
         return hist.amax
-    if method in ("entropy", "improved_kl"):
-        kl = improved_kl_amax(_coarsen(hist, num_bits), num_bits, tensorrt=method == "entropy")
+    from ..quant.calibrate import histogram_entropy_amax, histogram_mse_amax
+
+    if method == "improved_kl":
+        return _no_worse_than_max(hist, improved_kl_amax(_coarsen(hist, num_bits), num_bits), num_bits)
+    if method == "entropy":
+        coarse = _coarsen(hist, num_bits)
+        kl = float(histogram_entropy_amax(coarse.counts.numpy(), coarse.edges.numpy(), num_bits,
+                                          start_bin=min(qbound(num_bits) + 1, coarse.counts.numel())))
         return _no_worse_than_max(hist, kl, num_bits)
     counts, edges = hist.counts.numpy().copy(), hist.edges.numpy().copy()
     if method == "percentile":
         return float(backend.pq_compute_amax_percentile(counts, edges, percentile))
-    from ..quant.calibrate import histogram_mse_amax
-
     return float(histogram_mse_amax(counts, edges, num_bits, False, 1, min(128, len(counts) - 1)))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..blocks import RepBlock
 from .cfws import CFWSConv2d, cfws_split
-from .qmath import channel_amax, fake_quant, fake_quant_ste, qbound
+from ..quant.qmath import channel_amax, fake_quant, fake_quant_ste, qbound, scale_from_amax
 
 # AdaRound's rectified sigmoid stretch (Nagel et al., 2020)
 _ZETA, _GAMMA = 1.1, -0.1
@@ -91,7 +91,7 @@ class SimQuantLayer(nn.Module):
         return torch.clamp(torch.sigmoid(self.alpha) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
 
     def _w_scale(self) -> Tensor:
-        return self.w_amax.clamp_min(1.0 / (1 << 24)) / qbound(self.w_bits)
+        return scale_from_amax(self.w_amax, qbound(self.w_bits))
 
     def _w_grid(self) -> Tensor:
         """``W / s`` clipped to ``[-b, b]``: a clipped element has nothing left to round (rest 0, h → 0)."""

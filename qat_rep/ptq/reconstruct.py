@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..blocks import RepBlock
 from .layers import SimQuantLayer, matches_any, sim_layers
-from .qmath import qbound
+from ..quant.qmath import qbound
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import qmath as qm
 from .backend import TensorQuantizer, pq_compute_amax_percentile
 from .config import QuantConfig
 from .insert import get_config, quantizers, refresh_weight_amax
@@ -182,12 +183,12 @@ def histogram_mse_amax(hist: np.ndarray | Tensor, edges: np.ndarray | Tensor, nu
     idx = torch.arange(min(start_bin, max(len(centers) - 1, 0)), len(centers), stride)
     if idx.numel() == 0:
         return centers[-1].clone()
-    bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+    bound = float(qm.bounds(num_bits, unsigned, True)[1])
     best_i, best = None, math.inf
     for chunk in idx.split(256):  # bounded memory: 256 candidates x n bins at a time
         amax = centers[chunk].unsqueeze(1)
         scale = bound / amax
-        q = torch.clamp((centers.unsqueeze(0) * scale).round(), -bound, bound) / scale
+        q = qm.round_clamp(centers.unsqueeze(0) * scale, -bound, bound) / scale
         mse = ((q - centers) ** 2 * counts).mean(dim=1)
         j = int(torch.argmin(mse))
         if float(mse[j]) < best:

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 GRANULARITIES = ("per_channel", "per_tensor")
 CALIBRATOR_NAMES = ("max", "percentile", "entropy", "mse")
+WEIGHT_CALIBRATOR_NAMES = ("max", "mse")
 
 
 @dataclass
@@ -25,6 +26,10 @@ class QuantConfig:
             block is one layer named by its module path. A pattern that matches nothing warns.
         learn_amax: learn every ``amax`` (LSQ-style: gradient through the scale, STE on the rounding) after
             calibration initialises it.
+        weight_calibrator: where a learned weight ``amax`` starts: ``max`` (``max|W|``) or ``mse`` (per channel or
+            tensor, the clipping of ``max|W|`` that minimises the kernel's ``Σ|W − Q(W)|^2.4``; the low-bit
+            choice — at 4 bits ``max|W|`` spends the grid on a few outliers). ``mse`` needs ``learn_amax`` (a
+            dynamic weight range is ``max|W|`` at every step).
         first_last_8bit: the default policy for the first conv and the classifier — both stay *quantized* (as
             TensorRT deploys them: nothing is skipped by default), and when ``w_bits``/``a_bits`` are below 8 the
             first and the last quantized layer (module order: the stem block and the classifier) keep 8 bits, the
@@ -49,6 +54,7 @@ class QuantConfig:
     calib_batches: int = 4
     skip: tuple[str, ...] = ()
     learn_amax: bool = False
+    weight_calibrator: str = "max"
     first_last_8bit: bool = True
     unsigned_activations: bool = False
     quantize_pools: bool = False
@@ -62,6 +68,12 @@ class QuantConfig:
             raise ValueError(f"w_granularity must be one of {', '.join(GRANULARITIES)}; got {self.w_granularity!r}")
         if self.calibrator not in CALIBRATOR_NAMES:
             raise ValueError(f"calibrator must be one of {', '.join(CALIBRATOR_NAMES)}; got {self.calibrator!r}")
+        if self.weight_calibrator not in WEIGHT_CALIBRATOR_NAMES:
+            raise ValueError(f"weight_calibrator must be one of {', '.join(WEIGHT_CALIBRATOR_NAMES)}; got "
+                             f"{self.weight_calibrator!r}")
+        if self.weight_calibrator == "mse" and self.learn_amax is not True:
+            raise ValueError("weight_calibrator='mse' sets where a learned weight range starts: it needs "
+                             "learn_amax=True (without it the weight range is max|W| at every step)")
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be a number in (0, 100], got {self.percentile!r}")

@@ -21,7 +21,8 @@ from ..fuse import bn_module_scale, fold_bn_into_conv_
 from .backend import (FoldedBatchNorm2d, QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear, TensorQuantizer,
                       make_quantizer)
 from .config import QuantConfig
-from .rep_qat import RepQuant, deploy_kernel_bias
+from . import qmath as qm
+from .rep_qat import RepQuant, deploy_kernel_bias, folded_kernel_bias
 
 CONFIG_ATTR = "qat_rep_quant_config"
 _PLAIN = (QuantConv2d, QuantLinear, QuantConvTranspose2d)
@@ -241,18 +242,29 @@ def _parent_block(model: nn.Module, rep_quant_name: str) -> RepBlock:
 
 
 @torch.no_grad()
-def refresh_weight_amax(model: nn.Module) -> int:
-    """Set every weight ``amax`` to ``max|W|`` of the current (equivalent, post-BN-folded) kernel; returns the count.
+def refresh_weight_amax(model: nn.Module, method: str | None = None) -> int:
+    """Set every weight ``amax`` from the current (equivalent, post-BN-folded) kernel; returns the count.
 
-    Dynamic weight quantizers do this at every forward anyway; learned ones (``learn_amax``) take it as their
-    initial value.
+    ``max|W|`` per channel/tensor — dynamic weight quantizers do this at every forward anyway. Learned ones
+    (``learn_amax``) take it as their initial value, or with ``QuantConfig.weight_calibrator="mse"`` the clipping
+    that minimises the kernel's quantization error (:func:`~.qmath.mse_weight_amax`): at 4 bits ``max|W|`` spends
+    the grid on a few large weights, and a learned range moves about one learning rate per step. ``method``
+    (``"max"``/``"mse"``) overrides the config's.
     """
+    if method is None:
+        method = get_config(model).weight_calibrator if getattr(model, CONFIG_ATTR, None) is not None else "max"
+    if method not in ("max", "mse"):
+        raise ValueError(f"method must be 'max' or 'mse', got {method!r}")
+    mse = method == "mse"
     n = 0
     for name, layer in quant_layers(model):
-        if isinstance(layer, RepQuant):
-            layer.refresh_weight_amax(_parent_block(model, name))
+        wq = layer._weight_quantizer
+        kernel = (folded_kernel_bias(_parent_block(model, name))[0] if isinstance(layer, RepQuant)
+                  else layer.weight).detach()
+        if mse and wq.learn_amax:
+            wq.set_amax(qm.mse_weight_amax(kernel, wq.num_bits, wq.axis is not None))
         else:
-            layer._weight_quantizer.set_amax(layer._weight_quantizer.reduce_amax(layer.weight))
+            wq.set_amax(wq.reduce_amax(kernel))
         n += 1
     return n
 

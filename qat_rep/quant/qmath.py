@@ -149,3 +149,77 @@ def conv_or_linear(xq: Tensor, wq: Tensor, stride, padding, dilation, groups) ->
     if wq.dim() == 2:
         return F.linear(xq, wq)
     return F.conv2d(xq, wq, None, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------------------------------- PTQ forms
+# Post-training reconstruction (AdaRound, BRECQ, MRECG, CFWS) differentiates through rounding and learns step sizes
+# on plain tensors; these are the same symmetric, signed grid as the quantizers above (``round_half_even(x / s)``
+# clamped to ``[-qmax - 1, qmax]``, ``s = max(amax, EPS) / qmax``), so a reconstruction's result can be written back
+# into ordinary quantizers without changing a single rounding.
+
+
+def qbound(num_bits: int) -> int:
+    """Largest magnitude of a signed narrow-range integer of ``num_bits`` bits (127 for 8 bits)."""
+    if not isinstance(num_bits, int) or isinstance(num_bits, bool) or not 2 <= num_bits <= 16:
+        raise ValueError(f"num_bits must be an integer in [2, 16], got {num_bits!r}")
+    return bounds(num_bits, False, True)[1]
+
+
+def channel_amax(weight: Tensor, per_channel: bool) -> Tensor:
+    """``max|W|`` per output channel (shape ``[C, 1, …]``, TensorQuantizer's axis-0 layout) or per tensor (0-d)."""
+    if not per_channel:
+        return weight.detach().abs().max()
+    return reduce_amax(weight, (0,), (-1,) + (1,) * (weight.dim() - 1))
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round (half to even) with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def round_clamp(x: Tensor, qmin: float, qmax: float) -> Tensor:
+    """``clamp(round(x), qmin, qmax)``: the integer grid point of values already divided by their scale (no
+    gradient through the rounding)."""
+    return torch.clamp(torch.round(x), qmin, qmax)
+
+
+def clamp_to_grid(q: Tensor, num_bits: int) -> Tensor:
+    """``q`` clamped to the signed integer range of ``num_bits`` (``[-qmax - 1, qmax]``), differentiable inside."""
+    bound = float(qbound(num_bits))
+    return torch.clamp(q, -bound - 1, bound)
+
+
+def fake_quant(x: Tensor, amax: Tensor, num_bits: int) -> Tensor:
+    """Quantize-dequantize ``x`` on the signed ``num_bits`` grid of ``amax`` (no gradient through the rounding)."""
+    scale = scale_from_amax(amax, qbound(num_bits))
+    return clamp_to_grid(torch.round(x / scale), num_bits) * scale
+
+
+def fake_quant_ste(x: Tensor, amax: Tensor, num_bits: int) -> Tensor:
+    """:func:`fake_quant` with an STE through the rounding and an LSQ-style gradient to ``amax``."""
+    scale = scale_from_amax(amax, qbound(num_bits))
+    return clamp_to_grid(round_ste(x / scale), num_bits) * scale
+
+
+@torch.no_grad()
+def mse_weight_amax(weight: Tensor, num_bits: int, per_channel: bool, grid: int = 20, p: float = 2.4) -> Tensor:
+    """Weight amax minimizing ``Σ|W − fq(W)|^p`` over ``grid`` clipping ratios 0.5 … 1.0 of ``max|W|`` (BRECQ's
+    init, with a coarser grid).
+
+    Shape as :func:`channel_amax`. Low-bit weights start from this instead of ``max|W|`` (at 4 bits the max scale
+    wastes most of the grid on a few outliers): PTQ reconstruction and learned QAT ranges
+    (``QuantConfig.weight_calibrator="mse"``).
+    """
+    base = channel_amax(weight, per_channel)
+    best = base.clone()
+    flat = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
+    best_err = torch.full((flat.shape[0],), float("inf"), dtype=weight.dtype, device=weight.device)
+    for i in range(grid):
+        ratio = 1.0 - 0.5 * i / grid
+        amax = base * ratio
+        err = (fake_quant(weight, amax, num_bits) - weight).abs().pow(p)
+        err = err.reshape(flat.shape).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better.reshape(best.shape), amax, best)
+    return best

@@ -204,11 +204,5 @@ class RepQuant(nn.Module):
         wq = self._weight_quantizer
         return wq.axis is None or wq.learn_amax or not wq.dynamic
 
-    @torch.no_grad()
-    def refresh_weight_amax(self, block: RepBlock) -> None:
-        """Set the weight ``amax`` from the current (folded) equivalent kernel: ``max|K·t|`` per channel/tensor."""
-        kernel, _, _ = folded_kernel_bias(block)
-        self._weight_quantizer.set_amax(self._weight_quantizer.reduce_amax(kernel))
-
     def extra_repr(self) -> str:
         return f"phase={self._phase}" + (", collapsed" if self._is_collapsed else "")

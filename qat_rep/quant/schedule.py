@@ -123,6 +123,14 @@ class Schedule:
         return cls(rules=(PhaseRule("*", qat_at, freeze_at, fuse_at),), unit=unit)
 
     @classmethod
+    def fused(cls, qat_at: int = 0, unit: str = "epoch") -> "Schedule":
+        """Every block is collapsed into one trainable conv (QARep: plus its trainable post-BN) when it enters QAT
+        at ``qat_at``: fuse-first QAT's arithmetic and cost, on the unfused model the user trained. The default of
+        :class:`~qat_rep.callbacks.RepQATCallback` — ``benchmarks/qat_accuracy.py`` finds equivalent-kernel QAT
+        (:meth:`all_at_once`) no more accurate than this and up to ~1.7× slower per step."""
+        return cls.all_at_once(qat_at=qat_at, unit=unit, fuse_at=qat_at)
+
+    @classmethod
     def shallow_to_deep(cls, start: int = 0, every: int = 1, freeze_after: int | None = None,
                         unit: str = "epoch", stages: Sequence[str] | None = None,
                         fuse_after: int | None = None) -> "Schedule":
