@@ -124,6 +124,34 @@ def check_fit_setup(trainer: Any, pl_module: nn.Module, teacher: nn.Module | Non
                          "the student. Pass a separate FP32 copy, e.g. teacher=copy.deepcopy(module.model).eval()")
 
 
+def schedule_leaves_branches_unused(schedule: Schedule) -> bool:
+    """Can ``schedule`` put a block in ``frozen`` or ``fused``, where its branch parameters get no gradient?"""
+    rules_stop = any(r.freeze_at is not None or r.fuse_at is not None for r in schedule.rules)
+    stage_stop = schedule.stagewise is not None and any(v is not None for v in schedule.stagewise[2:])
+    return rules_stop or stage_stop or schedule.default in ("frozen", "fused")
+
+
+def allow_unused_parameters(trainer: Any, schedule: Schedule) -> bool:
+    """Under a DDP strategy, let DDP tolerate the parameters that frozen/fused blocks leave without gradient
+    (``find_unused_parameters=True``) before the strategy wraps the model; returns whether it was switched on.
+
+    A strategy built with ``find_unused_parameters=False`` explicitly is refused with the fix: DDP would fail at
+    the first step after a block freezes or fuses.
+    """
+    kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+    if not isinstance(kwargs, dict) or not schedule_leaves_branches_unused(schedule):
+        return False
+    if kwargs.get("find_unused_parameters", None) is False:
+        raise ValueError("the RepQATCallback schedule freezes or fuses rep blocks, whose branch parameters then get "
+                         "no gradient, but the DDP strategy was built with find_unused_parameters=False: use "
+                         "DDPStrategy(find_unused_parameters=True) (or strategy='ddp_find_unused_parameters_true'), "
+                         "or a schedule that keeps every block in 'qat' (Schedule.all_at_once())")
+    if kwargs.get("find_unused_parameters") is True:
+        return False
+    kwargs["find_unused_parameters"] = True
+    return True
+
+
 def read_callback_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     """The callback's state from a loaded Lightning checkpoint dict, or ``None`` when it holds none."""
     state = (checkpoint.get("callbacks") or {}).get(STATE_KEY)

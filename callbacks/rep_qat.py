@@ -34,7 +34,7 @@ from ._compat import CALLBACK_BASES
 from .distill import DistillConfig, Distiller, kd_grad_scale
 from .loaders import first_loader, isolated_rng
 from .metrics import SideBySideAccuracy
-from .options import STATE_KEY, RepQATOptions, check_fit_setup, read_callback_state
+from .options import STATE_KEY, RepQATOptions, allow_unused_parameters, check_fit_setup, read_callback_state
 from .lazy import defines_configure_model, restore_configure_model, run_after_configure_model
 from .recording import CallRecorder, export_candidates
 from .scales import SharedScales
@@ -114,6 +114,9 @@ class RepQATCallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Insert the quantizers before checkpoint restore, optimizer and DDP setup (a network built in
         ``configure_model``: right after that hook, which Lightning runs after ``setup``)."""
         check_fit_setup(trainer, pl_module, self.teacher)
+        if allow_unused_parameters(trainer, self.schedule):
+            rank_zero_info("RepQATCallback: DDP runs with find_unused_parameters=True: frozen or fused rep blocks "
+                           "leave their branch parameters without gradient")
         if is_prepared(pl_module) or any(isinstance(m, (nn.Conv2d, nn.Linear, RepBlock)) for m in pl_module.modules()) \
                 or not defines_configure_model(pl_module):
             self._prepare(pl_module)

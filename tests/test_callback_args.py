@@ -88,3 +88,24 @@ def test_state_dict_round_trip_and_config_mismatch():
         RepQATCallback(QuantConfig(w_bits=6)).load_state_dict(state)
     assert read_callback_state({"callbacks": {"RepQATCallback": state}}) == state
     assert read_callback_state({"callbacks": {}}) is None
+
+
+def test_ddp_is_told_about_the_branch_parameters_frozen_or_fused_blocks_leave_unused():
+    # the default schedule fuses every block: its other branches get no gradient, which DDP refuses unless
+    # find_unused_parameters=True; the callback switches that on before the strategy wraps the model
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from qat_rep.callbacks.options import allow_unused_parameters
+
+    default = RepQATCallback().schedule
+    trainer = SimpleNamespace(strategy=DDPStrategy())
+    assert allow_unused_parameters(trainer, default) and trainer.strategy._ddp_kwargs["find_unused_parameters"]
+    assert not allow_unused_parameters(trainer, default)  # already on: nothing to change
+    plain = SimpleNamespace(strategy=DDPStrategy())
+    assert not allow_unused_parameters(plain, Schedule.all_at_once()) and plain.strategy._ddp_kwargs == {}
+    assert allow_unused_parameters(SimpleNamespace(strategy=DDPStrategy()), Schedule.shallow_to_deep(freeze_after=1))
+    assert not allow_unused_parameters(SimpleNamespace(strategy=SingleDeviceStrategy("cpu")), default)
+    with pytest.raises(ValueError, match="find_unused_parameters=False"):
+        allow_unused_parameters(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=False)), default)

@@ -99,20 +99,40 @@ def test_lean_path_is_not_used_for_learned_amax():
 
 
 def test_rounding_bounds_and_stes_live_in_the_math_module_only():
-    # qat_rep/quant: no module but qmath rounds, clamps to a bit range or defines a straight-through Function
+    # qat_rep (every sub-package) and qat_rep.callbacks: no module but qat_rep/quant/qmath.py rounds, computes an
+    # integer range from a bit width, or defines an autograd Function that rounds, clamps or floors (an STE). The
+    # check is self-tested on a snippet that breaks each rule.
+    import ast
     import pathlib
     import re
 
-    import qat_rep.quant as pkg
+    import qat_rep
+    import qat_rep.callbacks as cb
 
-    root = pathlib.Path(pkg.__file__).parent
-    pattern = re.compile(r"torch\.round\(|\.round_?\(|autograd\.Function\)|def _?bounds\(|1 << \(num_bits")
-    offenders = {}
-    for path in root.glob("*.py"):
-        if path.name in ("qmath.py", "calibrate.py"):  # calibrate's histogram search rounds bin centres (PTQ side)
-            continue
-        hits = [line.strip() for line in path.read_text().splitlines() if pattern.search(line)]
-        hits = [h for h in hits if not h.startswith(("#", '"', "``"))]
-        if hits:
-            offenders[path.name] = hits
-    assert not offenders, offenders
+    line_rule = re.compile(r"torch\.round\(|\.round_?\(|torch\.floor\(|1 << \(num_bits|2(\.0)? \*\* \(num_bits|"
+                           r"def _?q?bounds\(")
+
+    def offences(source: str) -> list[str]:
+        found = [ln.strip() for ln in source.splitlines()
+                 if line_rule.search(ln) and not ln.strip().startswith(("#", '"', "``"))]
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("autograd.Function") for b in node.bases):
+                body = ast.unparse(node)
+                if re.search(r"\b(round|round_|clamp|clamp_|floor)\(", body):
+                    found.append(f"class {node.name}: an autograd Function that rounds/clamps")
+        return found
+
+    bad = ("import torch\nclass S(torch.autograd.Function):\n    @staticmethod\n    def forward(ctx, x):\n"
+           "        return x.clamp(0, 1)\n\ndef f(x, num_bits):\n    return torch.round(x), 1 << (num_bits - 1)\n")
+    assert len(offences(bad)) == 2  # the rounding line and the Function (the bit range is on the same line)
+
+    roots = [pathlib.Path(qat_rep.__file__).parent, pathlib.Path(cb.__file__).parent]
+    math_module = roots[0] / "quant" / "qmath.py"
+    result = {}
+    for root in roots:
+        for path in root.rglob("*.py"):
+            if path != math_module:
+                hits = offences(path.read_text())
+                if hits:
+                    result[str(path.relative_to(root.parent))] = hits
+    assert not result, result

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..blocks import RepBlock
 from .cfws import CFWSConv2d, cfws_split
-from ..quant.qmath import channel_amax, fake_quant, fake_quant_ste, qbound, scale_from_amax
+from ..quant.qmath import channel_amax, fake_quant, fake_quant_ste, grid_floor, qbound, scale_from_amax
 
 # AdaRound's rectified sigmoid stretch (Nagel et al., 2020)
 _ZETA, _GAMMA = 1.1, -0.1
@@ -77,11 +77,11 @@ class SimQuantLayer(nn.Module):
     def init_adaround(self) -> None:
         """Start AdaRound: ``alpha`` such that the soft rounding equals the float weight exactly."""
         w = self._w_grid()
-        rest = w - torch.floor(w)
+        rest = w - grid_floor(w)
         alpha = -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)
         self.alpha = nn.Parameter(alpha)
         # weight and scale are frozen while the rounding is learned: floor(W / s) and s once, not every iteration
-        self._ada_floor, self._ada_scale = torch.floor(w), self._w_scale()
+        self._ada_floor, self._ada_scale = grid_floor(w), self._w_scale()
         self.last_h: Tensor | None = None
 
     def h(self) -> Tensor:

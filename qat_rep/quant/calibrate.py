@@ -209,7 +209,7 @@ def histogram_entropy_amax(hist: np.ndarray | Tensor, edges: np.ndarray | Tensor
     if bins.size < 2 or edges.size != bins.size + 1:
         raise ValueError(f"histogram needs len(edges) == len(hist) + 1 >= 3, got {edges.size} and {bins.size}")
     bins[0] = bins[1]
-    nbins = 1 << (num_bits - 1 + int(unsigned))
+    nbins = qm.bounds(num_bits, unsigned, True)[1] + 1  # quantization levels of one sign
     tail = np.concatenate([np.cumsum(bins[::-1])[::-1], [0]])  # tail[i] = sum(bins[i:])
     divergences, arguments = [], []
     for i in range(start_bin, len(bins) + 1, stride):

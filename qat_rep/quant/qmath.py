@@ -189,6 +189,12 @@ def clamp_to_grid(q: Tensor, num_bits: int) -> Tensor:
     return torch.clamp(q, -bound - 1, bound)
 
 
+def grid_floor(x: Tensor) -> Tensor:
+    """The integer grid point at or below ``x`` (values already divided by their scale): AdaRound's base, from which
+    a learned variable rounds up or not."""
+    return torch.floor(x)
+
+
 def fake_quant(x: Tensor, amax: Tensor, num_bits: int) -> Tensor:
     """Quantize-dequantize ``x`` on the signed ``num_bits`` grid of ``amax`` (no gradient through the rounding)."""
     scale = scale_from_amax(amax, qbound(num_bits))
