@@ -190,7 +190,7 @@ def quickstart_section(results_dir: Path = RESULTS) -> str | None:
         return None
     a, b = models[rep], models[qarep]
     drop = {n: {k.split("/", 1)[1]: acc - models[n]["fp32_acc"] for k, acc in models[n]["ptq"].items()
-                if k.startswith("minmax/")} for n in (rep, qarep)}
+                if k.startswith(("max/", "minmax/"))} for n in (rep, qarep)}
     above4 = [s for s in drop[rep] if not s.startswith(("W2", "W3", "W4"))]
     collapse = min(above4, key=lambda s: drop[rep][s])
     cfws = {n: models[n]["ptq"].get(f"cfws/{collapse}") for n in (rep, qarep)}

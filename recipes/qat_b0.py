@@ -17,7 +17,8 @@ For each block type (``--block both``: RepVGG and QARepVGG, same width, depth, F
 2. plain post-training quantization (``max`` calibration) at W8A8, W6A6 and W4A4 (per-channel weights) and at W8A8
    and W6A6 with per-tensor weights, then CFWS (:func:`qat_rep.ptq.quantize_ptq` with
    :class:`~qat_rep.ptq.CFWSConfig`) at the setting above 4 bits where plain PTQ lost most;
-3. quantization-aware fine-tuning with :class:`qat_rep.callbacks.RepQATCallback` at each ``--bits`` (W8A8: a short,
+3. quantization-aware fine-tuning with :class:`qat_rep.callbacks.RepQATCallback` and its default schedule (every
+   block collapsed into one trainable conv, ``Schedule.fused()``) at each ``--bits`` (W8A8: a short,
    gentle fine-tune of ``max``-calibrated ranges; below 8 bits: learned ranges that start from MSE searches,
    unsigned activations after a ReLU, first and last layer at 8 bits, a longer run at a higher learning rate);
 4. :func:`qat_rep.export.deploy` for every QAT model: the deploy artifact (reloaded without Lightning) and, at 8
@@ -45,7 +46,7 @@ from recipe_common import (ImageClassifier, ImageDataModule, ResultRow, Stopwatc
 import pytorch_lightning as pl
 import torch
 
-from qat_rep import CFWSConfig, MinMaxConfig, QuantConfig, Schedule, quantize_ptq
+from qat_rep import CFWSConfig, MinMaxConfig, QuantConfig, quantize_ptq
 from qat_rep.ptq import PTQMethodConfig
 
 BLOCKS = ("repvgg", "qarepvgg")
@@ -162,7 +163,7 @@ def run_qat(args: argparse.Namespace, fp32: ImageClassifier, dm: ImageDataModule
         calibrate(module, collect_batches(dm.train_dataloader(), cfg.calib_batches))
     # below 8 bits the weights and ranges are trained for the low-bit grid: their FP32 view says nothing (11-21 % in
     # the default run) and costs a second forward pass per validation batch
-    callback = RepQATCallback(config=cfg, schedule=Schedule.all_at_once(), compare_fp32=bits >= 8)
+    callback = RepQATCallback(config=cfg, compare_fp32=bits >= 8)
     trainer = make_trainer(args, out, max_epochs=epochs, callbacks=[callback], name=f"qat_w{bits}a{bits}",
                            limit_batches=limit_batches)
     trainer.fit(module, datamodule=dm)
@@ -230,7 +231,7 @@ def result_rows(res: dict[str, Any]) -> list[ResultRow]:
     rows = [row("FP32", "FP32", fp32_acc, lat.get("FP32 (fused)"), "PyTorch; latency: fused FP32 ONNX")]
     for key, acc in res["ptq"].items():
         method, setting = key.split("/", 1)
-        label = {"minmax": "PTQ max", "cfws": "PTQ CFWS"}[method]
+        label = {"max": "PTQ max", "minmax": "PTQ max", "cfws": "PTQ CFWS"}[method]
         rows.append(row(label, setting, acc, None, f"Δ vs FP32 {acc - fp32_acc:+.2f}"))
     for tag, r in res["qat"].items():
         setting = tag.upper()

@@ -146,3 +146,15 @@ def test_registration_and_dispatch_refuse_what_they_cannot_run() -> None:
 def test_quantize_ptq_is_a_short_pipeline() -> None:
     # the methods live in their handlers (qat_rep.ptq.methods); the entry point only sets up and finishes
     assert len(inspect.getsource(quantize_ptq).splitlines()) <= 40
+
+
+def test_one_vocabulary_max_with_the_literature_alias_and_did_you_mean_errors() -> None:
+    from qat_rep.ptq.methods import method_config
+
+    assert MinMaxConfig.name == "max" and method_config("minmax", {}) == method_config("max", {}) == MinMaxConfig()
+    with pytest.raises(ValueError, match=r"unknown PTQ method 'maxx' \(did you mean 'max'\?\)"):
+        method_config("maxx", {})
+    with pytest.raises(ValueError, match=r"did you mean 'entropy'\?"):
+        QuantConfig(calibrator="entropi")
+    with pytest.raises(ValueError, match=r"one of max, percentile, entropy, mse; got 'zzz'$"):
+        QuantConfig(calibrator="zzz")  # nothing close: no suggestion, the valid names

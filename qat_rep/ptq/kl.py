@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..quant.config import did_you_mean
 from ..quant.qmath import fake_quant, qbound
 
 
@@ -199,7 +200,8 @@ def amax_from_histogram(hist: Histogram, method: str, num_bits: int = 8, percent
     from ..quant import backend
 
     if method not in HIST_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; valid: {', '.join(HIST_METHODS)}")
+        raise ValueError(f"unknown calibration method {method!r}{did_you_mean(method, HIST_METHODS)}; valid: "
+                         f"{', '.join(HIST_METHODS)}")
     if float(hist.counts.sum()) <= 0 or hist.amax <= 0:
         return max(hist.amax, 0.0)
     if method == "max":

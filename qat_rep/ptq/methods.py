@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence, TypeVar
 
 from .cfws import FINE_RANGES
+from ..quant.config import did_you_mean
 from .kl import HIST_METHODS
 from .reconstruct import (ReconConfig, Unit, block_units, data_capacity, layer_units, mixed_units, module_capacity,
                           reconstruct)
@@ -100,9 +101,10 @@ class _HistogramCalibration(PTQMethodConfig):
 
 @dataclass(frozen=True)
 class MinMaxConfig(_HistogramCalibration):
-    """Calibration only: activation threshold = the maximum of ``|input|`` on the calibration data."""
+    """Calibration only: activation threshold = the maximum of ``|input|`` on the calibration data (``"max"``, as
+    ``QuantConfig.calibrator`` names it; ``"minmax"``, the PTQ literature's name, is accepted as an alias)."""
 
-    name: ClassVar[str] = "minmax"
+    name: ClassVar[str] = "max"
     rule: ClassVar[str] = "max"
 
 
@@ -171,7 +173,8 @@ class _ReconMethodConfig(ReconConfig, PTQMethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.act_calibrator not in HIST_METHODS:
-            raise ValueError(f"unknown calibration method {self.act_calibrator!r}; valid: {', '.join(HIST_METHODS)}")
+            raise ValueError(f"unknown calibration method {self.act_calibrator!r}"
+                             f"{did_you_mean(self.act_calibrator, HIST_METHODS)}; valid: {', '.join(HIST_METHODS)}")
         if self.weight_init not in ("max", "mse"):
             raise ValueError(f"weight_init must be 'max' or 'mse', got {self.weight_init!r}")
         _positive_int("num_samples", self.num_samples)
@@ -259,7 +262,7 @@ def register_ptq_method(*config_types: type[PTQMethodConfig]) -> Callable[[_C], 
     for t in config_types:
         if not (isinstance(t, type) and issubclass(t, PTQMethodConfig) and is_dataclass(t)):
             raise TypeError(f"register_ptq_method takes PTQMethodConfig dataclasses, got {t!r}")
-        if not t.name or any(o.name == t.name and o is not t for o in _HANDLERS):
+        if not t.name or t.name in ALIASES or any(o.name == t.name and o is not t for o in _HANDLERS):
             raise ValueError(f"{t.__name__}.name must be a non-empty name no other PTQ method has, got {t.name!r}")
 
     def decorate(handler: _C) -> _C:
@@ -279,6 +282,10 @@ def ptq_handler(method: PTQMethodConfig) -> PTQHandler:
                         f"@register_ptq_method({type(method).__name__})") from None
 
 
+#: other names of registered methods (the string form only)
+ALIASES: dict[str, str] = {"minmax": "max"}
+
+
 def method_config(method: PTQMethodConfig | str, options: dict[str, Any]) -> PTQMethodConfig:
     """``method`` as a config: a config is returned as it is (``options`` must be empty); a registered name builds
     its config from ``options`` (the string form of :func:`~.api.quantize_ptq`)."""
@@ -289,8 +296,10 @@ def method_config(method: PTQMethodConfig | str, options: dict[str, Any]) -> PTQ
         ptq_handler(method)
         return method
     by_name = {t.name: t for t in _HANDLERS}
+    if isinstance(method, str):
+        method = ALIASES.get(method, method)
     if not isinstance(method, str) or method not in by_name:
-        raise ValueError(f"unknown PTQ method {method!r}; valid: {', '.join(by_name)}")
+        raise ValueError(f"unknown PTQ method {method!r}{did_you_mean(method, by_name)}; valid: {', '.join(by_name)}")
     cls = by_name[method]
     valid = [f.name for f in fields(cls)]
     bad = sorted(set(options) - set(valid))

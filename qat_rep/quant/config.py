@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 GRANULARITIES = ("per_channel", "per_tensor")
 CALIBRATOR_NAMES = ("max", "percentile", "entropy", "mse")
 WEIGHT_CALIBRATOR_NAMES = ("max", "mse")
+
+
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest valid name, or ``""``: the suffix of every unknown-name error."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6) if isinstance(name, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass
@@ -67,7 +74,8 @@ class QuantConfig:
         if self.w_granularity not in GRANULARITIES:
             raise ValueError(f"w_granularity must be one of {', '.join(GRANULARITIES)}; got {self.w_granularity!r}")
         if self.calibrator not in CALIBRATOR_NAMES:
-            raise ValueError(f"calibrator must be one of {', '.join(CALIBRATOR_NAMES)}; got {self.calibrator!r}")
+            raise ValueError(f"calibrator must be one of {', '.join(CALIBRATOR_NAMES)}; got {self.calibrator!r}"
+                             f"{did_you_mean(self.calibrator, CALIBRATOR_NAMES)}")
         if self.weight_calibrator not in WEIGHT_CALIBRATOR_NAMES:
             raise ValueError(f"weight_calibrator must be one of {', '.join(WEIGHT_CALIBRATOR_NAMES)}; got "
                              f"{self.weight_calibrator!r}")
