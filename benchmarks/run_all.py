@@ -49,11 +49,12 @@ PROBLEM_COLUMNS = {("FP32", "fp32"): "FP32", ("W8A8-pt", "minmax"): "W8A8 per-te
                    ("W6A6-pt", "cfws"): "W6A6 per-tensor CFWS"}
 #: README order and headings; benchmarks not listed here follow in alphabetical order under their file name
 ORDER = {
-    "qat_accuracy": "QAT routes, accuracy per cost: equivalent-kernel vs fuse-first (embedded digits, shifted views)",
+    "qat_accuracy": "QAT routes, accuracy per cost: equivalent-kernel, fuse-first, progressive and the default fused "
+                    "schedule (embedded digits, shifted views)",
     "qat_b0": "`python recipes/qat_b0.py` with defaults",
     "det_accuracy": "YOLOv6-N detection mAP: FP32 / plain PTQ / QAT / ONNX Runtime INT8 (embedded detection set)",
     "ptq_accuracy": "Post-training quantization: every method vs ONNX Runtime's quantize_static (embedded digits)",
-    "qat_speed": "QAT step time: equivalent-kernel QAT vs multi-branch fake-quant",
+    "qat_speed": "QAT step time and memory: equivalent-kernel QAT, the default fused schedule, fuse-first",
     "fuse_speed": "Multi-branch vs fused FP32 latency (PyTorch)",
     "deploy_speed": "INT8 deploy latency in ONNX Runtime (CPU)",
 }
