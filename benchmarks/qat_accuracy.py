@@ -466,7 +466,9 @@ def save(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]] = (), memor
     path = out / f"{NAME}.json"
     with locked(path):
         data = merge(load_results(path), runs, memory)
-        data["meta"] = {**data.get("meta", {}), **meta}
+        old = data.get("meta", {})
+        # settings and recipes accumulate over invocations (one process per recipe, a later extra setting)
+        data["meta"] = {**old, **meta, **{k: {**old.get(k, {}), **meta.get(k, {})} for k in ("settings", "recipes")}}
         write_text_atomic(path, json.dumps(data, indent=2) + "\n")
         write_text_atomic(out / f"{NAME}.md", render(data))
     return data
@@ -584,9 +586,12 @@ def render(data: dict[str, Any]) -> str:
                          key=str)  # what the runs in the table used (the meta is the last invocation's)
             if len(ran) == 1 and None not in ran[0]:
                 s = {**s, "epochs": ran[0][0], "lr": ran[0][1]}
+            learned = (f"learned amax (weights from {c.get('weight_calibrator', 'max')}, at "
+                       f"{s.get('amax_lr_scale', 1.0):g}× the lr)" if c["learn_amax"] else "fixed amax")
             notes.append(f"{label}: {s['epochs']} QAT epoch(s), AdamW lr {s['lr']:g} cosine to 1 %, batch "
-                         f"{meta.get('batch_size')}; calibrator {c['calibrator']} on {c['calib_batches']} batches, "
-                         f"{c['w_granularity']} weights, learned amax {c['learn_amax']}, first/last 8-bit "
+                         f"{meta.get('batch_size')}, the FP32 recipe's random shifts; calibrator {c['calibrator']} on "
+                         f"{c['calib_batches']} batches, {c['w_granularity']} weights, {learned}, unsigned "
+                         f"activations {c.get('unsigned_activations', False)}, first/last 8-bit "
                          f"{c['first_last_8bit'] and (c['w_bits'] < 8 or c['a_bits'] < 8)}.")
         recipes = meta.get("recipes", {})
         for name, rc in recipes.items():

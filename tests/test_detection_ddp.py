@@ -51,4 +51,4 @@ def test_ddp_detector_ranks_end_identical(tmp_path):
     assert len(amax) == 71 and all(torch.isfinite(v).all() for v in amax.values())  # 69 convs, 2 transposed
     a = amax["model.backbone.ERBlock_5.0.rep_quant._input_quantizer._amax"]
     assert torch.equal(a, amax["model.neck.Bifusion0.cv1.block.conv._input_quantizer._amax"])
-    assert set(r0["phases"].values()) == {"qat"}
+    assert set(r0["phases"].values()) == {"fused"}  # the default schedule collapses every block
