@@ -9,7 +9,7 @@ Run from the repository root::
 
 The default sizes (A0 width and depth, 16x16 inputs, 8 FP32 epochs) keep the whole run within ten minutes on two CPU
 cores; the file keeps its historical name. (6 FP32 epochs ran in 461 s, but RepVGG-A0 then lost 1.95 points at QAT
-W4A4, against 1.11 after 8.)
+W4A4, against 1.11 after 8 — both with the equivalent-kernel schedule; 1.39 with the default fused one.)
 
 For each block type (``--block both``: RepVGG and QARepVGG, same width, depth, FP32 recipe and seed):
 

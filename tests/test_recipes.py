@@ -78,15 +78,15 @@ def test_qat_b0_fast_runs_both_block_types_and_every_cell(qat_b0_run: Path) -> N
         fp32 = common.load_classifier(d / "fp32.ckpt")
         assert fp32.hparams.model_name == name
         assert common.evaluate_accuracy(fp32.model, val) == pytest.approx(res["fp32_acc"], abs=1e-9)
-        plain = {k.split("/", 1)[1]: v for k, v in res["ptq"].items() if k.startswith("minmax/")}
+        plain = {k.split("/", 1)[1]: v for k, v in res["ptq"].items() if k.startswith("max/")}
         assert set(plain) == {s.label for s in settings}
         # one CFWS cell, at the setting above 4 bits where plain PTQ lost most
         worst = min((s for s in settings if s.config.w_bits > 4), key=lambda s: plain[s.label]).label
         assert qat_b0.collapse_setting(settings, plain).label == worst
-        assert set(res["ptq"]) == {f"minmax/{s.label}" for s in settings} | {f"cfws/{worst}"}
+        assert set(res["ptq"]) == {f"max/{s.label}" for s in settings} | {f"cfws/{worst}"}
         w6 = next(s for s in settings if (s.method, s.label) == (MinMaxConfig(), "W6A6"))
         calib = common.collect_batches(dm.train_dataloader(), 1)
-        assert qat_b0.plain_ptq(fp32.model, calib, val, w6) == pytest.approx(res["ptq"]["minmax/W6A6"], abs=1e-9)
+        assert qat_b0.plain_ptq(fp32.model, calib, val, w6) == pytest.approx(res["ptq"]["max/W6A6"], abs=1e-9)
         assert set(res["qat"]) == {"w8a8", "w4a4"}
 
         qat = load_qat_checkpoint(common.ImageClassifier, d / "qat_w8a8.ckpt", map_location="cpu").eval()

@@ -123,7 +123,7 @@ def test_problem_table_is_built_from_ptq_accuracy_json(tmp_path: Path) -> None:
 def _qat_b0_models(rep_fp32: float, qarep_fp32: float, rep_ptq: dict, qarep_ptq: dict) -> dict:
     def model(fp32, ptq, w4):
         cfws = {"cfws/W8A8 per-tensor W": fp32 - 0.25}  # CFWS at the collapsing setting of the data below
-        return {"fp32_acc": fp32, "ptq": {f"minmax/{k}": v for k, v in ptq.items()} | cfws,
+        return {"fp32_acc": fp32, "ptq": {f"max/{k}": v for k, v in ptq.items()} | cfws,
                 "qat": {"w8a8": {"fakequant_acc": fp32, "ort_agreement": 100.0},
                         "w4a4": {"fakequant_acc": w4, "onnx_skipped": "8-bit only"}}}
     return {"repvgg_a0": model(rep_fp32, rep_ptq, rep_fp32 - 1.25),
