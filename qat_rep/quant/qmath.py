@@ -1,11 +1,14 @@
-"""The quantization arithmetic of QAT and ``convert``, once: integer bounds, scales, rounding, straight-through
-estimators, the int32 bias grid and ``max|x|`` reductions.
+"""The quantization arithmetic of QAT, ``convert``, calibration and every PTQ method, once: integer bounds, scales,
+rounding, straight-through estimators, the int32 bias grid, ``max|x|`` reductions and the MSE weight-range search.
 
 Symmetric (TensorRT-style) quantization with zero point 0: ``scale = max(amax, EPS) / qmax``, integers
 ``clamp(round(x · (1/s)), qmin, qmax)`` with round-half-even and the float32 reciprocal — the numbers of
 ``torch.fake_quantize_per_tensor_affine`` — and a bias rounded to the accumulator grid ``s_x · s_w``. The quantizers
-(:mod:`.backend`), the equivalent-kernel QAT path (:mod:`.rep_qat`) and ``convert`` call these functions; none of
-them rounds, clamps to a bit range or defines a straight-through gradient itself.
+(:mod:`.backend`), the equivalent-kernel QAT path (:mod:`.rep_qat`), ``convert``, the histogram calibrators and
+:mod:`qat_rep.ptq` call these functions; none of them rounds, derives a bit range or defines a straight-through
+gradient itself (``tests/test_quant_lean.py`` checks every module). The PTQ forms at the end divide by the scale
+(``round(x / s)``) where the quantizers multiply by its float32 reciprocal: reconstruction results are written back
+into quantizers through their ``amax``, and the two differ only for values within float rounding of a .5 tie.
 """
 
 from __future__ import annotations
