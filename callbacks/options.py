@@ -124,13 +124,6 @@ def check_fit_setup(trainer: Any, pl_module: nn.Module, teacher: nn.Module | Non
                          "the student. Pass a separate FP32 copy, e.g. teacher=copy.deepcopy(module.model).eval()")
 
 
-def schedule_leaves_branches_unused(schedule: Schedule) -> bool:
-    """Can ``schedule`` put a block in ``frozen`` or ``fused``, where its branch parameters get no gradient?"""
-    rules_stop = any(r.freeze_at is not None or r.fuse_at is not None for r in schedule.rules)
-    stage_stop = schedule.stagewise is not None and any(v is not None for v in schedule.stagewise[2:])
-    return rules_stop or stage_stop or schedule.default in ("frozen", "fused")
-
-
 def allow_unused_parameters(trainer: Any, schedule: Schedule) -> bool:
     """Under a DDP strategy, let DDP tolerate the parameters that frozen/fused blocks leave without gradient
     (``find_unused_parameters=True``) before the strategy wraps the model; returns whether it was switched on.
@@ -139,7 +132,7 @@ def allow_unused_parameters(trainer: Any, schedule: Schedule) -> bool:
     the first step after a block freezes or fuses.
     """
     kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-    if not isinstance(kwargs, dict) or not schedule_leaves_branches_unused(schedule):
+    if not isinstance(kwargs, dict) or not schedule.leaves_branches_unused:
         return False
     if kwargs.get("find_unused_parameters", None) is False:
         raise ValueError("the RepQATCallback schedule freezes or fuses rep blocks, whose branch parameters then get "

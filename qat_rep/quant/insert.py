@@ -20,7 +20,7 @@ from ..blocks import RepBlock
 from ..fuse import bn_module_scale, fold_bn_into_conv_
 from .backend import (FoldedBatchNorm2d, QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear, TensorQuantizer,
                       make_quantizer)
-from .config import QuantConfig
+from .config import WEIGHT_CALIBRATOR_NAMES, QuantConfig
 from . import qmath as qm
 from .rep_qat import RepQuant, deploy_kernel_bias, folded_kernel_bias
 
@@ -253,8 +253,8 @@ def refresh_weight_amax(model: nn.Module, method: str | None = None) -> int:
     """
     if method is None:
         method = get_config(model).weight_calibrator if getattr(model, CONFIG_ATTR, None) is not None else "max"
-    if method not in ("max", "mse"):
-        raise ValueError(f"method must be 'max' or 'mse', got {method!r}")
+    if method not in WEIGHT_CALIBRATOR_NAMES:
+        raise ValueError(f"method must be one of {', '.join(WEIGHT_CALIBRATOR_NAMES)}; got {method!r}")
     mse = method == "mse"
     n = 0
     for name, layer in quant_layers(model):

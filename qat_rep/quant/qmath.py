@@ -156,9 +156,9 @@ def conv_or_linear(xq: Tensor, wq: Tensor, stride, padding, dilation, groups) ->
 
 # ----------------------------------------------------------------------------------------------------- PTQ forms
 # Post-training reconstruction (AdaRound, BRECQ, MRECG, CFWS) differentiates through rounding and learns step sizes
-# on plain tensors; these are the same symmetric, signed grid as the quantizers above (``round_half_even(x / s)``
-# clamped to ``[-qmax - 1, qmax]``, ``s = max(amax, EPS) / qmax``), so a reconstruction's result can be written back
-# into ordinary quantizers without changing a single rounding.
+# on plain tensors, on the same symmetric, signed grid as the quantizers above (``round_half_even(x / s)`` clamped to
+# ``[-qmax - 1, qmax]``, ``s = max(amax, EPS) / qmax``); a result is written back into ordinary quantizers through its
+# ``amax`` (see the module docstring for the division/reciprocal difference).
 
 
 def qbound(num_bits: int) -> int:
@@ -171,7 +171,7 @@ def qbound(num_bits: int) -> int:
 def channel_amax(weight: Tensor, per_channel: bool) -> Tensor:
     """``max|W|`` per output channel (shape ``[C, 1, …]``, TensorQuantizer's axis-0 layout) or per tensor (0-d)."""
     if not per_channel:
-        return weight.detach().abs().max()
+        return reduce_amax(weight, None, ())
     return reduce_amax(weight, (0,), (-1,) + (1,) * (weight.dim() - 1))
 
 
@@ -186,12 +186,6 @@ def round_clamp(x: Tensor, qmin: float, qmax: float) -> Tensor:
     return torch.clamp(torch.round(x), qmin, qmax)
 
 
-def clamp_to_grid(q: Tensor, num_bits: int) -> Tensor:
-    """``q`` clamped to the signed integer range of ``num_bits`` (``[-qmax - 1, qmax]``), differentiable inside."""
-    bound = float(qbound(num_bits))
-    return torch.clamp(q, -bound - 1, bound)
-
-
 def grid_floor(x: Tensor) -> Tensor:
     """The integer grid point at or below ``x`` (values already divided by their scale): AdaRound's base, from which
     a learned variable rounds up or not."""
@@ -200,14 +194,16 @@ def grid_floor(x: Tensor) -> Tensor:
 
 def fake_quant(x: Tensor, amax: Tensor, num_bits: int) -> Tensor:
     """Quantize-dequantize ``x`` on the signed ``num_bits`` grid of ``amax`` (no gradient through the rounding)."""
-    scale = scale_from_amax(amax, qbound(num_bits))
-    return clamp_to_grid(torch.round(x / scale), num_bits) * scale
+    bound = qbound(num_bits)
+    scale = scale_from_amax(amax, bound)
+    return round_clamp(x / scale, -bound - 1, bound) * scale
 
 
 def fake_quant_ste(x: Tensor, amax: Tensor, num_bits: int) -> Tensor:
     """:func:`fake_quant` with an STE through the rounding and an LSQ-style gradient to ``amax``."""
-    scale = scale_from_amax(amax, qbound(num_bits))
-    return clamp_to_grid(round_ste(x / scale), num_bits) * scale
+    bound = qbound(num_bits)
+    scale = scale_from_amax(amax, bound)
+    return torch.clamp(round_ste(x / scale), -bound - 1, bound) * scale
 
 
 @torch.no_grad()

@@ -145,6 +145,14 @@ class Schedule:
                    stages=None if stages is None else tuple(stages))
 
     # ---------------------------------------------------------------------------------------------- logic
+    @property
+    def leaves_branches_unused(self) -> bool:
+        """Can this schedule put a block in ``frozen`` or ``fused``, where its branch parameters get no gradient
+        (DDP then needs ``find_unused_parameters=True``)?"""
+        rules_stop = any(r.freeze_at is not None or r.fuse_at is not None for r in self.rules)
+        stage_stop = self.stagewise is not None and any(v is not None for v in self.stagewise[2:])
+        return rules_stop or stage_stop or self.default in ("frozen", "fused")
+
     def resolve(self, model: nn.Module | None = None) -> tuple[PhaseRule, ...]:
         """The explicit rules (stage rules first, then ``rules``); first match wins."""
         rules: list[PhaseRule] = []
