@@ -1,6 +1,7 @@
 """Training-step time of equivalent-kernel QAT against FP32 multi-branch training and per-branch fake quant.
 
-Modes, all on ``qarepvgg_a0`` (one training step = forward + backward + SGD step):
+Modes, on each of ``--models`` (default ``qarepvgg_a0`` and ``repvgg_a0``; one training step = forward + backward
++ SGD step):
 
 * ``fp32``        — the float multi-branch model (the baseline, ratio 1.0);
 * ``eqk_qat``     — qat-rep's equivalent-kernel QAT (``prepare`` + ``calibrate``): one conv per block;
@@ -124,9 +125,9 @@ def branch_fq_fused(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.train()
 
 
-def build(mode: str, x: torch.Tensor) -> nn.Module:
+def build(mode: str, x: torch.Tensor, arch: str = "qarepvgg_a0") -> nn.Module:
     torch.manual_seed(0)
-    model = create_model("qarepvgg_a0", num_classes=10, small_input=x.shape[-1] <= 64)
+    model = create_model(arch, num_classes=10, small_input=x.shape[-1] <= 64)
     if mode == "fuse_first":
         reparameterize(model, fold_post_bn=False)
         prepare(model, QuantConfig())
@@ -151,13 +152,13 @@ def build(mode: str, x: torch.Tensor) -> nn.Module:
     return model.train()
 
 
-def run(sizes: list[tuple[int, int]], steps: int, warmup: int, modes: list[str]) -> list[dict]:
+def run(arch: str, sizes: list[tuple[int, int]], steps: int, warmup: int, modes: list[str]) -> list[dict]:
     rows = []
     for size, batch in sizes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, size, size, generator=g)
         y = torch.randint(0, 10, (batch,), generator=g)
-        models = {m: build(m, x) for m in modes}
+        models = {m: build(m, x, arch) for m in modes}
         opts = {m: torch.optim.SGD(models[m].parameters(), lr=1e-4, momentum=0.9) for m in modes}
         calls = {m: (torch.compile(models[m], fullgraph=True) if m == "eqk_qat_compiled" else models[m])
                  for m in modes}
@@ -178,7 +179,7 @@ def run(sizes: list[tuple[int, int]], steps: int, warmup: int, modes: list[str])
         base = statistics.median(times["fp32"])
         for m in modes:
             med = statistics.median(times[m])
-            rows.append({"size": size, "batch": batch, "mode": m, "median_s": med, "mean_s": statistics.mean(times[m]),
+            rows.append({"model": arch, "size": size, "batch": batch, "mode": m, "median_s": med, "mean_s": statistics.mean(times[m]),
                          "min_s": min(times[m]), "ratio_to_fp32": med / base, "steps": steps,
                          "compile_s": compile_s.get(m)})
     return rows
@@ -199,12 +200,12 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(mode: str, size: int, batch: int) -> dict:
+def memory_child(arch: str, mode: str, size: int, batch: int) -> dict:
     """One mode's transient step memory, measured in this (fresh) process; see the module docstring."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
-    model = build(mode, x)
+    model = build(mode, x, arch)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     _step(model, opt, x, y)  # warm-up: optimizer state, lazily allocated buffers
     before = _status_kb("VmRSS")
@@ -212,21 +213,22 @@ def memory_child(mode: str, size: int, batch: int) -> dict:
         f.write("5")  # reset VmHWM to the current RSS
     _step(model, opt, x, y)
     peak = _status_kb("VmHWM")
-    return {"mode": mode, "size": size, "batch": batch, "peak_step_mb": (peak - before) / 1024}
+    return {"model": arch, "mode": mode, "size": size, "batch": batch, "peak_step_mb": (peak - before) / 1024}
 
 
-def measure_memory(sizes: list[tuple[int, int]], modes: list[str], threads: int) -> dict[tuple[int, str], float]:
-    """Transient step memory (MB) per (size, mode), each in a fresh process."""
+def measure_memory(arch: str, sizes: list[tuple[int, int]], modes: list[str],
+                   threads: int) -> dict[tuple[str, int, str], float]:
+    """Transient step memory (MB) per (model, size, mode), each in a fresh process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out: dict[tuple[int, str], float] = {}
+    out: dict[tuple[str, int, str], float] = {}
     for size, batch in sizes:
         for mode in modes:
             if mode == "eqk_qat_compiled":
                 continue
-            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", mode, str(size),
-                                  str(batch), "--threads", str(threads)], env=env, capture_output=True, text=True,
-                                 check=True)
-            out[(size, mode)] = json.loads(res.stdout.strip().splitlines()[-1])["peak_step_mb"]
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", arch, mode,
+                                  str(size), str(batch), "--threads", str(threads)], env=env, capture_output=True,
+                                 text=True, check=True)
+            out[(arch, size, mode)] = json.loads(res.stdout.strip().splitlines()[-1])["peak_step_mb"]
     return out
 
 
@@ -241,36 +243,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="fp32,eqk_qat,eqk_qat_compiled,eqk_fused,fuse_first,branch_fq,"
                                        "branch_fq_fused,eqk_float,fused_fp32,fused_bn_fp32")
     ap.add_argument("--memory", action="store_true", help="also measure peak step memory per mode (fresh processes)")
-    ap.add_argument("--memory-child", nargs=3, metavar=("MODE", "SIZE", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="qarepvgg_a0,repvgg_a0", help="comma list of model names")
+    ap.add_argument("--memory-child", nargs=4, metavar=("MODEL", "MODE", "SIZE", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        mode, size, batch = args.memory_child
-        print(json.dumps(memory_child(mode, int(size), int(batch))))
+        arch, mode, size, batch = args.memory_child
+        print(json.dumps(memory_child(arch, mode, int(size), int(batch))))
         return 0
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     modes = args.modes.split(",")
     if "fp32" not in modes:
         ap.error("--modes must include fp32 (the baseline)")
-    rows = run(sizes, args.steps, args.warmup, modes)
-    memory = measure_memory(sizes, modes, args.threads) if args.memory else {}
+    archs = args.models.split(",")
+    rows, memory = [], {}
+    for arch in archs:
+        rows += run(arch, sizes, args.steps, args.warmup, modes)
+        if args.memory:
+            memory.update(measure_memory(arch, sizes, modes, args.threads))
     for r in rows:
-        mb = memory.get((r["size"], r["mode"]))
-        base = memory.get((r["size"], "fp32"))
+        mb = memory.get((r["model"], r["size"], r["mode"]))
+        base = memory.get((r["model"], r["size"], "fp32"))
         r["peak_step_mb"] = mb
         r["memory_ratio_to_fp32"] = None if mb is None or not base else mb / base
-    by = {(r["size"], r["mode"]): r for r in rows}
+    by = {(r["model"], r["size"], r["mode"]): r for r in rows}
     console = Console()
-    table = Table(title="qarepvgg_a0 training step (median over interleaved steps)")
-    cols = ("input", "mode", "median s/step", "ratio to fp32", "ratio to fuse_first", "peak step MB",
+    table = Table(title="training step (median over interleaved steps)")
+    cols = ("model", "input", "mode", "median s/step", "ratio to fp32", "ratio to fuse_first", "peak step MB",
             "memory ratio to fp32", "compile s")
     for c in cols:
         table.add_column(c, justify="right" if c != "mode" else "left")
     md_rows = []
     for r in rows:
-        ff = by.get((r["size"], "fuse_first"))
-        cells = (f"{r['size']}x{r['size']} b{r['batch']}", r["mode"], f"{r['median_s']:.4f}",
+        ff = by.get((r["model"], r["size"], "fuse_first"))
+        cells = (r["model"], f"{r['size']}x{r['size']} b{r['batch']}", r["mode"], f"{r['median_s']:.4f}",
                  f"{r['ratio_to_fp32']:.2f}", f"{r['median_s'] / ff['median_s']:.2f}" if ff else "-",
                  f"{r['peak_step_mb']:.1f}" if r["peak_step_mb"] is not None else "-",
                  f"{r['memory_ratio_to_fp32']:.2f}" if r["memory_ratio_to_fp32"] is not None else "-",
@@ -279,12 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         md_rows.append(cells)
     md = markdown_table(cols, md_rows).split("\n")
     console.print(table)
-    targets = _targets(by, sizes)
+    targets = _targets(by, archs, sizes)
     for name, ok in targets.items():
         console.print(f"target {name}: {'met' if ok else 'NOT met' if ok is not None else 'not measured'}")
     meta = {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "steps": args.steps, "warmup": args.warmup,
-            "load_avg": os.getloadavg(), "targets": targets}
+            "load_avg": os.getloadavg(), "models": archs, "targets": targets}
     os.makedirs(args.out, exist_ok=True)
     _atomic_write(os.path.join(args.out, "qat_speed.json"), json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"- {name}: {'met' if ok else 'NOT met' if ok is not None else 'not measured'}"
@@ -297,25 +304,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _targets(by: dict, sizes: list[tuple[int, int]]) -> dict[str, bool | None]:
-    """The targets this benchmark checks, each over every size (``None`` when a needed row was not run)."""
-    def check(mode: str, ref: str, key: str, bound: float, op=lambda a, b: a <= b) -> bool | None:
+def _targets(by: dict, archs: list[str], sizes: list[tuple[int, int]]) -> dict[str, bool | None]:
+    """The targets this benchmark checks per model, each over every size (``None`` when a needed row was not run)."""
+    def check(arch: str, mode: str, ref: str, key: str, bound: float, op=lambda a, b: a <= b) -> bool | None:
         vals = []
         for size, _ in sizes:
-            a, b = by.get((size, mode)), by.get((size, ref))
+            a, b = by.get((arch, size, mode)), by.get((arch, size, ref))
             if a is None or b is None or a.get(key) is None or b.get(key) is None:
                 return None
             vals.append(op(a[key] / b[key], bound))
         return all(vals)
 
-    return {
-        "eqk_qat step <= 1.1x fuse_first": check("eqk_qat", "fuse_first", "mean_s", 1.1),
-        "default schedule (eqk_fused) step <= 1.1x fuse_first": check("eqk_fused", "fuse_first", "mean_s", 1.1),
-        "eqk_qat memory <= 0.6x fp32": check("eqk_qat", "fp32", "peak_step_mb", 0.6),
-        "eqk_fused memory <= 0.5x fp32": check("eqk_fused", "fp32", "peak_step_mb", 0.5),
-        "eqk_qat_compiled faster than eqk_qat": check("eqk_qat_compiled", "eqk_qat", "median_s", 1.0,
-                                                      lambda a, b: a < b),
-    }
+    out: dict[str, bool | None] = {}
+    for arch in archs:
+        out.update({
+            f"{arch}: eqk_qat step <= 1.1x fuse_first": check(arch, "eqk_qat", "fuse_first", "mean_s", 1.1),
+            f"{arch}: default schedule (eqk_fused) step <= 1.1x fuse_first": check(arch, "eqk_fused", "fuse_first",
+                                                                                  "mean_s", 1.1),
+            f"{arch}: eqk_qat memory <= 0.6x fp32": check(arch, "eqk_qat", "fp32", "peak_step_mb", 0.6),
+            f"{arch}: eqk_fused memory <= 0.5x fp32": check(arch, "eqk_fused", "fp32", "peak_step_mb", 0.5),
+            f"{arch}: eqk_qat_compiled faster than eqk_qat": check(arch, "eqk_qat_compiled", "eqk_qat", "median_s",
+                                                                   1.0, lambda a, b: a < b),
+        })
+    return out
 
 
 if __name__ == "__main__":

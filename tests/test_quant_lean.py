@@ -1,6 +1,7 @@
 """The lean quantized conv/linear step (:func:`qat_rep.quant.backend.quant_matmul`): the input saved as int8/uint8
-plus a clip mask and ``Q(x)`` recomputed in backward — same outputs and gradients as the composition of the
-quantizers' straight-through functions with the conv, fewer bytes kept for backward."""
+plus a bit-packed clip mask, the fake-quantized kernel as int8 + its scale, both rebuilt in backward; and the block
+ReLU kept as a bit mask in QAT steps — same outputs and gradients as the composition of the quantizers'
+straight-through functions with the conv and ``torch.relu``, fewer bytes kept for backward."""
 
 from __future__ import annotations
 
@@ -136,3 +137,144 @@ def test_rounding_bounds_and_stes_live_in_the_math_module_only():
                 if hits:
                     result[str(path.relative_to(root.parent))] = hits
     assert not result, result
+
+
+def _weight_quantizer(wkind: str, w):
+    shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+    if wkind == "dynamic":
+        return make_quantizer(4, axis=0, amax_shape=shape, dynamic=True, name="w")
+    if wkind == "fixed_channel":  # torch.fake_quantize_per_channel_affine, some weights clipped
+        q = make_quantizer(8, axis=0, amax_shape=shape, name="w")
+        q.set_amax(w.detach().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 0.7)
+        return q
+    if wkind == "fixed_tensor":  # the clipped per-tensor STE
+        q = make_quantizer(6, name="w")
+        q.set_amax(w.detach().abs().max() * 0.6)
+        return q
+    q = make_quantizer(4, axis=0, amax_shape=shape, learn_amax=True, name="w")  # LSQ weights
+    q.set_amax(w.detach().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 0.8)
+    return q
+
+
+@pytest.mark.parametrize("wkind", ["dynamic", "fixed_channel", "fixed_tensor", "lsq"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_lean_step_keeps_the_weights_as_int8_with_the_composed_gradients(wkind, kind):
+    # the fake-quantized kernel is saved as int8 + the weight scale and rebuilt in backward: the gradients to the
+    # input, the weight and (LSQ) the weight amax equal the composition's bit for bit, for every weight quantizer
+    g = torch.Generator().manual_seed(1)
+    if kind == "conv":
+        x, w, conf = torch.randn(2, 6, 7, 7, generator=g), torch.randn(10, 6, 3, 3, generator=g), dict(padding=1)
+    else:
+        x, w, conf = torch.randn(4, 12, generator=g), torch.randn(9, 12, generator=g), {}
+    iq = make_quantizer(8, name="in")
+    iq.set_amax(1.5)
+    wq = _weight_quantizer(wkind, w)
+    grads = []
+    for lean in (True, False):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if wq.learn_amax:
+            wq._amax.grad = None
+        y = quant_matmul(xa, wa, iq, wq, **conf) if lean else _composed(
+            xa, wa, iq, wq, dict(stride=1, padding=conf.get("padding", 0), groups=1))
+        y.mul(torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append((y.detach(), xa.grad, wa.grad, None if not wq.learn_amax else wq._amax.grad.clone()))
+    (ya, gxa, gwa, gaa), (yb, gxb, gwb, gab) = grads
+    assert torch.equal(ya, yb) and torch.equal(gxa, gxb) and torch.equal(gwa, gwb)
+    if gaa is not None:
+        assert torch.equal(gaa, gab) and gaa.abs().sum() > 0
+    # and the weights really are kept as one byte each
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    kept = _saved_dtypes(lambda: quant_matmul(xa, wa, iq, wq, **conf))
+    assert (torch.int8, w.numel()) in kept
+    if not wq.learn_amax:  # (LSQ's own straight-through function keeps float copies for the amax gradient)
+        assert (torch.float32, w.numel()) not in kept
+
+
+def _saved_dtypes(fn) -> list[tuple[torch.dtype, int]]:
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, t.numel())) or t, lambda t: t):
+        fn()
+    return kept
+
+
+@pytest.mark.parametrize("shape", [(256, 8), (3, 5, 7), (1,), (9,), (2, 48, 5, 5)])
+def test_pack_mask_round_trips_every_bit_pattern(shape):
+    from qat_rep.quant import qmath as qm
+    if shape == (256, 8):  # every byte value once, bit i of row r = bit i of r
+        mask = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1 == 1
+    else:
+        mask = torch.rand(shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    packed = qm.pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    if shape == (256, 8):
+        assert torch.equal(packed, torch.arange(256, dtype=torch.uint8))  # element i in bit i
+    assert torch.equal(qm.unpack_mask(packed, mask.shape), mask)
+
+
+def test_mask_relu_equals_relu_and_keeps_one_bit_per_element():
+    from qat_rep.quant import qmath as qm
+    x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 3.0, -1e-30] * 4)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = qm.MaskReLU.apply(a), torch.relu(b)
+    assert torch.equal(ya, yb) and torch.equal(ya.signbit(), yb.signbit())
+    gy = torch.arange(x.numel(), dtype=torch.float32)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert torch.equal(a.grad, b.grad)
+    kept = _saved_dtypes(lambda: qm.MaskReLU.apply(torch.randn(64, requires_grad=True)))
+    assert kept == [(torch.uint8, 8)]
+
+
+@pytest.mark.parametrize("arch", ["repvgg_a0", "qarepvgg_a0"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_quantized_block_training_step_is_lean_and_equals_the_plain_relu_step(arch, fused):
+    # a prepared model's training step with the lean ReLU and int8 weights gives the same loss and gradients as the
+    # same step with the ReLUs run as torch.relu (a forward hook on nn.ReLU turns the lean ReLU off)
+    import copy
+
+    from qat_rep import create_model
+    from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, small_input=True)
+    x = torch.randn(4, 3, 16, 16)
+    prepare(model, QuantConfig())
+    calibrate(model, [x])
+    if fused:
+        apply_schedule(model, Schedule.fused(), 0, 0)
+    model.train()
+    plain = copy.deepcopy(model)
+    relu_out = []
+    for m in plain.modules():
+        if type(m) is torch.nn.ReLU:
+            m.register_forward_hook(lambda mod, inp, out: relu_out.append(out.numel()))
+    steps = []
+    for m in (model, plain):
+        loss = torch.nn.functional.cross_entropy(m(x), torch.arange(4))
+        loss.backward()
+        steps.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (la, ga), (lb, gb) = steps
+    assert torch.equal(la, lb) and ga.keys() == gb.keys() and len(ga) > 0
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+    # every block ReLU output (4 bytes per element, kept by torch.relu) is kept as a 1-bit mask instead
+    relu_out.clear()
+    base = sum(n * t.itemsize for t, n in _saved_dtypes_full(lambda: plain(x)))
+    lean = sum(n * t.itemsize for t, n in _saved_dtypes_full(lambda: model(x)))
+    assert len(relu_out) >= 10
+    assert base - lean >= 0.99 * sum(relu_out) * (4 - 1 / 8), (base, lean, sum(relu_out))
+
+
+def _saved_dtypes_full(fn):
+    # (dtype, numel) of every distinct saved tensor that is not a parameter
+    kept, seen = [], set()
+
+    def pack(t):
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if not isinstance(t, torch.nn.Parameter) and key not in seen:
+            seen.add(key)
+            kept.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return kept

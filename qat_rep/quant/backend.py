@@ -277,6 +277,20 @@ def _lean_ok(q: nn.Module, x: Tensor) -> bool:
             and not torch.is_autocast_enabled(x.device.type))
 
 
+def _weight_scale(q: nn.Module, wq: Tensor) -> Tensor | None:
+    """The scale ``s_w`` with ``wq = q_w · s_w`` (``q_w`` int8) that the weight quantizer ``q`` just applied, shaped to
+    broadcast against the weight; ``None`` when ``wq`` is not such a product (quantizer off, not a fake quantizer, or
+    more than 8 signed bits), and :class:`~.qmath.LeanQuantConv` then keeps ``wq`` as it is."""
+    if not (isinstance(q, TensorQuantizer) and _active(q) and q._fake_quant and not q._if_calib and not q._if_clip
+            and wq.dtype == torch.float32):
+        return None
+    qmin, qmax = qm.bounds(q._num_bits, q._unsigned, q._narrow_range)
+    if qmin < -128 or qmax > 127:
+        return None
+    scale = qm.scale_from_amax(q._amax.detach(), qmax)
+    return scale.reshape(()) if scale.numel() == 1 else scale
+
+
 def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_quantizer: nn.Module,
                  stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
                  dilation: int | Sequence[int] = 1, groups: int = 1) -> Tensor:
@@ -291,8 +305,8 @@ def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_q
         amax = input_quantizer._get_amax(x)
         qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
         scale = qm.scale_from_amax(amax.detach(), qmax).reshape(()).to(x.dtype)
-        return qm.LeanQuantConv.apply(x, wq, scale, qmin, qmax, _pair(stride), _pair(padding), _pair(dilation),
-                                    int(groups))
+        return qm.LeanQuantConv.apply(x, wq, scale, _weight_scale(weight_quantizer, wq), qmin, qmax, _pair(stride),
+                                      _pair(padding), _pair(dilation), int(groups))
     return qm.conv_or_linear(input_quantizer(x), wq, stride, padding, dilation, groups)
 
 

@@ -13,6 +13,7 @@ into quantizers through their ``amax``, and the two differ only for values withi
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -110,31 +111,74 @@ def reduce_amax(x: Tensor, axes: Sequence[int] | None, shape: Sequence[int]) -> 
     return x.abs().amax(dim=dims, keepdim=True).reshape(shape)
 
 
+# Eight 0/1 bytes read as one little-endian int64 ``w``: ``(w · _GATHER) >> 56`` collects byte i into bit i (the
+# partial products land on distinct bits, so nothing carries); a byte ``p`` times ``_SPREAD`` is eight copies of
+# ``p``, and ``& _SELECT`` keeps bit i in byte i. int64 products wrap modulo 2^64, which is all the trick needs.
+_GATHER = 0x0102040810204080
+_SPREAD = 0x0101010101010101
+_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A boolean tensor packed eight elements to a byte (``uint8``, ``ceil(n / 8)`` bytes, element i of each group
+    in bit i): what the lean backward functions keep of a clip or ReLU mask. :func:`unpack_mask` restores it."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if sys.byteorder != "little":
+        bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=mask.device)
+        return (flat.view(-1, 8).to(torch.uint8) * bits).sum(1, dtype=torch.uint8)
+    words = flat.contiguous().view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER) >> 56).to(torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """The boolean tensor of ``shape`` that :func:`pack_mask` packed."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if sys.byteorder != "little":
+        bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
+        flat = (packed.unsqueeze(1) & bits).ne(0)
+    else:
+        flat = ((packed.to(torch.int64) * _SPREAD) & _SELECT).view(torch.uint8).ne(0)
+    return flat.view(-1)[:n].view(tuple(shape))
+
+
 class LeanQuantConv(torch.autograd.Function):
-    """``conv(Q(x), wq)`` (or ``linear``) that saves its input as integers and recomputes ``Q(x)`` in backward.
+    """``conv(Q(x), wq)`` (or ``linear``) that saves its operands as integers and rebuilds them in backward.
 
     The composition ``conv(clippedSTE(x), wq)`` keeps the float ``Q(x)`` (4 bytes per element) for the weight
-    gradient and a clip mask (1 byte) for the input gradient. ``Q(x)`` is exactly an integer tensor times one scale,
-    so this saves the integers as int8/uint8 (1 byte) plus the mask, and rebuilds ``Q(x) = q·s`` — the same float
-    values, bit for bit — in backward: the gradients equal the composition's (tested). ``scale`` is the per-tensor
-    input scale (no gradient: LSQ quantizers take the composed path).
+    gradient, a clip mask (1 byte) for the input gradient and the float fake-quantized kernel ``wq`` (4 bytes per
+    weight) for the input gradient. ``Q(x)`` is exactly an integer tensor times one scale, so this saves the integers
+    as int8/uint8 (1 byte) plus the mask packed to one bit (:func:`pack_mask`), and rebuilds ``Q(x) = q·s`` — the same float values, bit for bit — in
+    backward. Given ``w_scale`` (the weight quantizer's scale, per tensor or per output channel), ``wq`` is saved the
+    same way: ``round(wq / s_w)`` as int8 and ``q_w·s_w`` in backward, the very product the weight quantizer
+    returned (``|q_w| ≤ 127``: ``wq / s_w`` is within 2⁻¹⁶ of ``q_w``). The gradients equal the composition's
+    (tested). ``scale`` is the per-tensor input scale (no gradient: LSQ input quantizers take the composed path).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, qmin: int, qmax: int, stride: list[int],
-                padding: list[int], dilation: list[int], groups: int) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, w_scale: Tensor | None, qmin: int, qmax: int,
+                stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:  # noqa: D102
         q, mask = quantize_to_int(x, scale, qmin, qmax)
         xq = q * scale
-        out = conv_or_linear(xq, wq.detach(), stride, padding, dilation, groups)
-        ctx.save_for_backward(q.to(torch.uint8 if qmin >= 0 else torch.int8), mask, wq.detach(), scale)
+        w = wq.detach()
+        out = conv_or_linear(xq, w, stride, padding, dilation, groups)
+        del xq
+        w_saved = w if w_scale is None else torch.div(w, w_scale).round_().to(torch.int8)
+        ctx.save_for_backward(q.to(torch.uint8 if qmin >= 0 else torch.int8), pack_mask(mask), w_saved, scale,
+                              w_scale)
         ctx.conf = (stride, padding, dilation, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
-        q, mask, wq, scale = ctx.saved_tensors
+        q, packed, w_saved, scale, w_scale = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         xq = q.to(scale.dtype) * scale  # the forward's Q(x), exactly
+        wq = w_saved if w_scale is None else w_saved.to(w_scale.dtype) * w_scale  # the forward's wq, exactly
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if wq.dim() == 2:  # linear
             gx = grad.matmul(wq) if need_x else None
@@ -143,8 +187,30 @@ class LeanQuantConv(torch.autograd.Function):
             gx, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False,
                                                             [0, 0], groups, [need_x, need_w, False])
         if gx is not None:
-            gx = gx * mask
-        return gx, gw, None, None, None, None, None, None, None
+            gx = gx * unpack_mask(packed, q.shape)
+        return gx, gw, None, None, None, None, None, None, None, None
+
+
+class MaskReLU(torch.autograd.Function):
+    """``relu(x)`` that keeps the mask ``x > 0`` (one bit per element, :func:`pack_mask`) for backward instead of the
+    4-byte output.
+
+    ``torch.relu`` saves its output. In a QAT step the output of a block's ReLU is the next layer's input, which
+    :class:`LeanQuantConv` keeps as int8: with this ReLU the float activation is freed once the next conv ran.
+    Same values and gradients as ``torch.relu`` (the gradient at 0 is 0 in both).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        out = torch.relu(x)
+        ctx.save_for_backward(pack_mask(out > 0))  # torch.relu's backward masks on ``output > 0`` too
+        ctx.shape = out.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        (packed,) = ctx.saved_tensors
+        return grad * unpack_mask(packed, ctx.shape)
 
 
 def conv_or_linear(xq: Tensor, wq: Tensor, stride, padding, dilation, groups) -> Tensor:
