@@ -88,15 +88,40 @@ def test_lean_step_keeps_fewer_bytes_for_backward():
     assert lean < x.numel() * 2.2
 
 
-def test_lean_path_is_not_used_for_learned_amax():
-    # LSQ quantizers need the gradient through the scale: the composition runs (and amax gets its gradient)
-    iq = make_quantizer(8, learn_amax=True, name="in")
-    iq.set_amax(1.5)
-    wq = make_quantizer(8, axis=0, amax_shape=(4, 1, 1, 1), dynamic=True, name="w")
-    x = torch.randn(2, 3, 6, 6, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    quant_matmul(x, w, iq, wq, 1, 1).sum().backward()
-    assert iq._amax.grad is not None and iq._amax.grad.abs().sum() > 0
+@pytest.mark.parametrize("wkind", ["dynamic", "lsq"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_lean_lsq_step_equals_the_composed_path(wkind, kind, unsigned):
+    # a learned-amax (LSQ) input quantizer: only the float input is kept; the gradients to the input, the weight
+    # and the input amax equal the composition's bit for bit
+    g = torch.Generator().manual_seed(3)
+    if kind == "conv":
+        x, w, conf = torch.randn(3, 6, 7, 7, generator=g), torch.randn(8, 6, 3, 3, generator=g), dict(padding=1)
+    else:
+        x, w, conf = torch.randn(5, 12, generator=g), torch.randn(7, 12, generator=g), {}
+    if unsigned:
+        x = x.relu()
+    iq = make_quantizer(4, learn_amax=True, unsigned=unsigned, name="in")
+    iq.set_amax(1.2)  # some inputs clipped
+    wq = _weight_quantizer(wkind, w)
+    grads = []
+    for lean in (True, False):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        for p in (iq._amax, wq._amax):
+            p.grad = None
+        y = quant_matmul(xa, wa, iq, wq, **conf) if lean else _composed(
+            xa, wa, iq, wq, dict(stride=1, padding=conf.get("padding", 0), groups=1))
+        y.mul(torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append((y.detach(), xa.grad, wa.grad, iq._amax.grad.clone(),
+                      wq._amax.grad.clone() if wq.learn_amax else None))
+    (ya, *ga), (yb, *gb) = grads
+    assert torch.equal(ya, yb)
+    for a, b in zip(ga, gb):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert ga[2] != 0 and (ga[0] == 0).any() and (ga[0] != 0).any()  # amax learns; some inputs clipped
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    kept = [k for k in _saved_dtypes(lambda: quant_matmul(xa, wa, iq, wq, **conf)) if k[1] == x.numel()]
+    assert kept == [(torch.float32, x.numel())]  # the input once, nothing else of its size
 
 
 def test_rounding_bounds_and_stes_live_in_the_math_module_only():

@@ -267,12 +267,13 @@ def _pair(v: int | Sequence[int]) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
 
 
-def _lean_ok(q: nn.Module, x: Tensor) -> bool:
-    """Can ``q`` run inside :class:`~.qmath.LeanQuantConv`? A plain per-tensor fake quantizer (not learned, not
-    calibrating, not exporting) on a float32 input that needs a gradient path, outside autocast (whose reduced-precision
-    matmul would meet the float32 integers in backward, where autocast no longer casts)."""
+def _lean_ok(q: nn.Module, x: Tensor, lsq: bool = False) -> bool:
+    """Can ``q`` run inside :class:`~.qmath.LeanQuantConv` (``lsq=False``: a fixed-amax quantizer) or
+    :class:`~.qmath.LeanLSQConv` (``lsq=True``: a learned-amax one)? A per-tensor fake quantizer (not calibrating,
+    not exporting) on a float32 input in a step with gradients, outside autocast (whose reduced-precision matmul
+    would meet the float32 integers in backward, where autocast no longer casts)."""
     return (isinstance(q, TensorQuantizer) and not q._disabled and q._if_quant and not q._if_calib
-            and q._fake_quant and not q._lsq and q._axis is None and not q._if_clip
+            and q._fake_quant and q._lsq == lsq and q._axis is None and not q._if_clip
             and not _PQTensorQuantizer.use_fb_fake_quant and x.dtype == torch.float32 and torch.is_grad_enabled()
             and not torch.is_autocast_enabled(x.device.type))
 
@@ -296,11 +297,18 @@ def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_q
                  dilation: int | Sequence[int] = 1, groups: int = 1) -> Tensor:
     """``conv2d(Q_x(x), Q_w(W))`` (4-D weight) or ``linear(Q_x(x), Q_w(W))`` (2-D), no bias: the training step.
 
-    When the input quantizer is a plain per-tensor fake quantizer, the lean :class:`~.qmath.LeanQuantConv` runs (the input
-    saved as int8 + scale + mask, ``Q(x)`` recomputed in backward); otherwise the composition of the quantizers'
-    own straight-through functions and the conv. Same forward values and gradients either way.
+    When the input quantizer is a per-tensor fake quantizer, a lean function runs: :class:`~.qmath.LeanQuantConv`
+    (fixed amax: the input saved as int8 + scale + mask, ``Q(x)`` rebuilt in backward) or
+    :class:`~.qmath.LeanLSQConv` (learned amax: only the float input kept); otherwise the composition of the
+    quantizers' own straight-through functions and the conv. Same forward values and gradients either way.
     """
     wq = weight_quantizer(weight)
+    if _lean_ok(input_quantizer, x, lsq=True) and (x.requires_grad or wq.requires_grad
+                                                   or input_quantizer._amax.requires_grad):
+        amax = input_quantizer._get_amax(x)
+        qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
+        return qm.LeanLSQConv.apply(x, qm.scale_from_amax(amax, qmax), wq, _weight_scale(weight_quantizer, wq), qmin,
+                                    qmax, _pair(stride), _pair(padding), _pair(dilation), int(groups))
     if _lean_ok(input_quantizer, x) and (x.requires_grad or wq.requires_grad):
         amax = input_quantizer._get_amax(x)
         qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)

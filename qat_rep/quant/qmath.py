@@ -191,6 +191,63 @@ class LeanQuantConv(torch.autograd.Function):
         return gx, gw, None, None, None, None, None, None, None, None
 
 
+class LeanLSQConv(torch.autograd.Function):
+    """``conv(lsq_fake_quant(x), wq)`` (or ``linear``) for a learned-amax (LSQ) per-tensor input quantizer, keeping
+    only the float input ``x`` (and ``wq`` as int8 given ``w_scale``) for backward.
+
+    The composition keeps ``x``, ``x / s``, the rounded ``q`` and ``Q(x)`` as floats (16 bytes per element) to
+    differentiate through the clamp, the rounding STE and the scale. All of them are cheap functions of ``x`` and
+    ``s``, so backward recomputes them and applies the same autograd formulas in the same order (``d/dq = g·s``, the
+    clamp mask, ``d/dx = · / s``; ``d/ds = Σ g·q − Σ g_v·((x/s)/s)``): the gradients to ``x``, ``wq`` and the scale
+    equal the composition's bit for bit (tested). ``x`` itself is what the ReLU before it produced, so nothing is
+    kept that a float step would not keep.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, wq: Tensor, w_scale: Tensor | None, qmin: int, qmax: int,
+                stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:  # noqa: D102
+        xq = _lsq_values(x, scale, qmin, qmax)[2].mul_(scale)
+        w = wq.detach()
+        out = conv_or_linear(xq, w, stride, padding, dilation, groups)
+        del xq
+        w_saved = w if w_scale is None else torch.div(w, w_scale).round_().to(torch.int8)
+        ctx.save_for_backward(x.detach(), scale.detach(), w_saved, w_scale)
+        ctx.conf = (qmin, qmax, stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        x, scale, w_saved, w_scale = ctx.saved_tensors
+        qmin, qmax, stride, padding, dilation, groups = ctx.conf
+        v, mask, q = _lsq_values(x, scale, qmin, qmax)
+        xq = q * scale
+        wq = w_saved if w_scale is None else w_saved.to(w_scale.dtype) * w_scale
+        need_x, need_s, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if wq.dim() == 2:  # linear
+            g_xq = grad.matmul(wq) if (need_x or need_s) else None
+            gw = grad.reshape(-1, grad.shape[-1]).t().matmul(xq.reshape(-1, xq.shape[-1])) if need_w else None
+        else:
+            g_xq, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False,
+                                                              [0, 0], groups, [need_x or need_s, need_w, False])
+        gx = gs = None
+        if g_xq is not None:
+            g_v = (g_xq * scale) * mask  # through q·s, the STE (identity) and the clamp
+            if need_x:
+                gx = g_v / scale
+            if need_s:  # the two uses of s: q·s and x/s
+                gs = (g_xq * q).sum() + (-g_v * (v / scale)).sum()
+        return gx, gs, gw, None, None, None, None, None, None, None
+
+
+def _lsq_values(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x/s, clamp mask, q)`` of :func:`lsq_fake_quant`, by the same float operations (``q = c + (round(c) − c)``
+    is ``round(c)`` exactly)."""
+    v = x.detach() / scale.detach()
+    c = torch.clamp(v, qmin, qmax)
+    q = c + (torch.round(c) - c)
+    return v, (v >= qmin) & (v <= qmax), q
+
+
 class MaskReLU(torch.autograd.Function):
     """``relu(x)`` that keeps the mask ``x > 0`` (one bit per element, :func:`pack_mask`) for backward instead of the
     4-byte output.
