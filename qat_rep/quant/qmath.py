@@ -152,11 +152,12 @@ class LeanQuantConv(torch.autograd.Function):
     The composition ``conv(clippedSTE(x), wq)`` keeps the float ``Q(x)`` (4 bytes per element) for the weight
     gradient, a clip mask (1 byte) for the input gradient and the float fake-quantized kernel ``wq`` (4 bytes per
     weight) for the input gradient. ``Q(x)`` is exactly an integer tensor times one scale, so this saves the integers
-    as int8/uint8 (1 byte) plus the mask packed to one bit (:func:`pack_mask`), and rebuilds ``Q(x) = q·s`` — the same float values, bit for bit — in
-    backward. Given ``w_scale`` (the weight quantizer's scale, per tensor or per output channel), ``wq`` is saved the
-    same way: ``round(wq / s_w)`` as int8 and ``q_w·s_w`` in backward, the very product the weight quantizer
-    returned (``|q_w| ≤ 127``: ``wq / s_w`` is within 2⁻¹⁶ of ``q_w``). The gradients equal the composition's
-    (tested). ``scale`` is the per-tensor input scale (no gradient: LSQ input quantizers take the composed path).
+    as int8/uint8 (1 byte) plus the mask packed to one bit (:func:`pack_mask`), and rebuilds ``Q(x) = q·s`` — the
+    same float values, bit for bit — in backward. Given ``w_scale`` (the weight quantizer's scale, per tensor or per
+    output channel), ``wq`` is saved the same way: ``round(wq / s_w)`` as int8 and ``q_w·s_w`` in backward, the very
+    product the weight quantizer returned (``|q_w| ≤ 127``: ``wq / s_w`` is within 2⁻¹⁶ of ``q_w``). The gradients
+    equal the composition's (tested). ``scale`` is the per-tensor input scale, fixed (learned input ranges run
+    :class:`LeanLSQConv`).
     """
 
     @staticmethod
