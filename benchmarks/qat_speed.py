@@ -179,7 +179,8 @@ def run(arch: str, sizes: list[tuple[int, int]], steps: int, warmup: int, modes:
         base = statistics.median(times["fp32"])
         for m in modes:
             med = statistics.median(times[m])
-            rows.append({"model": arch, "size": size, "batch": batch, "mode": m, "median_s": med, "mean_s": statistics.mean(times[m]),
+            rows.append({"model": arch, "size": size, "batch": batch, "mode": m, "median_s": med,
+                         "mean_s": statistics.mean(times[m]),
                          "min_s": min(times[m]), "ratio_to_fp32": med / base, "steps": steps,
                          "compile_s": compile_s.get(m)})
     return rows
