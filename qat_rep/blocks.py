@@ -152,7 +152,7 @@ class RepBlock(nn.Module):
         if self.rbr_reparam is not None:
             return self.post(self.rbr_reparam(x))
         if self.rep_quant is not None:
-            return self.rep_quant.activation(self, self.rep_quant(self, x))
+            return self.activation(self.rep_quant(self, x))
         return self.post(self.branches(x))
 
     # ----------------------------------------------------------------------------------------------- fusion

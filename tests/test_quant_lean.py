@@ -1,6 +1,6 @@
 """The lean quantized conv/linear step (:func:`qat_rep.quant.backend.quant_matmul`): the input saved as int8/uint8
 plus a bit-packed clip mask, the fake-quantized kernel as int8 + its scale, both rebuilt in backward; and the block
-ReLU kept as a bit mask in QAT steps — same outputs and gradients as the composition of the quantizers'
+ReLUs of a prepared model kept as bit masks (``LeanReLU``) — same outputs and gradients as the composition of the quantizers'
 straight-through functions with the conv and ``torch.relu``, fewer bytes kept for backward."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qat_rep.quant.backend import make_quantizer, quant_matmul
+from qat_rep.quant.backend import LeanReLU, make_quantizer, quant_matmul
 
 
 def _quantizers(kind: str, unsigned: bool, out_ch: int):
@@ -253,8 +253,8 @@ def test_mask_relu_equals_relu_and_keeps_one_bit_per_element():
 @pytest.mark.parametrize("arch", ["repvgg_a0", "qarepvgg_a0"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_quantized_block_training_step_is_lean_and_equals_the_plain_relu_step(arch, fused):
-    # a prepared model's training step with the lean ReLU and int8 weights gives the same loss and gradients as the
-    # same step with the ReLUs run as torch.relu (a forward hook on nn.ReLU turns the lean ReLU off)
+    # a prepared model's training step with the lean ReLU (prepare swaps nn.ReLU for LeanReLU) gives the same loss
+    # and gradients as the same step with the ReLUs run as torch.relu
     import copy
 
     from qat_rep import create_model
@@ -270,9 +270,13 @@ def test_quantized_block_training_step_is_lean_and_equals_the_plain_relu_step(ar
     model.train()
     plain = copy.deepcopy(model)
     relu_out = []
-    for m in plain.modules():
-        if type(m) is torch.nn.ReLU:
-            m.register_forward_hook(lambda mod, inp, out: relu_out.append(out.numel()))
+    lean = [n for n, m in plain.named_modules() if isinstance(m, LeanReLU)]
+    assert len(lean) >= 10 and not any(type(m) is torch.nn.ReLU for m in model.modules())
+    for name in lean:
+        parent, _, child = name.rpartition(".")
+        relu = torch.nn.ReLU()
+        relu.register_forward_hook(lambda mod, inp, out: relu_out.append(out.numel()))
+        setattr(plain.get_submodule(parent), child, relu)
     steps = []
     for m in (model, plain):
         loss = torch.nn.functional.cross_entropy(m(x), torch.arange(4))

@@ -470,6 +470,24 @@ class QuantConvTranspose2d(_pq_nn.QuantConvTranspose2d):
         return q.to(device=conv.weight.device)
 
 
+class LeanReLU(nn.ReLU):
+    """The ``nn.ReLU`` of a prepared model: in a training step with gradients it runs :class:`~.qmath.MaskReLU` (the
+    same values and gradients, a 1-bit mask kept for backward instead of the float output), otherwise
+    ``torch.relu``. A ReLU's output is usually the next quantized layer's input, which the lean conv step keeps as
+    int8: with this ReLU the float activation is freed once that conv ran (~4 bytes per element of every activation
+    less). :func:`~qat_rep.quant.prepare` swaps every non-inplace ``nn.ReLU`` for one; no state, same state dict."""
+
+    @classmethod
+    def from_relu(cls, relu: nn.ReLU) -> "LeanReLU":
+        """A ``LeanReLU`` in ``relu``'s training mode."""
+        return cls().train(relu.training)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled() and input.requires_grad:
+            return qm.MaskReLU.apply(input)
+        return super().forward(input)
+
+
 class QuantAvgPool(nn.Module):
     """An average pool (``nn.AdaptiveAvgPool2d``/``nn.AvgPool2d``) with an input quantizer.
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..blocks import RepBlock
 from ..fuse import bn_module_scale, fold_bn_into_conv_
-from .backend import (FoldedBatchNorm2d, QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear, TensorQuantizer,
-                      make_quantizer)
+from .backend import (FoldedBatchNorm2d, LeanReLU, QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear,
+                      TensorQuantizer, make_quantizer)
 from .config import WEIGHT_CALIBRATOR_NAMES, QuantConfig
 from . import qmath as qm
 from .rep_qat import RepQuant, deploy_kernel_bias, folded_kernel_bias
@@ -134,6 +134,9 @@ def _input_quantizer(cfg: QuantConfig, bits: int, name: str) -> TensorQuantizer:
 def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareReport:
     """Insert fake quantizers into ``model`` in place (rep blocks: equivalent-kernel QAT, phase ``qat``).
 
+    Every non-inplace ``nn.ReLU`` becomes a :class:`~.backend.LeanReLU` (same values and gradients, a bit mask kept
+    for backward instead of the float output).
+
     Raises ``ValueError`` for a model with no conv/linear layer or rep block, or one already prepared; warns
     (``UserWarning``) for a ``skip`` pattern that matches no layer. Quantizers start uncalibrated: run
     :func:`qat_rep.quant.calibrate` before a quantized forward (or load a calibrated state dict).
@@ -186,6 +189,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
             _set_child(model, name, q)
             report.plain[name] = (w_bits, a_bits)
     _pair_conv_bn(model)
+    for name, m in [(n, m) for n, m in model.named_modules() if type(m) is nn.ReLU and not m.inplace]:
+        _set_child(model, name, LeanReLU.from_relu(m))
     pool_bits = 8 if config.first_last_8bit else config.a_bits  # the pool feeds the (8-bit) classifier
     device = next((b.device for b in model.buffers()), None)
     for name, m in pools:

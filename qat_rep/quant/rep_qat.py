@@ -45,7 +45,6 @@ from torch import Tensor, nn
 
 from ..blocks import RepBlock
 from ..fuse import bn_module_scale
-from . import qmath as qm
 from .backend import TensorQuantizer, int32_bias, quant_conv2d, quant_matmul
 
 PHASES = ("float", "qat", "frozen", "fused")
@@ -196,16 +195,6 @@ class RepQuant(nn.Module):
         y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1, block.groups)
         y = y + bias.reshape(1, -1, 1, 1) if t is None else y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
         return block.post_bn(y)
-
-    def activation(self, block: RepBlock, y: Tensor) -> Tensor:
-        """``block.activation(y)``; in a quantized training step a plain ``nn.ReLU`` runs as
-        :class:`~.qmath.MaskReLU` (same values and gradients, a 1-bit mask kept for backward instead of the float
-        output, which the next quantized conv keeps as int8 anyway)."""
-        relu = block.nonlinearity
-        if (self.training and self._phase != "float" and torch.is_grad_enabled() and type(relu) is nn.ReLU
-                and not (relu._forward_hooks or relu._forward_pre_hooks)):
-            return qm.MaskReLU.apply(block.se(y))
-        return block.activation(y)
 
     def _folds_post_bn(self, block: RepBlock) -> bool:
         """Fold the post-BN scale into the kernel before quantization? Needed for per-tensor (and learned) weight
