@@ -307,3 +307,34 @@ def _saved_dtypes_full(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return kept
+
+
+def _lsq_autograd_composition(x, amax, qmin, qmax):
+    # LSQ written with autograd ops: what LSQFakeQuant must reproduce, bit for bit, in value and gradients
+    scale = amax.clamp_min(1.0 / (1 << 24)) / qmax
+    q = torch.clamp(x / scale, qmin, qmax)
+    q = q + (torch.round(q) - q).detach()
+    return q * scale
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bounds", [(-8, 7), (0, 15), (-128, 127)])
+def test_lsq_fake_quant_equals_the_autograd_composition(per_channel, bounds):
+    from qat_rep.quant import qmath as qm
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, 3, 3, generator=g) * 2
+    amax = (torch.rand(6, 1, 1, 1, generator=g) + 0.5) if per_channel else torch.tensor(1.3)
+    qmin, qmax = bounds
+    gy = torch.randn(x.shape, generator=g)
+    res = []
+    for fn in (qm.lsq_fake_quant, _lsq_autograd_composition):
+        xa, aa = x.clone().requires_grad_(), amax.clone().requires_grad_()
+        y = fn(xa, aa, qmin, qmax)
+        y.backward(gy)
+        res.append((y.detach(), xa.grad, aa.grad))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    assert (res[0][1] == 0).any() and (res[0][1] != 0).any()  # clipped and unclipped elements
+    kept = _saved_dtypes(lambda: qm.lsq_fake_quant(x.clone().requires_grad_(), amax.clone().requires_grad_(),
+                                                   qmin, qmax))
+    assert [n for _, n in kept if n == x.numel()] == [x.numel()]  # x once; no float copies of it

@@ -84,11 +84,54 @@ class ClippedSTE(torch.autograd.Function):
 
 
 def lsq_fake_quant(x: Tensor, amax: Tensor, qmin: int, qmax: int) -> Tensor:
-    """LSQ-style fake quantization: the gradient reaches ``amax`` through the scale, STE on the rounding only."""
-    scale = scale_from_amax(amax, qmax)
-    q = torch.clamp(x / scale, qmin, qmax)
-    q = q + (torch.round(q) - q).detach()
-    return q * scale
+    """LSQ-style fake quantization ``s · (c + (round(c) − c).detach())``, ``c = clamp(x / s, qmin, qmax)``: the
+    gradient reaches ``amax`` through the scale, STE on the rounding only (:class:`LSQFakeQuant`)."""
+    return LSQFakeQuant.apply(x, scale_from_amax(amax, qmax), qmin, qmax)
+
+
+class LSQFakeQuant(torch.autograd.Function):
+    """The LSQ fake quantization of :func:`lsq_fake_quant`, keeping only ``x`` and the scale for backward.
+
+    Written as an autograd composition it keeps ``x``, ``x / s``, the clamped and the rounded values as floats
+    (16 bytes per element: for weights, four copies of every kernel). All are cheap functions of ``x`` and ``s``:
+    backward recomputes them and applies the composition's formulas in its order (:func:`_lsq_backward`), so the
+    gradients to ``x`` and ``s`` are the composition's bit for bit (tested). ``s`` may be per tensor or per channel.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x, scale)
+        ctx.bounds = (qmin, qmax)
+        return _lsq_values(x, scale, qmin, qmax)[2].mul_(scale.detach())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        x, scale = ctx.saved_tensors
+        v, mask, q = _lsq_values(x, scale, *ctx.bounds)
+        gx, gs = _lsq_backward(grad, v, mask, q, scale.detach(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gx, gs, None, None
+
+
+def _lsq_values(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x/s, clamp mask, q)`` of :func:`lsq_fake_quant`, by the same float operations (``q = c + (round(c) − c)``
+    is ``round(c)`` exactly)."""
+    v = x.detach() / scale.detach()
+    c = torch.clamp(v, qmin, qmax)
+    q = c + (torch.round(c) - c)
+    return v, (v >= qmin) & (v <= qmax), q
+
+
+def _lsq_backward(g: Tensor, v: Tensor, mask: Tensor, q: Tensor, scale: Tensor, need_x: bool,
+                  need_s: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``s · STE(clamp(x / s))`` given ``g`` on its output, as autograd computes them through the
+    composition: ``g·s`` through the product, the identity STE, the clamp mask, ``/ s`` through the division; the
+    scale's two uses (``q·s`` and ``x/s``) each reduced to its shape (``sum_to_size``) and then added."""
+    g_v = (g * scale) * mask
+    gx = g_v / scale if need_x else None
+    gs = None
+    if need_s:
+        gs = (g * q).sum_to_size(scale.shape) + (-g_v * (v / scale)).sum_to_size(scale.shape)
+    return gx, gs
 
 
 def round_to_grid_ste(value: Tensor, step: Tensor) -> Tensor:
@@ -198,9 +241,9 @@ class LeanLSQConv(torch.autograd.Function):
 
     The composition keeps ``x``, ``x / s``, the rounded ``q`` and ``Q(x)`` as floats (16 bytes per element) to
     differentiate through the clamp, the rounding STE and the scale. All of them are cheap functions of ``x`` and
-    ``s``, so backward recomputes them and applies the same autograd formulas in the same order (``d/dq = g·s``, the
-    clamp mask, ``d/dx = · / s``; ``d/ds = Σ g·q − Σ g_v·((x/s)/s)``): the gradients to ``x``, ``wq`` and the scale
-    equal the composition's bit for bit (tested). ``x`` itself is what the ReLU before it produced, so nothing is
+    ``s``, so backward recomputes them and applies the same autograd formulas in the same order
+    (:func:`_lsq_backward`): the gradients to ``x``, ``wq`` and the scale equal the composition's bit for bit
+    (tested). ``x`` itself is what the ReLU before it produced, so nothing is
     kept that a float step would not keep.
     """
 
@@ -232,21 +275,8 @@ class LeanLSQConv(torch.autograd.Function):
                                                               [0, 0], groups, [need_x or need_s, need_w, False])
         gx = gs = None
         if g_xq is not None:
-            g_v = (g_xq * scale) * mask  # through q·s, the STE (identity) and the clamp
-            if need_x:
-                gx = g_v / scale
-            if need_s:  # the two uses of s: q·s and x/s
-                gs = (g_xq * q).sum() + (-g_v * (v / scale)).sum()
+            gx, gs = _lsq_backward(g_xq, v, mask, q, scale, need_x, need_s)
         return gx, gs, gw, None, None, None, None, None, None, None
-
-
-def _lsq_values(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x/s, clamp mask, q)`` of :func:`lsq_fake_quant`, by the same float operations (``q = c + (round(c) − c)``
-    is ``round(c)`` exactly)."""
-    v = x.detach() / scale.detach()
-    c = torch.clamp(v, qmin, qmax)
-    q = c + (torch.round(c) - c)
-    return v, (v >= qmin) & (v <= qmax), q
 
 
 class MaskReLU(torch.autograd.Function):
