@@ -185,7 +185,7 @@ def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
         bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
         flat = (packed.unsqueeze(1) & bits).ne(0)
     else:
-        flat = ((packed.to(torch.int64) * _SPREAD) & _SELECT).view(torch.uint8).ne(0)
+        flat = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_SELECT).view(torch.uint8).ne(0)
     return flat.view(-1)[:n].view(tuple(shape))
 
 
@@ -207,13 +207,14 @@ class LeanQuantConv(torch.autograd.Function):
     def forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, w_scale: Tensor | None, qmin: int, qmax: int,
                 stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:  # noqa: D102
         q, mask = quantize_to_int(x, scale, qmin, qmax)
-        xq = q * scale
+        q_int, packed = q.to(torch.uint8 if qmin >= 0 else torch.int8), pack_mask(mask)
+        del mask
+        xq = q.mul_(scale)  # in place: one float buffer less at the step's peak
         w = wq.detach()
         out = conv_or_linear(xq, w, stride, padding, dilation, groups)
-        del xq
+        del xq, q
         w_saved = w if w_scale is None else torch.div(w, w_scale).round_().to(torch.int8)
-        ctx.save_for_backward(q.to(torch.uint8 if qmin >= 0 else torch.int8), pack_mask(mask), w_saved, scale,
-                              w_scale)
+        ctx.save_for_backward(q_int, packed, w_saved, scale, w_scale)
         ctx.conf = (stride, padding, dilation, groups)
         return out
 
@@ -221,7 +222,7 @@ class LeanQuantConv(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # noqa: D102
         q, packed, w_saved, scale, w_scale = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        xq = q.to(scale.dtype) * scale  # the forward's Q(x), exactly
+        xq = q.to(scale.dtype).mul_(scale)  # the forward's Q(x), exactly
         wq = w_saved if w_scale is None else w_saved.to(w_scale.dtype) * w_scale  # the forward's wq, exactly
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if wq.dim() == 2:  # linear
@@ -230,8 +231,9 @@ class LeanQuantConv(torch.autograd.Function):
         else:
             gx, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False,
                                                             [0, 0], groups, [need_x, need_w, False])
+        del xq
         if gx is not None:
-            gx = gx * unpack_mask(packed, q.shape)
+            gx = gx.mul_(unpack_mask(packed, q.shape))  # gx is convolution_backward's own buffer
         return gx, gw, None, None, None, None, None, None, None, None
 
 
