@@ -117,7 +117,7 @@ def _lsq_values(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> tuple[Tensor,
     is ``round(c)`` exactly)."""
     v = x.detach() / scale.detach()
     c = torch.clamp(v, qmin, qmax)
-    q = c + (torch.round(c) - c)
+    q = torch.round(c).sub_(c).add_(c)  # (round(c) − c) + c: the same bits as c + (round(c) − c), one buffer
     return v, (v >= qmin) & (v <= qmax), q
 
 
@@ -126,11 +126,13 @@ def _lsq_backward(g: Tensor, v: Tensor, mask: Tensor, q: Tensor, scale: Tensor, 
     """Gradients of ``s · STE(clamp(x / s))`` given ``g`` on its output, as autograd computes them through the
     composition: ``g·s`` through the product, the identity STE, the clamp mask, ``/ s`` through the division; the
     scale's two uses (``q·s`` and ``x/s``) each reduced to its shape (``sum_to_size``) and then added."""
-    g_v = (g * scale) * mask
-    gx = g_v / scale if need_x else None
+    g_v = (g * scale).mul_(mask)
     gs = None
-    if need_s:
-        gs = (g * q).sum_to_size(scale.shape) + (-g_v * (v / scale)).sum_to_size(scale.shape)
+    if need_s:  # (the buffers are reused in place: v and q are not needed after this)
+        s_q = q.mul_(g).sum_to_size(scale.shape)
+        s_x = torch.neg(g_v).mul_(v.div_(scale)).sum_to_size(scale.shape)
+        gs = s_q + s_x
+    gx = g_v.div_(scale) if need_x else None
     return gx, gs
 
 
