@@ -476,9 +476,10 @@ class QuantConvTranspose2d(_pq_nn.QuantConvTranspose2d):
 class LeanReLU(nn.ReLU):
     """The ``nn.ReLU`` of a prepared model: in a training step with gradients it runs :class:`~.qmath.MaskReLU` (the
     same values and gradients, a 1-bit mask kept for backward instead of the float output), otherwise
-    ``torch.relu`` (also under ``torch.compile``, see :func:`_lean_ok`). A ReLU's output is usually the next quantized layer's input, which the lean conv step keeps as
-    int8: with this ReLU the float activation is freed once that conv ran (~4 bytes per element of every activation
-    less). :func:`~qat_rep.quant.prepare` swaps every non-inplace ``nn.ReLU`` for one; no state, same state dict."""
+    ``torch.relu`` (also under ``torch.compile``, see :func:`_lean_ok`). A ReLU's output is usually the next
+    quantized layer's input, which the lean conv step keeps as int8: with this ReLU the float activation is freed
+    once that conv ran (~4 bytes per element of every activation less). :func:`~qat_rep.quant.prepare` swaps every
+    non-inplace ``nn.ReLU`` for one; no state, same state dict."""
 
     @classmethod
     def from_relu(cls, relu: nn.ReLU) -> "LeanReLU":
