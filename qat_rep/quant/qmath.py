@@ -247,8 +247,7 @@ class LeanLSQConv(torch.autograd.Function):
     differentiate through the clamp, the rounding STE and the scale. All of them are cheap functions of ``x`` and
     ``s``, so backward recomputes them and applies the same autograd formulas in the same order
     (:func:`_lsq_backward`): the gradients to ``x``, ``wq`` and the scale equal the composition's bit for bit
-    (tested). ``x`` itself is what the ReLU before it produced, so nothing is
-    kept that a float step would not keep.
+    (tested). ``x`` itself is what the ReLU before it produced, so nothing is kept that a float step would not keep.
     """
 
     @staticmethod
