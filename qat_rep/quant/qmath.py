@@ -191,6 +191,30 @@ def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
     return flat.view(-1)[:n].view(tuple(shape))
 
 
+def _int8_weight(w: Tensor, w_scale: Tensor | None) -> Tensor:
+    """What the lean functions keep of the fake-quantized kernel: ``round(wq / s_w)`` as int8 (``wq`` itself when
+    there is no scale); :func:`_weight_back` rebuilds it exactly."""
+    return w if w_scale is None else torch.div(w, w_scale).round_().to(torch.int8)
+
+
+def _weight_back(w_saved: Tensor, w_scale: Tensor | None) -> Tensor:
+    """The forward's fake-quantized kernel from :func:`_int8_weight`'s result, bit for bit."""
+    return w_saved if w_scale is None else w_saved.to(w_scale.dtype) * w_scale
+
+
+def _matmul_backward(grad: Tensor, xq: Tensor, wq: Tensor, conf: tuple, need_x: bool,
+                     need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of ``conv_or_linear(xq, wq)`` (``conf``: stride, padding, dilation, groups)."""
+    if wq.dim() == 2:  # linear
+        gx = grad.matmul(wq) if need_x else None
+        gw = grad.reshape(-1, grad.shape[-1]).t().matmul(xq.reshape(-1, xq.shape[-1])) if need_w else None
+        return gx, gw
+    stride, padding, dilation, groups = conf
+    gx, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False, [0, 0],
+                                                    groups, [need_x, need_w, False])
+    return gx, gw
+
+
 class LeanQuantConv(torch.autograd.Function):
     """``conv(Q(x), wq)`` (or ``linear``) that saves its operands as integers and rebuilds them in backward.
 
@@ -215,24 +239,16 @@ class LeanQuantConv(torch.autograd.Function):
         w = wq.detach()
         out = conv_or_linear(xq, w, stride, padding, dilation, groups)
         del xq, q
-        w_saved = w if w_scale is None else torch.div(w, w_scale).round_().to(torch.int8)
-        ctx.save_for_backward(q_int, packed, w_saved, scale, w_scale)
+        ctx.save_for_backward(q_int, packed, _int8_weight(w, w_scale), scale, w_scale)
         ctx.conf = (stride, padding, dilation, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
         q, packed, w_saved, scale, w_scale = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conf
         xq = q.to(scale.dtype).mul_(scale)  # the forward's Q(x), exactly
-        wq = w_saved if w_scale is None else w_saved.to(w_scale.dtype) * w_scale  # the forward's wq, exactly
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if wq.dim() == 2:  # linear
-            gx = grad.matmul(wq) if need_x else None
-            gw = grad.reshape(-1, grad.shape[-1]).t().matmul(xq.reshape(-1, xq.shape[-1])) if need_w else None
-        else:
-            gx, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False,
-                                                            [0, 0], groups, [need_x, need_w, False])
+        gx, gw = _matmul_backward(grad, xq, _weight_back(w_saved, w_scale), ctx.conf, ctx.needs_input_grad[0],
+                                  ctx.needs_input_grad[1])
         del xq
         if gx is not None:
             gx = gx.mul_(unpack_mask(packed, q.shape))  # gx is convolution_backward's own buffer
@@ -257,25 +273,17 @@ class LeanLSQConv(torch.autograd.Function):
         w = wq.detach()
         out = conv_or_linear(xq, w, stride, padding, dilation, groups)
         del xq
-        w_saved = w if w_scale is None else torch.div(w, w_scale).round_().to(torch.int8)
-        ctx.save_for_backward(x.detach(), scale.detach(), w_saved, w_scale)
-        ctx.conf = (qmin, qmax, stride, padding, dilation, groups)
+        ctx.save_for_backward(x.detach(), scale.detach(), _int8_weight(w, w_scale), w_scale)
+        ctx.bounds, ctx.conf = (qmin, qmax), (stride, padding, dilation, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
         x, scale, w_saved, w_scale = ctx.saved_tensors
-        qmin, qmax, stride, padding, dilation, groups = ctx.conf
-        v, mask, q = _lsq_values(x, scale, qmin, qmax)
-        xq = q * scale
-        wq = w_saved if w_scale is None else w_saved.to(w_scale.dtype) * w_scale
+        v, mask, q = _lsq_values(x, scale, *ctx.bounds)
         need_x, need_s, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        if wq.dim() == 2:  # linear
-            g_xq = grad.matmul(wq) if (need_x or need_s) else None
-            gw = grad.reshape(-1, grad.shape[-1]).t().matmul(xq.reshape(-1, xq.shape[-1])) if need_w else None
-        else:
-            g_xq, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False,
-                                                              [0, 0], groups, [need_x or need_s, need_w, False])
+        g_xq, gw = _matmul_backward(grad, q * scale, _weight_back(w_saved, w_scale), ctx.conf, need_x or need_s,
+                                    need_w)
         gx = gs = None
         if g_xq is not None:
             gx, gs = _lsq_backward(g_xq, v, mask, q, scale, need_x, need_s)
