@@ -338,3 +338,108 @@ def test_lsq_fake_quant_equals_the_autograd_composition(per_channel, bounds):
     kept = _saved_dtypes(lambda: qm.lsq_fake_quant(x.clone().requires_grad_(), amax.clone().requires_grad_(),
                                                    qmin, qmax))
     assert [n for _, n in kept if n == x.numel()] == [x.numel()]  # x once; no float copies of it
+
+
+def _kept_except(fn, keep: tuple[torch.Tensor, ...]) -> list[tuple[torch.dtype, int]]:
+    # (dtype, numel) of every saved tensor that does not share storage with one of ``keep`` (parameters, buffers)
+    ptrs = {t.untyped_storage().data_ptr() for t in keep}
+    kept = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in ptrs:
+            kept.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return kept
+
+
+@pytest.mark.parametrize("wkind", ["dynamic", "fixed_channel", "fixed_tensor", "lsq"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("lsq_input", [False, True])
+def test_a_parameter_kernel_is_recomputed_in_backward_not_kept(wkind, kind, lsq_input):
+    # a layer's own weight (an nn.Parameter, alive through the step anyway) is its kernel's source: the lean
+    # functions keep no copy of the kernel, recompute Q(W) in backward, and the gradients equal the composition's
+    g = torch.Generator().manual_seed(5)
+    if kind == "conv":
+        x, w, conf = torch.randn(2, 6, 7, 7, generator=g), torch.randn(10, 6, 3, 3, generator=g), dict(padding=1)
+    else:
+        x, w, conf = torch.randn(4, 12, generator=g), torch.randn(9, 12, generator=g), {}
+    iq = make_quantizer(8, learn_amax=lsq_input, name="in")
+    iq.set_amax(1.5)
+    wq = _weight_quantizer(wkind, w)
+    grads = []
+    for lean in (True, False):
+        xa, wa = x.clone().requires_grad_(), torch.nn.Parameter(w.clone())
+        for q in (iq, wq):
+            q._amax.grad = None
+        y = quant_matmul(xa, wa, iq, wq, **conf) if lean else _composed(
+            xa, wa, iq, wq, dict(stride=1, padding=conf.get("padding", 0), groups=1))
+        y.mul(torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append((y.detach(), xa.grad, wa.grad, *(None if q._amax.grad is None else q._amax.grad.clone()
+                                                       for q in (iq, wq))))
+    for a, b in zip(*grads):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert grads[0][2].abs().sum() > 0
+    xa, wa = x.clone().requires_grad_(), torch.nn.Parameter(w.clone())
+    kept = _kept_except(lambda: quant_matmul(xa, wa, iq, wq, **conf), (wa, xa))
+    # nothing kernel-sized but the parameter itself (torch.fake_quantize_per_channel_affine keeps its own clip mask)
+    assert kept and all(n != w.numel() or (wkind, dt) == ("fixed_channel", torch.bool) for dt, n in kept), kept
+
+
+def test_a_kernel_changed_between_forward_and_backward_is_refused():
+    # the recomputation relies on the parameter being the forward's: autograd's version counter refuses otherwise
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(6, 4, 3, 3))
+    iq, wq = _quantizers("conv", False, 6)
+    y = quant_matmul(x, w, iq, wq, 1, 1)
+    with torch.no_grad():
+        w.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("arch", ["repvgg_a0", "qarepvgg_a0"])
+@pytest.mark.parametrize("phase", ["qat", "frozen", "fused"])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_rep_block_kernels_are_recomputed_with_the_composed_gradients(arch, phase, granularity):
+    # a rep block's equivalent (or collapsed) kernel is rebuilt in backward from its branch parameters: the loss and
+    # every gradient equal the step run as the quantizers' composition (lean functions off); with per-channel
+    # weights nothing kernel-sized is kept but the parameters themselves
+    import copy
+
+    from qat_rep import create_model
+    from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare
+    from qat_rep.quant import backend
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, small_input=True)
+    x = torch.randn(4, 3, 16, 16)
+    prepare(model, QuantConfig(w_granularity=granularity))
+    calibrate(model, [x])
+    if phase == "fused":
+        apply_schedule(model, Schedule.fused(), 0, 0)
+    elif phase == "frozen":
+        apply_schedule(model, Schedule.all_at_once(freeze_at=0), 0, 0)
+    model.train()
+    composed = copy.deepcopy(model)
+    steps = []
+    for m, lean in ((model, True), (composed, False)):
+        ok = backend._lean_ok
+        if not lean:
+            backend._lean_ok = lambda *a, **k: False
+        try:
+            loss = torch.nn.functional.cross_entropy(m(x), torch.arange(4))
+        finally:
+            backend._lean_ok = ok
+        loss.backward()
+        steps.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (la, ga), (lb, gb) = steps
+    assert torch.equal(la, lb) and ga.keys() == gb.keys() and len(ga) > 0
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+    if granularity == "per_channel":
+        model.zero_grad(set_to_none=True)
+        sizes = {p.numel() for n, p in model.named_parameters() if "rbr_dense.conv" in n}  # the 3x3 kernels
+        kept = _kept_except(lambda: model(x), (*model.parameters(), *model.buffers()))
+        assert len(sizes) >= 4 and not [k for k in kept if k[1] in sizes], kept

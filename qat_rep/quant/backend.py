@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,7 +184,11 @@ class TensorQuantizer(_PQTensorQuantizer):
             return self._fb_fake_quant(inputs, amax.detach())
         if not self._fake_quant:
             return super()._quant_forward(inputs)
-        qmin, qmax = qm.bounds(self._num_bits, self._unsigned, self._narrow_range)
+        return self._fake_quant_with(inputs, amax, *qm.bounds(self._num_bits, self._unsigned, self._narrow_range))
+
+    def _fake_quant_with(self, inputs: Tensor, amax: Tensor, qmin: int, qmax: int) -> Tensor:
+        """The fake quantization of a float32 ``inputs`` with the given ``amax`` and integer bounds: the one
+        dispatch of the training forward and of a lean conv's backward that recomputes its kernel."""
         if self._lsq:
             return qm.lsq_fake_quant(inputs, amax, qmin, qmax)
         scale = qm.scale_from_amax(amax.detach(), qmax)
@@ -281,12 +285,18 @@ def _lean_ok(q: nn.Module, x: Tensor, lsq: bool = False) -> bool:
             and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
 
+def _fake_quantized(q: nn.Module, wq: Tensor) -> bool:
+    """Did the weight quantizer ``q`` return ``wq`` through :meth:`TensorQuantizer._fake_quant_with` (active, not
+    calibrating, a float32 kernel)?"""
+    return (isinstance(q, TensorQuantizer) and _active(q) and q._fake_quant and not q._if_calib and not q._if_clip
+            and wq.dtype == torch.float32)
+
+
 def _weight_scale(q: nn.Module, wq: Tensor) -> Tensor | None:
     """The scale ``s_w`` with ``wq = q_w · s_w`` (``q_w`` int8) that the weight quantizer ``q`` just applied, shaped to
     broadcast against the weight; ``None`` when ``wq`` is not such a product (quantizer off, not a fake quantizer, or
     more than 8 signed bits), and :class:`~.qmath.LeanQuantConv` then keeps ``wq`` as it is."""
-    if not (isinstance(q, TensorQuantizer) and _active(q) and q._fake_quant and not q._if_calib and not q._if_clip
-            and wq.dtype == torch.float32):
+    if not _fake_quantized(q, wq):
         return None
     qmin, qmax = qm.bounds(q._num_bits, q._unsigned, q._narrow_range)
     if qmin < -128 or qmax > 127:
@@ -295,15 +305,49 @@ def _weight_scale(q: nn.Module, wq: Tensor) -> Tensor | None:
     return scale.reshape(()) if scale.numel() == 1 else scale
 
 
+def _kernel_source(q: nn.Module, weight: Tensor, wq: Tensor,
+                   recipe: Callable[[], qm.KernelSource] | None) -> qm.KernelSource | None:
+    """``wq = q(weight)`` as a function of tensors the step keeps anyway: the float kernel's own source (``recipe()``)
+    followed by ``q``'s fake quantization with the ``amax`` and bounds it just used; a parameter ``weight`` is its own
+    source. ``None`` when ``q`` is not a plain fake quantizer or there is no source (a computed kernel without a
+    recipe): the lean functions then keep the kernel as int8."""
+    if not _fake_quantized(q, wq):
+        return None
+    if recipe is not None:
+        source = recipe()
+    elif isinstance(weight, nn.Parameter):
+        source = qm.KernelSource(_itself, (weight,))
+    else:
+        return None
+    build, n = source.fn, len(source.tensors)
+    bounds = qm.bounds(q._num_bits, q._unsigned, q._narrow_range)
+
+    def fake_quantized_kernel(*tensors: Tensor) -> Tensor:
+        return q._fake_quant_with(build(*tensors[:n]), tensors[n], *bounds)
+
+    # the amax of this forward (a dynamic quantizer overwrites its buffer at the next one): per channel, tiny
+    return qm.KernelSource(fake_quantized_kernel, (*source.tensors, q._amax.detach().clone()))
+
+
+def _itself(weight: Tensor) -> Tensor:
+    return weight
+
+
 def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_quantizer: nn.Module,
                  stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
-                 dilation: int | Sequence[int] = 1, groups: int = 1) -> Tensor:
+                 dilation: int | Sequence[int] = 1, groups: int = 1,
+                 kernel_source: Callable[[], qm.KernelSource] | None = None) -> Tensor:
     """``conv2d(Q_x(x), Q_w(W))`` (4-D weight) or ``linear(Q_x(x), Q_w(W))`` (2-D), no bias: the training step.
 
     When the input quantizer is a per-tensor fake quantizer, a lean function runs: :class:`~.qmath.LeanQuantConv`
     (fixed amax: the input saved as int8 + scale + mask, ``Q(x)`` rebuilt in backward) or
     :class:`~.qmath.LeanLSQConv` (learned amax: only the float input kept); otherwise the composition of the
     quantizers' own straight-through functions and the conv. Same forward values and gradients either way.
+
+    The fake-quantized kernel is recomputed in backward when ``weight`` is a parameter or ``kernel_source()`` (called
+    only when a lean function runs) says how to rebuild the float ``weight`` from tensors that stay alive
+    (:class:`~.qmath.KernelSource`, e.g. a rep block's branch parameters); otherwise it is kept as int8 + the weight
+    scale.
     """
     wq = weight_quantizer(weight)
     if _lean_ok(input_quantizer, x, lsq=True) and (x.requires_grad or wq.requires_grad
@@ -311,13 +355,15 @@ def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_q
         amax = input_quantizer._get_amax(x)
         qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
         return qm.LeanLSQConv.apply(x, qm.scale_from_amax(amax, qmax), wq, _weight_scale(weight_quantizer, wq), qmin,
-                                    qmax, _pair(stride), _pair(padding), _pair(dilation), int(groups))
+                                    qmax, _pair(stride), _pair(padding), _pair(dilation), int(groups),
+                                    _kernel_source(weight_quantizer, weight, wq, kernel_source))
     if _lean_ok(input_quantizer, x) and (x.requires_grad or wq.requires_grad):
         amax = input_quantizer._get_amax(x)
         qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
         scale = qm.scale_from_amax(amax.detach(), qmax).reshape(()).to(x.dtype)
         return qm.LeanQuantConv.apply(x, wq, scale, _weight_scale(weight_quantizer, wq), qmin, qmax, _pair(stride),
-                                      _pair(padding), _pair(dilation), int(groups))
+                                      _pair(padding), _pair(dilation), int(groups),
+                                      _kernel_source(weight_quantizer, weight, wq, kernel_source))
     return qm.conv_or_linear(input_quantizer(x), wq, stride, padding, dilation, groups)
 
 

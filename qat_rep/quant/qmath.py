@@ -14,7 +14,7 @@ into quantizers through their ``amax``, and the two differ only for values withi
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +74,15 @@ class ClippedSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
         q, mask = quantize_to_int(x, scale, qmin, qmax)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(mask)
+            # a parameter (a layer's weight) stays alive through the step: keep it, not a mask of its size
+            ctx.save_for_backward(*((x, scale) if isinstance(x, torch.nn.Parameter) else (mask,)))
+            ctx.bounds = (qmin, qmax)
         return q.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
-        (mask,) = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        mask = saved[0] if len(saved) == 1 else quantize_to_int(saved[0], saved[1], *ctx.bounds)[1]
         return grad * mask, None, None, None
 
 
@@ -162,6 +165,7 @@ def reduce_amax(x: Tensor, axes: Sequence[int] | None, shape: Sequence[int]) -> 
 _GATHER = 0x0102040810204080
 _SPREAD = 0x0101010101010101
 _SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
+_HIGH = 0x7F7F7F7F7F7F7F7F
 
 
 def pack_mask(mask: Tensor) -> Tensor:
@@ -187,8 +191,26 @@ def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
         bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
         flat = (packed.unsqueeze(1) & bits).ne(0)
     else:
-        flat = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_SELECT).view(torch.uint8).ne(0)
+        # byte i of each word is 0 or 2^i; + 0x7F sets its bit 7 exactly when it is not 0 (no carry: at most 255),
+        # >> 7 and & 0x01 per byte leave 0/1 bytes — a bool tensor in the same buffer, one byte per element
+        flat = (packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_SELECT).add_(_HIGH).bitwise_right_shift_(7)
+                .bitwise_and_(_SPREAD).view(torch.uint8).view(torch.bool))
     return flat.view(-1)[:n].view(tuple(shape))
+
+
+class KernelSource(NamedTuple):
+    """The float kernel a lean function's weight quantizer saw, as ``fn(*tensors)``: a function of tensors that
+    stay alive through the step anyway (parameters, buffers, a few per-channel scales).
+
+    Given one, :class:`LeanQuantConv` and :class:`LeanLSQConv` keep references to ``tensors`` instead of a copy of
+    the fake-quantized kernel and call ``fn`` again in backward (under ``no_grad``; ``fn`` includes the weight
+    quantizer). ``fn`` must repeat the forward's float operations, so it returns the same bits; autograd's version
+    counters on the saved ``tensors`` refuse a backward after any of them changed in place (an optimizer step, a
+    collapse), rather than differentiate through another kernel.
+    """
+
+    fn: Callable[..., Tensor]
+    tensors: tuple[Tensor | None, ...]
 
 
 def _int8_weight(w: Tensor, w_scale: Tensor | None) -> Tensor:
@@ -202,17 +224,41 @@ def _weight_back(w_saved: Tensor, w_scale: Tensor | None) -> Tensor:
     return w_saved if w_scale is None else w_saved.to(w_scale.dtype) * w_scale
 
 
-def _matmul_backward(grad: Tensor, xq: Tensor, wq: Tensor, conf: tuple, need_x: bool,
-                     need_w: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Input and weight gradients of ``conv_or_linear(xq, wq)`` (``conf``: stride, padding, dilation, groups)."""
+def _save_kernel(ctx, w: Tensor, w_scale: Tensor | None, source: KernelSource | None) -> tuple:
+    """What a lean function saves for its kernel: ``source``'s tensors (references, no copy), else the int8 form."""
+    ctx.kernel_fn = None if source is None else source.fn
+    if source is not None:
+        return tuple(None if t is None else t.detach() for t in source.tensors)
+    return _int8_weight(w, w_scale), w_scale
+
+
+def _load_kernel(ctx, saved: Sequence[Tensor | None]) -> Tensor:
+    """The forward's fake-quantized kernel, bit for bit, from what :func:`_save_kernel` kept."""
+    if ctx.kernel_fn is None:
+        return _weight_back(*saved)
+    with torch.no_grad():
+        return ctx.kernel_fn(*saved)
+
+
+def _weight_grad(grad: Tensor, xq: Tensor, wq: Tensor, conf: tuple) -> Tensor:
+    """The weight gradient of ``conv_or_linear(xq, wq)`` (``conf``: stride, padding, dilation, groups)."""
     if wq.dim() == 2:  # linear
-        gx = grad.matmul(wq) if need_x else None
-        gw = grad.reshape(-1, grad.shape[-1]).t().matmul(xq.reshape(-1, xq.shape[-1])) if need_w else None
-        return gx, gw
+        return grad.reshape(-1, grad.shape[-1]).t().matmul(xq.reshape(-1, xq.shape[-1]))
     stride, padding, dilation, groups = conf
-    gx, gw, _ = torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False, [0, 0],
-                                                    groups, [need_x, need_w, False])
-    return gx, gw
+    return torch.ops.aten.convolution_backward(grad, xq, wq, None, stride, padding, dilation, False, [0, 0], groups,
+                                               [False, True, False])[1]
+
+
+def _input_grad(grad: Tensor, shape: Sequence[int], wq: Tensor, conf: tuple) -> Tensor:
+    """The input gradient of ``conv_or_linear(xq, wq)`` for an input of ``shape``, without the input itself: the
+    lean backward functions free the rebuilt ``Q(x)`` after the weight gradient, before this one is allocated,
+    so the two activation-sized buffers never coexist."""
+    if wq.dim() == 2:
+        return grad.matmul(wq)
+    stride, padding, dilation, groups = conf
+    like = grad.new_empty(1).expand(tuple(shape))  # only its shape is read
+    return torch.ops.aten.convolution_backward(grad, like, wq, None, stride, padding, dilation, False, [0, 0],
+                                               groups, [True, False, False])[0]
 
 
 class LeanQuantConv(torch.autograd.Function):
@@ -224,14 +270,16 @@ class LeanQuantConv(torch.autograd.Function):
     as int8/uint8 (1 byte) plus the mask packed to one bit (:func:`pack_mask`), and rebuilds ``Q(x) = q·s`` — the
     same float values, bit for bit — in backward. Given ``w_scale`` (the weight quantizer's scale, per tensor or per
     output channel), ``wq`` is saved the same way: ``round(wq / s_w)`` as int8 and ``q_w·s_w`` in backward, the very
-    product the weight quantizer returned (``|q_w| ≤ 127``: ``wq / s_w`` is within 2⁻¹⁶ of ``q_w``). The gradients
-    equal the composition's (tested). ``scale`` is the per-tensor input scale, fixed (learned input ranges run
-    :class:`LeanLSQConv`).
+    product the weight quantizer returned (``|q_w| ≤ 127``: ``wq / s_w`` is within 2⁻¹⁶ of ``q_w``). Given a
+    :class:`KernelSource` (the kernel as a function of parameters), nothing of the kernel is kept at all: backward
+    recomputes it. The gradients equal the composition's (tested). ``scale`` is the per-tensor input scale, fixed
+    (learned input ranges run :class:`LeanLSQConv`).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, w_scale: Tensor | None, qmin: int, qmax: int,
-                stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:  # noqa: D102
+                stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                source: KernelSource | None = None) -> Tensor:  # noqa: D102
         q, mask = quantize_to_int(x, scale, qmin, qmax)
         q_int, packed = q.to(torch.uint8 if qmin >= 0 else torch.int8), pack_mask(mask)
         del mask
@@ -239,25 +287,25 @@ class LeanQuantConv(torch.autograd.Function):
         w = wq.detach()
         out = conv_or_linear(xq, w, stride, padding, dilation, groups)
         del xq, q
-        ctx.save_for_backward(q_int, packed, _int8_weight(w, w_scale), scale, w_scale)
+        ctx.save_for_backward(q_int, packed, scale, *_save_kernel(ctx, w, w_scale, source))
         ctx.conf = (stride, padding, dilation, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
-        q, packed, w_saved, scale, w_scale = ctx.saved_tensors
-        xq = q.to(scale.dtype).mul_(scale)  # the forward's Q(x), exactly
-        gx, gw = _matmul_backward(grad, xq, _weight_back(w_saved, w_scale), ctx.conf, ctx.needs_input_grad[0],
-                                  ctx.needs_input_grad[1])
-        del xq
-        if gx is not None:
-            gx = gx.mul_(unpack_mask(packed, q.shape))  # gx is convolution_backward's own buffer
-        return gx, gw, None, None, None, None, None, None, None, None
+        q, packed, scale, *kernel = ctx.saved_tensors
+        wq, gx, gw = _load_kernel(ctx, kernel), None, None
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(grad, q.to(scale.dtype).mul_(scale), wq, ctx.conf)  # the forward's Q(x), exactly
+        if ctx.needs_input_grad[0]:
+            gx = _input_grad(grad, q.shape, wq, ctx.conf).mul_(unpack_mask(packed, q.shape))
+        return gx, gw, None, None, None, None, None, None, None, None, None
 
 
 class LeanLSQConv(torch.autograd.Function):
     """``conv(lsq_fake_quant(x), wq)`` (or ``linear``) for a learned-amax (LSQ) per-tensor input quantizer, keeping
-    only the float input ``x`` (and ``wq`` as int8 given ``w_scale``) for backward.
+    only the float input ``x`` (and ``wq`` as int8 given ``w_scale``, nothing given a :class:`KernelSource`) for
+    backward.
 
     The composition keeps ``x``, ``x / s``, the rounded ``q`` and ``Q(x)`` as floats (16 bytes per element) to
     differentiate through the clamp, the rounding STE and the scale. All of them are cheap functions of ``x`` and
@@ -268,26 +316,28 @@ class LeanLSQConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, wq: Tensor, w_scale: Tensor | None, qmin: int, qmax: int,
-                stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:  # noqa: D102
+                stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                source: KernelSource | None = None) -> Tensor:  # noqa: D102
         xq = _lsq_values(x, scale, qmin, qmax)[2].mul_(scale)
         w = wq.detach()
         out = conv_or_linear(xq, w, stride, padding, dilation, groups)
         del xq
-        ctx.save_for_backward(x.detach(), scale.detach(), _int8_weight(w, w_scale), w_scale)
+        ctx.save_for_backward(x.detach(), scale.detach(), *_save_kernel(ctx, w, w_scale, source))
         ctx.bounds, ctx.conf = (qmin, qmax), (stride, padding, dilation, groups)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
-        x, scale, w_saved, w_scale = ctx.saved_tensors
-        v, mask, q = _lsq_values(x, scale, *ctx.bounds)
+        x, scale, *kernel = ctx.saved_tensors
         need_x, need_s, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        g_xq, gw = _matmul_backward(grad, q * scale, _weight_back(w_saved, w_scale), ctx.conf, need_x or need_s,
-                                    need_w)
-        gx = gs = None
-        if g_xq is not None:
+        wq, gx, gs, gw = _load_kernel(ctx, kernel), None, None, None
+        if need_w:
+            gw = _weight_grad(grad, _lsq_values(x, scale, *ctx.bounds)[2].mul_(scale), wq, ctx.conf)
+        if need_x or need_s:
+            g_xq = _input_grad(grad, x.shape, wq, ctx.conf)
+            v, mask, q = _lsq_values(x, scale, *ctx.bounds)
             gx, gs = _lsq_backward(g_xq, v, mask, q, scale, need_x, need_s)
-        return gx, gs, gw, None, None, None, None, None, None, None
+        return gx, gs, gw, None, None, None, None, None, None, None, None
 
 
 class MaskReLU(torch.autograd.Function):

@@ -39,6 +39,8 @@ the rounding grid). For dynamic per-channel amax ``Q(K·t) = t·Q(K)``, and the 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +48,7 @@ from torch import Tensor, nn
 from ..blocks import RepBlock
 from ..fuse import bn_module_scale
 from .backend import TensorQuantizer, int32_bias, quant_conv2d, quant_matmul
+from .qmath import KernelSource
 
 PHASES = ("float", "qat", "frozen", "fused")
 _T_MIN = 1e-8
@@ -65,13 +68,17 @@ def _post_bn_scale(block: RepBlock) -> Tensor | None:
 def deploy_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor]:
     """The kernel and bias of the block's deployed conv: equivalent kernel with the post-BN (if any) folded with its
     running statistics. The one kernel assembly of :func:`~qat_rep.quant.convert` and of the evaluation forward."""
+    return _deploy_kernel_bias(block)[:2]
+
+
+def _deploy_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor, Tensor | None]:
     kernel, bias, t = folded_kernel_bias(block)
     if t is not None:
         bn = block.bn
         bias = (bias - bn.running_mean) * t
         if bn.bias is not None:
             bias = bias + bn.bias
-    return kernel, bias
+    return kernel, bias, t
 
 
 def block_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor]:
@@ -82,6 +89,23 @@ def block_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor]:
     if isinstance(rq, RepQuant) and rq.phase == "fused":
         return block.collapsed_kernel_bias()
     return block.equivalent_kernel_bias()
+
+
+def _kernel_source(block: RepBlock, t: Tensor | None) -> KernelSource:
+    """The kernel this step's conv quantizes — :func:`block_kernel_bias`'s, times the post-BN scale ``t`` when
+    folded — as a function of the block's branch parameters and buffers (alive through the step anyway) and ``t``:
+    the lean conv recomputes it in backward instead of keeping a copy. The kernel never depends on the post-BN's
+    running statistics here (``t`` is passed as computed): a training post-BN updates them during the forward."""
+    build = block.collapsed_kernel_bias if block.rep_quant.phase == "fused" else block.equivalent_kernel_bias
+    tensors = tuple(v for n, v in itertools.chain(block.named_parameters(), block.named_buffers())
+                    if n.startswith("rbr_"))
+    n = len(tensors)
+
+    def kernel(*saved: Tensor | None) -> Tensor:
+        k, scale = build()[0], saved[n]
+        return k if scale is None else k * scale.reshape(-1, 1, 1, 1)
+
+    return KernelSource(kernel, (*tensors, None if t is None else t.detach()))
 
 
 def folded_kernel_bias(block: RepBlock) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -175,12 +199,12 @@ class RepQuant(nn.Module):
         if bn is None or not bn.training:
             # No post-BN, or one with fixed statistics: the block is exactly the deployed conv (post-BN folded)
             with torch.no_grad() if self._phase == "frozen" else contextlib.nullcontext():
-                kernel, bias = deploy_kernel_bias(block)
+                kernel, bias, t = _deploy_kernel_bias(block)
             if not self.training:  # evaluation: convert's arithmetic, operation for operation
                 return quant_conv2d(x, kernel, bias, self._input_quantizer, self._weight_quantizer, block.stride, 1,
                                     1, block.groups)
             y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1,
-                             block.groups)
+                             block.groups, functools.partial(_kernel_source, block, t))
             bias = int32_bias(bias, self._input_quantizer, self._weight_quantizer)
             # training: the bias added after the conv, not inside it: oneDNN's convolution backward with a bias
             # costs 10-25 % more on CPU than without one plus a broadcast add
@@ -192,7 +216,8 @@ class RepQuant(nn.Module):
                 kernel, bias, t = folded_kernel_bias(block)
             else:
                 (kernel, bias), t = block_kernel_bias(block), None
-        y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1, block.groups)
+        y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1, block.groups,
+                         functools.partial(_kernel_source, block, t))
         y = y + bias.reshape(1, -1, 1, 1) if t is None else y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
         return block.post_bn(y)
 
