@@ -1,7 +1,8 @@
 """The lean quantized conv/linear step (:func:`qat_rep.quant.backend.quant_matmul`): the input saved as int8/uint8
-plus a bit-packed clip mask, the fake-quantized kernel as int8 + its scale, both rebuilt in backward; and the block
-ReLUs of a prepared model kept as bit masks (``LeanReLU``) — same outputs and gradients as the composition of the quantizers'
-straight-through functions with the conv and ``torch.relu``, fewer bytes kept for backward."""
+plus a bit-packed clip mask and rebuilt in backward; the fake-quantized kernel recomputed in backward from its source
+(a parameter, a rep block's branches) or, for a computed kernel without one, kept as int8 + its scale; and the block
+ReLUs of a prepared model kept as bit masks (``LeanReLU``) — same outputs and gradients as the composition of the
+quantizers' straight-through functions with the conv and ``torch.relu``, fewer bytes kept for backward."""
 
 from __future__ import annotations
 
