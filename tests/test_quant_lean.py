@@ -444,3 +444,22 @@ def test_rep_block_kernels_are_recomputed_with_the_composed_gradients(arch, phas
         sizes = {p.numel() for n, p in model.named_parameters() if "rbr_dense.conv" in n}  # the 3x3 kernels
         kept = _kept_except(lambda: model(x), (*model.parameters(), *model.buffers()))
         assert len(sizes) >= 4 and not [k for k in kept if k[1] in sizes], kept
+
+
+@pytest.mark.parametrize("conf", [(8, 48, 30, 48, 2, 1, 1, 1, 3), (4, 16, 17, 32, 2, 1, 1, 1, 3),
+                                  (3, 16, 9, 24, 2, 1, 2, 1, 3), (3, 16, 9, 24, 1, 0, 1, 1, 1),
+                                  (2, 8, 10, 8, 3, 1, 1, 1, 3), (2, 12, 15, 12, 1, 2, 1, 2, 3),
+                                  (4, 12, 15, 12, 1, 1, 12, 1, 3), (2, 6, 8, 10, 2, 0, 1, 1, 1)])
+def test_input_gradient_without_the_input_equals_convolution_backward(conf):
+    # the lean backward's input gradient (a transposed conv, so the rebuilt Q(x) can be freed first) is
+    # convolution_backward's input gradient bit for bit: strides that drop rows, groups, dilation, 1x1
+    from qat_rep.quant import qmath as qm
+    n, c, h, o, s, p, groups, d, k = conf
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(n, c, h, h + 1, generator=g), torch.randn(o, c // groups, k, k, generator=g)
+    y = F.conv2d(x, w, None, s, p, d, groups)
+    gy = torch.randn(y.shape, generator=g)
+    want = torch.ops.aten.convolution_backward(gy, x, w, None, [s, s], [p, p], [d, d], False, [0, 0], groups,
+                                               [True, False, False])[0]
+    got = qm._input_grad(gy, x.shape, w, ([s, s], [p, p], [d, d], groups))
+    assert got.shape == x.shape and torch.equal(got, want)

@@ -251,14 +251,16 @@ def _weight_grad(grad: Tensor, xq: Tensor, wq: Tensor, conf: tuple) -> Tensor:
 
 def _input_grad(grad: Tensor, shape: Sequence[int], wq: Tensor, conf: tuple) -> Tensor:
     """The input gradient of ``conv_or_linear(xq, wq)`` for an input of ``shape``, without the input itself: the
-    lean backward functions free the rebuilt ``Q(x)`` after the weight gradient, before this one is allocated,
-    so the two activation-sized buffers never coexist."""
+    lean backward functions free the rebuilt ``Q(x)`` after the weight gradient, before this one is allocated, so
+    the two activation-sized buffers never coexist. For a conv it is the transposed convolution of ``grad``, which
+    runs the same backward-data kernel as ``convolution_backward``'s input gradient (bit for bit, tested) without
+    that op's contiguous copy of an input it never reads."""
     if wq.dim() == 2:
         return grad.matmul(wq)
     stride, padding, dilation, groups = conf
-    like = grad.new_empty(1).expand(tuple(shape))  # only its shape is read
-    return torch.ops.aten.convolution_backward(grad, like, wq, None, stride, padding, dilation, False, [0, 0],
-                                               groups, [True, False, False])[0]
+    out_pad = [int(shape[i + 2]) - ((grad.shape[i + 2] - 1) * stride[i] - 2 * padding[i]
+                                    + dilation[i] * (wq.shape[i + 2] - 1) + 1) for i in range(2)]
+    return F.conv_transpose2d(grad, wq, None, stride, padding, out_pad, groups, dilation)
 
 
 class LeanQuantConv(torch.autograd.Function):
