@@ -89,6 +89,23 @@ def test_lean_step_keeps_fewer_bytes_for_backward():
     assert lean < x.numel() * 2.2
 
 
+def _lean_and_composed(x, w, iq, wq, conf, parameter=False):
+    """One step through quant_matmul and one through the composition, from the same x and w (a Parameter when
+    ``parameter``): ``(y, dx, dw, d input amax, d weight amax)`` each, amax gradients None when not learned."""
+    steps = []
+    for lean in (True, False):
+        xa = x.clone().requires_grad_()
+        wa = torch.nn.Parameter(w.clone()) if parameter else w.clone().requires_grad_()
+        for q in (iq, wq):
+            q._amax.grad = None
+        y = quant_matmul(xa, wa, iq, wq, **conf) if lean else _composed(
+            xa, wa, iq, wq, dict(stride=1, padding=conf.get("padding", 0), groups=1))
+        y.mul(torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        steps.append((y.detach(), xa.grad, wa.grad,
+                      *(None if q._amax.grad is None else q._amax.grad.clone() for q in (iq, wq))))
+    return steps
+
+
 @pytest.mark.parametrize("wkind", ["dynamic", "lsq"])
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("unsigned", [False, True])
@@ -105,17 +122,7 @@ def test_lean_lsq_step_equals_the_composed_path(wkind, kind, unsigned):
     iq = make_quantizer(4, learn_amax=True, unsigned=unsigned, name="in")
     iq.set_amax(1.2)  # some inputs clipped
     wq = _weight_quantizer(wkind, w)
-    grads = []
-    for lean in (True, False):
-        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
-        for p in (iq._amax, wq._amax):
-            p.grad = None
-        y = quant_matmul(xa, wa, iq, wq, **conf) if lean else _composed(
-            xa, wa, iq, wq, dict(stride=1, padding=conf.get("padding", 0), groups=1))
-        y.mul(torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        grads.append((y.detach(), xa.grad, wa.grad, iq._amax.grad.clone(),
-                      wq._amax.grad.clone() if wq.learn_amax else None))
-    (ya, *ga), (yb, *gb) = grads
+    (ya, *ga), (yb, *gb) = _lean_and_composed(x, w, iq, wq, conf)
     assert torch.equal(ya, yb)
     for a, b in zip(ga, gb):
         assert (a is None and b is None) or torch.equal(a, b)
@@ -195,16 +202,7 @@ def test_lean_step_keeps_the_weights_as_int8_with_the_composed_gradients(wkind, 
     iq = make_quantizer(8, name="in")
     iq.set_amax(1.5)
     wq = _weight_quantizer(wkind, w)
-    grads = []
-    for lean in (True, False):
-        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
-        if wq.learn_amax:
-            wq._amax.grad = None
-        y = quant_matmul(xa, wa, iq, wq, **conf) if lean else _composed(
-            xa, wa, iq, wq, dict(stride=1, padding=conf.get("padding", 0), groups=1))
-        y.mul(torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        grads.append((y.detach(), xa.grad, wa.grad, None if not wq.learn_amax else wq._amax.grad.clone()))
-    (ya, gxa, gwa, gaa), (yb, gxb, gwb, gab) = grads
+    (ya, gxa, gwa, _, gaa), (yb, gxb, gwb, _, gab) = _lean_and_composed(x, w, iq, wq, conf)
     assert torch.equal(ya, yb) and torch.equal(gxa, gxb) and torch.equal(gwa, gwb)
     if gaa is not None:
         assert torch.equal(gaa, gab) and gaa.abs().sum() > 0
@@ -370,16 +368,7 @@ def test_a_parameter_kernel_is_recomputed_in_backward_not_kept(wkind, kind, lsq_
     iq = make_quantizer(8, learn_amax=lsq_input, name="in")
     iq.set_amax(1.5)
     wq = _weight_quantizer(wkind, w)
-    grads = []
-    for lean in (True, False):
-        xa, wa = x.clone().requires_grad_(), torch.nn.Parameter(w.clone())
-        for q in (iq, wq):
-            q._amax.grad = None
-        y = quant_matmul(xa, wa, iq, wq, **conf) if lean else _composed(
-            xa, wa, iq, wq, dict(stride=1, padding=conf.get("padding", 0), groups=1))
-        y.mul(torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        grads.append((y.detach(), xa.grad, wa.grad, *(None if q._amax.grad is None else q._amax.grad.clone()
-                                                       for q in (iq, wq))))
+    grads = _lean_and_composed(x, w, iq, wq, conf, parameter=True)
     for a, b in zip(*grads):
         assert (a is None and b is None) or torch.equal(a, b)
     assert grads[0][2].abs().sum() > 0
