@@ -71,3 +71,47 @@ def test_inductor_integers_within_one_step_of_eager():
     assert diff.max() <= 1
     assert diff.count_nonzero() <= 0.01 * diff.numel()
     torch.testing.assert_close(h_c, h_e, rtol=1e-5, atol=1e-5 * scale * 127)
+
+
+@pytest.mark.parametrize("arch", ["qarepvgg_a0", "repvgg_a0"])
+def test_compiled_step_keeps_no_bool_buffer_for_backward(arch):
+    # inductor's CPU code writes bool buffers ~20x slower than uint8 ones, which made the compiled step slower than
+    # eager: the clip and ReLU masks a compiled step keeps are bytes (qmath.byte_mask), and none of the tensors the
+    # forward graph hands to the backward is a bool
+    from torch._dynamo.backends.common import aot_autograd
+
+    saved_dtypes: list[torch.dtype] = []
+
+    def forward_compiler(gm, example_inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved_dtypes.extend(o.meta["val"].dtype for o in outputs
+                            if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor))
+        return gm
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, small_input=True)
+    prepare(model, QuantConfig())
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    calibrate(model, [x])
+    model.train()
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: gm)
+    torch.compile(model, fullgraph=True, backend=backend)(x).sum().backward()
+    assert torch.uint8 in saved_dtypes  # the masks are there, as bytes
+    assert torch.bool not in saved_dtypes
+
+
+def test_reduce_amax_compiled_equals_eager_on_any_layout():
+    # under the compiler the per-channel amax is one reduction over the other dimensions (walked in memory order,
+    # also for a channels-last kernel); max and min are exact, so the values are eager's to the bit
+    from qat_rep.quant.qmath import reduce_amax
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    compiled = torch.compile(reduce_amax, fullgraph=True)
+    for w in (torch.randn(16, 8, 3, 3, generator=g),
+              torch.randn(16, 8, 3, 3, generator=g).to(memory_format=torch.channels_last),
+              torch.randn(8, 16, 3, 3, generator=g).transpose(0, 1)):
+        for axis in (0, 1):
+            shape = [-1 if d == axis else 1 for d in range(4)]
+            assert torch.equal(compiled(w, (axis,), shape), reduce_amax(w, (axis,), shape))

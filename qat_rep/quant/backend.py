@@ -521,8 +521,8 @@ class QuantConvTranspose2d(_pq_nn.QuantConvTranspose2d):
 
 class LeanReLU(nn.ReLU):
     """The ``nn.ReLU`` of a prepared model: in a training step with gradients it runs :class:`~.qmath.MaskReLU` (the
-    same values and gradients, a 1-bit mask kept for backward instead of the float output), otherwise
-    ``torch.relu`` (also under ``torch.compile``, see :func:`_lean_ok`). A ReLU's output is usually the next
+    same values and gradients, a 1-bit mask — a byte under ``torch.compile`` — kept for backward instead of the float
+    output), otherwise ``torch.relu``. A ReLU's output is usually the next
     quantized layer's input, which the lean conv step keeps as int8: with this ReLU the float activation is freed
     once that conv ran (~4 bytes per element of every activation less). :func:`~qat_rep.quant.prepare` swaps every
     non-inplace ``nn.ReLU`` for one; no state, same state dict."""
@@ -533,7 +533,7 @@ class LeanReLU(nn.ReLU):
         return cls().train(relu.training)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training and torch.is_grad_enabled() and input.requires_grad and not torch.compiler.is_compiling():
+        if self.training and torch.is_grad_enabled() and input.requires_grad:
             return qm.MaskReLU.apply(input)
         return super().forward(input)
 
