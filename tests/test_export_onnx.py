@@ -30,8 +30,12 @@ from qat_rep.export.verify import ort_session
 from qat_rep.quant import QuantConfig, calibrate, convert, prepare
 from qat_rep.quant.insert import quant_layers
 from qat_rep.quant.backend import TensorQuantizer
+from qat_rep.quant.qmath import bounds
 
 SIZE = 8
+#: logits of ONNX Runtime vs PyTorch, in output quantization steps: a tie-flipped integer in an early layer spreads
+#: (see test_onnx_integers_match_layer_by_layer); measured 0.02 and 0.58-1.21 on two CPUs
+MAX_LOGIT_STEPS = 2.0
 
 
 PRESETS = {"tensorrt": QuantConfig, "onnxruntime": QuantConfig.for_onnxruntime}
@@ -140,17 +144,64 @@ def test_ort_agreement_on_digits_validation(tmp_path):
     assert result.samples == 359
     assert result.agreement >= 0.995
     # The fake-quant model adds the bias on the int32 accumulator grid, as ORT's QLinearConv does, so the two
-    # compute the same integers; what is left is float summation order (measured: 0.02 output steps).
+    # compute the same integers except where PyTorch's float conv lands within rounding of a tie and the next
+    # quantizer picks the neighbouring integer; that difference then spreads through the later layers
+    # (test_onnx_integers_match_layer_by_layer). Measured on two CPUs: 0.02 and 0.58-1.21 output steps on the logits.
     assert result.agreement == 1.0
-    assert result.max_diff_steps <= 1.0
+    assert result.max_diff_steps <= MAX_LOGIT_STEPS
     assert abs(result.ort_accuracy - result.torch_accuracy) <= 0.005
     assert result.torch_accuracy == pytest.approx(float((model(d["val_x"]).argmax(1) == d["val_y"]).float().mean()))
     # The QAT-form model (before convert) is what a callback verifies against at fit end: in evaluation it runs
     # convert's arithmetic, so the file agrees with the trained model within the same bounds.
     qat = verify_onnx(rep.path, d["model"], d["val"])
     assert qat.agreement == 1.0
-    assert qat.max_diff_steps <= 1.0
     assert qat.max_diff_steps == result.max_diff_steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tensorrt", "onnxruntime"])
+def test_onnx_integers_match_layer_by_layer(tmp_path, preset):
+    # The integers of every quantized activation, PyTorch's converted model vs ONNX Runtime's integer kernels: the
+    # input quantizer's exactly; after it, a value differs only where a float accumulation sat within rounding of a
+    # tie (measured with the TensorRT preset: 1 element of 1.1 M at the first block, then ≤ 2 steps at ≤ 0.1 % of
+    # the elements of each later layer); a wrong scale, zero point or layout would move most of them.
+    d = qat_digits(preset)
+    model = converted_copy(preset)
+    rep = export_onnx(model, tmp_path / "m.onnx", example(), target=preset)
+    proto = onnx.load(str(rep.path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    quant_nodes = {n.name: n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    for node in quant_nodes.values():  # the activation integers as extra graph outputs
+        proto.graph.output.append(helper.make_tensor_value_info(node.output[0], inits[node.input[2]].data_type, None))
+    onnx.save(proto, str(tmp_path / "ints.onnx"))
+    sess = ort_session(tmp_path / "ints.onnx", threads=1)
+    x = d["val_x"]
+    ort_out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x.numpy()})))
+    quantizers = {n: q for n, q in model.named_modules()
+                  if isinstance(q, TensorQuantizer) and getattr(q, "qat_rep_role", "") == "input"}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [q.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach()))
+             for n, q in quantizers.items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    compared = 0
+    for name, q in quantizers.items():
+        key = name.replace(".", "/")
+        node = [n for k, n in quant_nodes.items() if k.replace(".", "/").startswith(f"/{key}/")]
+        assert len(node) == 1, name
+        zero_point = int(numpy_helper.to_array(inits[node[0].input[2]]))
+        ort_int = torch.from_numpy(ort_out[node[0].output[0]].astype(np.int64)) - zero_point
+        scale = float(q.amax) / bounds(q.num_bits, q.unsigned, q.narrow_range)[1]
+        torch_int = torch.round(seen[name].double() / scale).to(torch.int64)
+        diff = (torch_int - ort_int.reshape(torch_int.shape)).abs()  # (the pool's Q node sits before the Flatten)
+        if compared == 0:
+            assert int(diff.max()) == 0, name  # the network input: one rounding, no accumulation before it
+        assert int(diff.max()) <= 2, name
+        assert int(diff.count_nonzero()) <= 0.005 * diff.numel(), name
+        compared += 1
+    assert compared >= 23  # the stem's input, every block, the classifier
 
 
 def _reference_run(path, x: np.ndarray) -> np.ndarray:
@@ -227,7 +278,7 @@ def test_onnxruntime_preset_is_integer_from_conv_to_conv_and_exact(tmp_path):
     assert ops.get("QLinearGlobalAveragePool") == 1  # the pool too (its quantizer moved before the Flatten)
     assert not {"Conv", "FusedConv", "Relu", "Gemm", "GlobalAveragePool"} & set(ops)
     result = verify_onnx(rep.path, model, d["val"])
-    assert result.agreement == 1.0 and result.max_diff_steps <= 1.0
+    assert result.agreement == 1.0 and result.max_diff_steps <= MAX_LOGIT_STEPS
     assert result.torch_accuracy > 0.8
     with pytest.raises(ValueError, match="UINT8.*target='onnxruntime'"):
         export_onnx(model, tmp_path / "trt.onnx", example(), target="tensorrt")
