@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..quant.observe import observe, run_in_eval
 from .layers import SimQuantLayer
 
 
@@ -86,25 +87,15 @@ def choose_act_amax(
     sq_err: dict[str, list[float]] = {n: [0.0, 0.0] for n in todo}
     count: dict[str, int] = {n: 0 for n in todo}
 
-    def hook(name: str, sim: SimQuantLayer):
-        def fn(_module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
-            x, ref = args[0], out.double()
-            for k, amax in enumerate((rule_amax[name], max_amax[name])):
-                sim.set_act_amax(amax)
-                sq_err[name][k] += float((sim(x).double() - ref).pow(2).sum())
-            count[name] += ref.numel()
-        return fn
+    def measure(name: str, _module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+        sim, x, ref = todo[name], args[0], out.double()
+        for k, amax in enumerate((rule_amax[name], max_amax[name])):
+            sim.set_act_amax(amax)
+            sq_err[name][k] += float((sim(x).double() - ref).pow(2).sum())
+        count[name] += ref.numel()
 
-    handles = [float_model.get_submodule(n).register_forward_hook(hook(n, s)) for n, s in todo.items()]
-    was_training = float_model.training
-    float_model.eval()
-    try:
-        for batch in batches:
-            forward(float_model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        float_model.train(was_training)
+    with observe({n: float_model.get_submodule(n) for n in todo}, measure):
+        run_in_eval(float_model, batches, forward)
 
     choices: dict[str, ActChoice] = {}
     for name, sim in sims.items():

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant.config import did_you_mean
+from ..quant.observe import observe, run_in_eval
 from ..quant.qmath import fake_quant, qbound
 
 
@@ -121,26 +122,16 @@ def collect_input_histograms(
     counts: dict[str, Tensor] = {name: torch.zeros(bins, dtype=torch.float64) for name in layers}
     state = {"pass": 0}
 
-    def hook(name: str):
-        def fn(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().abs().float()
-            if state["pass"] == 0:
-                amax[name] = max(amax[name], float(x.max()))
-            elif amax[name] > 0:
-                counts[name] += torch.histc(x, bins=bins, min=0.0, max=amax[name]).to("cpu", torch.float64)
-        return fn
+    def record(name: str, _module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+        x = args[0].detach().abs().float()
+        if state["pass"] == 0:
+            amax[name] = max(amax[name], float(x.max()))
+        elif amax[name] > 0:
+            counts[name] += torch.histc(x, bins=bins, min=0.0, max=amax[name]).to("cpu", torch.float64)
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
+    with observe(layers, record, outputs=False):
         for state["pass"] in (0, 1):
-            for batch in batches:
-                forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+            run_in_eval(model, batches, forward)
     return {n: Histogram(counts[n], torch.linspace(0.0, max(amax[n], 1e-12), bins + 1, dtype=torch.float64))
             for n in layers}
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..blocks import RepBlock
 from .layers import SimQuantLayer, matches_any, sim_layers
 from ..quant.qmath import qbound
+from ..quant.observe import observe
 
 log = logging.getLogger(__name__)
 
@@ -218,24 +219,14 @@ def capture(model: nn.Module, names: Sequence[str], batches: Sequence[Any], forw
     store: dict[str, list[Tensor]] = {n: [] for n in names}
     pending: set[str] = set()
 
-    def make(name: str):
-        def grab(t: Tensor) -> None:
-            if name in pending:
-                store[name].append(t.detach().clone())
-                pending.discard(name)
-                if not pending:
-                    raise _Stop
+    def grab(name: str, _module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if name in pending:
+            store[name].append((args[0] if what == "input" else output).detach().clone())
+            pending.discard(name)
+            if not pending:
+                raise _Stop
 
-        if what == "input":
-            return lambda _m, args: grab(args[0])
-        return lambda _m, _args, out: grab(out)
-
-    handles = []
-    for n in names:
-        mod = model.get_submodule(n)
-        hook = make(n)
-        handles.append(mod.register_forward_pre_hook(hook) if what == "input" else mod.register_forward_hook(hook))
-    try:
+    with observe({n: model.get_submodule(n) for n in names}, grab, outputs=what != "input"):
         for batch in batches:
             pending.update(names)
             try:
@@ -245,9 +236,6 @@ def capture(model: nn.Module, names: Sequence[str], batches: Sequence[Any], forw
             if pending:
                 raise RuntimeError(f"modules {sorted(pending)} were not called by the model's forward; they cannot "
                                    "be reconstructed")
-    finally:
-        for h in handles:
-            h.remove()
     return {n: torch.cat(v) for n, v in store.items()}
 
 

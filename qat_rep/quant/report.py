@@ -7,7 +7,6 @@ each row shows what that layer adds, not the error accumulated before it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
@@ -20,6 +19,7 @@ from ..fuse import fuse_bn_module
 from .backend import QuantConv2d, QuantConvTranspose2d, TensorQuantizer
 from .calibrate import default_forward
 from .insert import get_config, quant_layers
+from .observe import observe, run_in_eval
 from .rep_qat import RepQuant, deploy_kernel_bias, folded_kernel_bias
 
 
@@ -123,27 +123,14 @@ def layer_report(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn
     forward = default_forward if forward is None else forward
     sig = {n: 0.0 for n, _ in layers}
     err = {n: 0.0 for n, _ in layers}
-    handles = []
 
-    def _hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            ref = _float_out(module, args).double()
-            sig[name] += float((ref ** 2).sum())
-            err[name] += float(((output.double() - ref) ** 2).sum())
-        return hook
+    def measure(name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        ref = _float_out(module, args).double()
+        sig[name] += float((ref ** 2).sum())
+        err[name] += float(((output.double() - ref) ** 2).sum())
 
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        handles = [m.register_forward_hook(_hook(name)) for name, m in layers]
-        for batch in itertools.islice(iter(batches), max_batches):
-            forward(model, batch)
-            n += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with observe(dict(layers), measure):
+        n = run_in_eval(model, batches, forward, max_batches)
     if n == 0:
         raise ValueError("layer_report got no batches: the iterable is empty")
     report = LayerReport(batches=n)

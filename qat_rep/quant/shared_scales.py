@@ -19,6 +19,7 @@ from torch import nn
 
 from .backend import TensorQuantizer
 from .insert import is_prepared, quantizers
+from .observe import observe
 
 # Ops whose inputs and output must keep one scale: concatenation and addition (a runtime moves the consumer's
 # quantize above a Concat and wants both operands of an Add on one grid), and ops that commute with a per-tensor
@@ -121,20 +122,12 @@ def share_input_scales(model: nn.Module, *args: Any, **kwargs: Any) -> list[tupl
     seen: list[tuple[str, int]] = []
     flow = _Dataflow()
 
-    def record(name: str):
-        def hook(module: nn.Module, hook_args: tuple) -> None:
-            flow.keep.append(hook_args[0])
-            seen.append((name, id(hook_args[0])))
-        return hook
+    def record(name: str, _module: nn.Module, hook_args: tuple, _output: None) -> None:
+        flow.keep.append(hook_args[0])
+        seen.append((name, id(hook_args[0])))
 
-    with _traced_call(model):
-        handles = [q.register_forward_pre_hook(record(n)) for n, q in inputs]
-        try:
-            with flow:
-                model(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+    with _traced_call(model), observe(dict(inputs), record, outputs=False), flow:
+        model(*args, **kwargs)
     groups: dict[int, list[str]] = {}
     for name, tid in seen:
         members = groups.setdefault(flow.find(tid), [])
