@@ -24,18 +24,23 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.mark.parametrize("arch", ["qarepvgg_a0", "repvgg_a0"])
-def test_fullgraph_capture_of_prepared_a0_in_train_mode(arch):
-    # fullgraph=True fails on any graph break, whatever the backend; aot_eager also traces the backward through
-    # AOTAutograd (the lean autograd Functions included) but skips inductor's C++ code generation, which takes
-    # minutes per A0 on two shared cores (inductor itself is exercised below and in benchmarks/qat_speed.py)
+def _prepared_a0(arch: str) -> tuple[nn.Module, torch.Tensor]:
+    """A prepared, calibrated A0 in train mode and its 2×3×16×16 input (compiler caches reset)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = create_model(arch, num_classes=10, small_input=True)
     prepare(model, QuantConfig())
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     calibrate(model, [x])
-    model.train()
+    return model.train(), x
+
+
+@pytest.mark.parametrize("arch", ["qarepvgg_a0", "repvgg_a0"])
+def test_fullgraph_capture_of_prepared_a0_in_train_mode(arch):
+    # fullgraph=True fails on any graph break, whatever the backend; aot_eager also traces the backward through
+    # AOTAutograd (the lean autograd Functions included) but skips inductor's C++ code generation, which takes
+    # minutes per A0 on two shared cores (inductor itself is exercised below and in benchmarks/qat_speed.py)
+    model, x = _prepared_a0(arch)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     y = compiled(x)
@@ -88,13 +93,7 @@ def test_compiled_step_keeps_no_bool_buffer_for_backward(arch):
                             if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor))
         return gm
 
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=10, small_input=True)
-    prepare(model, QuantConfig())
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    calibrate(model, [x])
-    model.train()
+    model, x = _prepared_a0(arch)
     backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: gm)
     torch.compile(model, fullgraph=True, backend=backend)(x).sum().backward()
     assert torch.uint8 in saved_dtypes  # the masks are there, as bytes
