@@ -19,6 +19,9 @@ Modes, on each of ``--models`` (default ``qarepvgg_a0`` and ``repvgg_a0``; one t
   QAT): ``reparameterize`` (post-BN kept trainable), then ``prepare`` + ``calibrate`` of the plain network;
 * ``eqk_fused``   — the default schedule (``Schedule.fused()``, ``RepQATCallback``'s default): every block collapsed
   into its dense branch's parameters, one trainable conv per block (+ the trainable post-BN);
+* ``eqk_qat_recompute``, ``eqk_fused_recompute`` — ``eqk_qat`` and ``eqk_fused`` with
+  ``QuantConfig(recompute_post_bn=True)``: a QARep block's trainable post-BN keeps no float input, its conv runs again
+  in backward (RepVGG blocks have no post-BN: the same step as without);
 * ``eqk_qat_compiled`` — ``eqk_qat`` under ``torch.compile(model, fullgraph=True)``; the first (compiling) step is
   reported as ``compile_s`` and excluded from the step times.
 
@@ -132,10 +135,11 @@ def build(mode: str, x: torch.Tensor, arch: str = "qarepvgg_a0") -> nn.Module:
         reparameterize(model, fold_post_bn=False)
         prepare(model, QuantConfig())
         calibrate(model, [x])
-    elif mode in ("eqk_qat", "eqk_float", "eqk_fused", "eqk_qat_compiled"):
-        prepare(model, QuantConfig())
+    elif mode in ("eqk_qat", "eqk_float", "eqk_fused", "eqk_qat_compiled", "eqk_qat_recompute",
+                  "eqk_fused_recompute"):
+        prepare(model, QuantConfig(recompute_post_bn=mode.endswith("_recompute")))
         calibrate(model, [x])
-        if mode == "eqk_fused":
+        if mode in ("eqk_fused", "eqk_fused_recompute"):
             apply_schedule(model, Schedule.fused(), 0, 0)
         if mode == "eqk_float":
             for m in model.modules():
@@ -324,6 +328,10 @@ def _targets(by: dict, archs: list[str], sizes: list[tuple[int, int]]) -> dict[s
                                                                                   "mean_s", 1.1),
             f"{arch}: eqk_qat memory <= 0.6x fp32": check(arch, "eqk_qat", "fp32", "peak_step_mb", 0.6),
             f"{arch}: eqk_fused memory <= 0.5x fp32": check(arch, "eqk_fused", "fp32", "peak_step_mb", 0.5),
+            f"{arch}: eqk_qat_recompute memory <= 0.6x fp32": check(arch, "eqk_qat_recompute", "fp32",
+                                                                   "peak_step_mb", 0.6),
+            f"{arch}: eqk_fused_recompute memory <= 0.5x fp32": check(arch, "eqk_fused_recompute", "fp32",
+                                                                     "peak_step_mb", 0.5),
             f"{arch}: eqk_qat_compiled faster than eqk_qat": check(arch, "eqk_qat_compiled", "eqk_qat", "median_s",
                                                                    1.0, lambda a, b: a < b),
         })

@@ -368,6 +368,47 @@ def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_q
     return qm.conv_or_linear(input_quantizer(x), wq, stride, padding, dilation, groups)
 
 
+def quant_conv_bn(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_quantizer: nn.Module,
+                  bn: nn.Module, t: Tensor | None, bias: Tensor, stride: int | Sequence[int] = 1,
+                  padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+                  kernel_source: Callable[[], qm.KernelSource] | None = None, recompute: bool = False) -> Tensor:
+    """``bn(conv2d(Q_x(x), Q_w(W)) / t + bias)``: the training step of a rep block with a post-BN (``t=None`` leaves
+    the division out).
+
+    ``recompute=True`` (``QuantConfig(recompute_post_bn=True)``), with a per-tensor fake input quantizer (fixed
+    amax) and a plain ``nn.BatchNorm2d`` in training without hooks: :class:`~.qmath.LeanQuantConvBN` runs, which
+    keeps no float activation — the BatchNorm's input is recomputed in backward from the int8 ``Q(x)`` — and updates
+    the running statistics as ``bn`` would. Otherwise (or with a learned input range, a SyncBatchNorm, hooks on
+    ``bn``) the composition of :func:`quant_matmul` and ``bn``. Same values and gradients either way.
+    """
+    if not (recompute and _lean_ok(input_quantizer, x) and type(bn) is nn.BatchNorm2d and bn.training
+            and weight.dim() == 4 and not bn._forward_hooks and not bn._forward_pre_hooks):
+        y = quant_matmul(x, weight, input_quantizer, weight_quantizer, stride, padding, dilation, groups,
+                         kernel_source)
+        y = y + bias.reshape(1, -1, 1, 1) if t is None else y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+        return bn(y)
+    wq = weight_quantizer(weight)
+    amax = input_quantizer._get_amax(x)
+    qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
+    scale = qm.scale_from_amax(amax.detach(), qmax).reshape(()).to(x.dtype)
+    track = bn.track_running_stats
+    return qm.LeanQuantConvBN.apply(x, wq, scale, _weight_scale(weight_quantizer, wq), qmin, qmax, _pair(stride),
+                                    _pair(padding), _pair(dilation), int(groups),
+                                    _kernel_source(weight_quantizer, weight, wq, kernel_source), t, bias,
+                                    bn.weight, bn.bias, bn.running_mean if track else None,
+                                    bn.running_var if track else None, _bn_momentum(bn), bn.eps)
+
+
+def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """The exponential-average factor of ``bn``'s next training forward, counting the batch as ``bn.forward``
+    does (``momentum=None``: the cumulative average)."""
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            return 1.0 / float(bn.num_batches_tracked)
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
 def quant_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, input_quantizer: nn.Module,
                  weight_quantizer: nn.Module, stride: int | tuple[int, int], padding: int | tuple[int, int],
                  dilation: int | tuple[int, int] = 1, groups: int = 1) -> Tensor:

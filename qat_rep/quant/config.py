@@ -49,6 +49,11 @@ class QuantConfig:
         quantize_pools: put an input quantizer on every ``nn.AdaptiveAvgPool2d``/``nn.AvgPool2d`` (as
             pytorch-quantization's automatic mode does), so the conv before the global pool also runs in INT8
             (``8`` bits under ``first_last_8bit``, since it feeds the classifier).
+        recompute_post_bn: trade step time for memory on rep blocks with a trainable post-BN (QARepVGG): keep no
+            float activation for that BatchNorm and recompute the block's conv from its int8 input in backward
+            (one more convolution per block and step: measured +15–25 % step time for about half the step memory;
+            see ``benchmarks/qat_speed.py``). Same values and gradients. Applies with fixed (calibrated) input
+            ranges, outside ``torch.compile``; a learned input range (``learn_amax``) keeps the ordinary step.
 
     :meth:`for_onnxruntime` is the preset for an ONNX Runtime (CPU) deployment: both options on.
     """
@@ -65,6 +70,7 @@ class QuantConfig:
     first_last_8bit: bool = True
     unsigned_activations: bool = False
     quantize_pools: bool = False
+    recompute_post_bn: bool = False
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -97,7 +103,7 @@ class QuantConfig:
         if not all(isinstance(s, str) and s for s in skip):
             raise TypeError(f"skip must be a sequence of non-empty layer names or globs, got {self.skip!r}")
         self.skip = skip
-        for name in ("learn_amax", "first_last_8bit", "unsigned_activations", "quantize_pools"):
+        for name in ("learn_amax", "first_last_8bit", "unsigned_activations", "quantize_pools", "recompute_post_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -177,7 +177,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
         if kind == "rep":
             kernel, _ = m.equivalent_kernel_bias()
             rq = RepQuant(_input_quantizer(config, a_bits, f"{name}.rep_quant._input_quantizer"),
-                          _weight_quantizer(config, w_bits, kernel.shape, f"{name}.rep_quant._weight_quantizer"))
+                          _weight_quantizer(config, w_bits, kernel.shape, f"{name}.rep_quant._weight_quantizer"),
+                          recompute_post_bn=config.recompute_post_bn)
             m.rep_quant = rq.to(device=kernel.device)
             report.rep_blocks[name] = (w_bits, a_bits)
         else:

@@ -298,26 +298,108 @@ class LeanQuantConv(torch.autograd.Function):
     def forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, w_scale: Tensor | None, qmin: int, qmax: int,
                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
                 source: KernelSource | None = None) -> Tensor:  # noqa: D102
-        q, mask = quantize_to_int(x, scale, qmin, qmax)
-        q_int, packed = q.to(torch.uint8 if qmin >= 0 else torch.int8), pack_mask(mask)
-        del mask
-        xq = q.mul_(scale)  # in place: one float buffer less at the step's peak
-        w = wq.detach()
-        out = conv_or_linear(xq, w, stride, padding, dilation, groups)
-        del xq, q
-        ctx.save_for_backward(q_int, packed, scale, *_save_kernel(ctx, w, w_scale, source))
-        ctx.conf = (stride, padding, dilation, groups)
+        out, saved = _lean_conv_forward(ctx, x, wq, scale, w_scale, qmin, qmax, (stride, padding, dilation, groups),
+                                        source)
+        ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
-        q, packed, scale, *kernel = ctx.saved_tensors
-        wq, gx, gw = _load_kernel(ctx, kernel), None, None
-        if ctx.needs_input_grad[1]:
-            gw = _weight_grad(grad, q.to(scale.dtype).mul_(scale), wq, ctx.conf)  # the forward's Q(x), exactly
-        if ctx.needs_input_grad[0]:
-            gx = _input_grad(grad, q.shape, wq, ctx.conf).mul_(unpack_mask(packed, q.shape))
+        gx, gw = _lean_conv_backward(ctx, grad, ctx.saved_tensors, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gx, gw, None, None, None, None, None, None, None, None, None
+
+
+def _lean_conv_forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, w_scale: Tensor | None, qmin: int, qmax: int,
+                       conf: tuple, source: KernelSource | None) -> tuple[Tensor, tuple]:
+    """:class:`LeanQuantConv`'s forward: ``(conv(Q(x), wq), tensors to save)``; sets ``ctx.conf`` and the kernel
+    recipe."""
+    q, mask = quantize_to_int(x, scale, qmin, qmax)
+    q_int, packed = q.to(torch.uint8 if qmin >= 0 else torch.int8), pack_mask(mask)
+    del mask
+    xq = q.mul_(scale)  # in place: one float buffer less at the step's peak
+    w = wq.detach()
+    out = conv_or_linear(xq, w, *conf)
+    del xq, q
+    ctx.conf = conf
+    return out, (q_int, packed, scale, *_save_kernel(ctx, w, w_scale, source))
+
+
+def _lean_conv_backward(ctx, grad: Tensor, saved: Sequence[Tensor | None], need_x: bool, need_w: bool,
+                        wq: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """:class:`LeanQuantConv`'s backward from what :func:`_lean_conv_forward` saved: ``(grad_x, grad_wq)``."""
+    q, packed, scale, *kernel = saved
+    wq, gx, gw = _load_kernel(ctx, kernel) if wq is None else wq, None, None
+    if need_w:
+        gw = _weight_grad(grad, q.to(scale.dtype).mul_(scale), wq, ctx.conf)  # the forward's Q(x), exactly
+    if need_x:
+        gx = _input_grad(grad, q.shape, wq, ctx.conf).mul_(unpack_mask(packed, q.shape))
+    return gx, gw
+
+
+def _shift_scale(out: Tensor, t: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``out / t + bias`` per channel (dimension 1), ``t`` or ``bias`` left out when ``None``."""
+    shape = (1, -1) + (1,) * (out.dim() - 2)
+    y = out if t is None else out / t.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
+
+
+class LeanQuantConvBN(torch.autograd.Function):
+    """``batch_norm(conv(Q(x), wq) / t + b)`` with batch statistics, keeping no float activation for backward.
+
+    A rep block with a trainable post-BN (QARepVGG) runs conv, per-channel affine and a training BatchNorm; the
+    BatchNorm keeps its float input (4 bytes per element) for backward, the largest thing a QAT step of such a block
+    keeps. This function keeps what :class:`LeanQuantConv` keeps (the input as int8 and a 1-bit mask, the kernel's
+    recipe) plus the per-channel batch statistics, and in backward runs the conv again on the rebuilt ``Q(x)`` —
+    the same operands, the same bits — to get the BatchNorm's input back: one more convolution per step for about
+    half the step's memory. Running statistics are updated in the forward with ``momentum`` (the caller's
+    exponential-average factor), as ``F.batch_norm`` does; the gradients to ``x``, ``wq``, ``t``, ``b`` and the
+    BatchNorm's weight and bias equal those of the composition ``batch_norm(LeanQuantConv(...) / t + b)`` bit for
+    bit (tested). 2-D convs only; ``scale`` is the fixed per-tensor input scale.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, wq: Tensor, scale: Tensor, w_scale: Tensor | None, qmin: int, qmax: int,
+                stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                source: KernelSource | None, t: Tensor | None, bias: Tensor | None, bn_weight: Tensor | None,
+                bn_bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                eps: float) -> Tensor:  # noqa: D102
+        out, saved = _lean_conv_forward(ctx, x, wq, scale, w_scale, qmin, qmax, (stride, padding, dilation, groups),
+                                        source)
+        y = _shift_scale(out, t, bias)
+        del out
+        z, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_weight, bn_bias, running_mean, running_var, True,
+                                                            momentum, eps)
+        ctx.n_conv, ctx.eps = len(saved), eps
+        ctx.save_for_backward(*saved, t, bias, bn_weight, mean, invstd)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        saved = ctx.saved_tensors
+        conv_saved, (t, bias, weight, mean, invstd) = saved[:ctx.n_conv], saved[ctx.n_conv:]
+        need = ctx.needs_input_grad
+        q, _, scale, *kernel = conv_saved
+        wq = _load_kernel(ctx, kernel)
+        out = conv_or_linear(q.to(scale.dtype).mul_(scale), wq, *ctx.conf)  # the forward's conv output, exactly
+        y = _shift_scale(out, t, bias)
+        if t is None or not need[11]:
+            del out
+        g_y, g_weight, g_bias_bn = torch.ops.aten.native_batch_norm_backward(
+            grad, y, weight, None, None, mean, invstd, True, ctx.eps, [True, need[13], need[14]])
+        del y
+        dims, g_t, g_b = [0] + list(range(2, grad.dim())), None, None
+        shape = (1, -1) + (1,) * (grad.dim() - 2)
+        if t is not None and need[11]:  # autograd's formulas for a / t and its broadcast: same operations
+            t_r = t.reshape(shape)
+            g_t = (-g_y * ((out / t_r) / t_r)).sum(dims, keepdim=True).reshape(t.shape)
+            del out
+        if bias is not None and need[12]:
+            g_b = g_y.sum(dims, keepdim=True).reshape(bias.shape)
+        g_out = g_y if t is None else g_y / t.reshape(shape)
+        del g_y
+        gx, gw = _lean_conv_backward(ctx, g_out, conv_saved, need[0], need[1], wq)
+        return (gx, gw, None, None, None, None, None, None, None, None, None, g_t, g_b, g_weight, g_bias_bn, None,
+                None, None, None)
 
 
 class LeanLSQConv(torch.autograd.Function):

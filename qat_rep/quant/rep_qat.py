@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..blocks import RepBlock
 from ..fuse import bn_module_scale
-from .backend import TensorQuantizer, int32_bias, quant_conv2d, quant_matmul
+from .backend import TensorQuantizer, int32_bias, quant_conv2d, quant_conv_bn, quant_matmul
 from .qmath import KernelSource
 
 PHASES = ("float", "qat", "frozen", "fused")
@@ -129,12 +129,18 @@ class RepQuant(nn.Module):
     The ``_collapsed`` buffer records that :meth:`collapse_` rewrote the block's branches into its dense branch (it
     travels with checkpoints, so a resumed run never collapses twice); only a collapsed block may be in the
     ``fused`` phase.
+
+    ``recompute_post_bn`` (from :class:`~.config.QuantConfig`) runs a training post-BN through
+    :func:`~.backend.quant_conv_bn`'s recomputing function: no float activation kept for it, one more conv in
+    backward.
     """
 
-    def __init__(self, input_quantizer: TensorQuantizer, weight_quantizer: TensorQuantizer, phase: str = "qat"):
+    def __init__(self, input_quantizer: TensorQuantizer, weight_quantizer: TensorQuantizer, phase: str = "qat",
+                 recompute_post_bn: bool = False):
         super().__init__()
         self._input_quantizer = input_quantizer
         self._weight_quantizer = weight_quantizer
+        self.recompute_post_bn = recompute_post_bn
         self.register_buffer("_collapsed", torch.zeros((), dtype=torch.bool))
         self._is_collapsed = False  # Python mirror of the buffer: the forward never reads a tensor flag
         self.phase = phase
@@ -216,10 +222,8 @@ class RepQuant(nn.Module):
                 kernel, bias, t = folded_kernel_bias(block)
             else:
                 (kernel, bias), t = block_kernel_bias(block), None
-        y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1, block.groups,
-                         functools.partial(_kernel_source, block, t))
-        y = y + bias.reshape(1, -1, 1, 1) if t is None else y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
-        return block.post_bn(y)
+        return quant_conv_bn(x, kernel, self._input_quantizer, self._weight_quantizer, bn, t, bias, block.stride, 1,
+                             1, block.groups, functools.partial(_kernel_source, block, t), self.recompute_post_bn)
 
     def _folds_post_bn(self, block: RepBlock) -> bool:
         """Fold the post-BN scale into the kernel before quantization? Needed for per-tensor (and learned) weight
