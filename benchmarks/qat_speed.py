@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", default="32x32,224x8", help="comma list of <image size>x<batch>")
-    ap.add_argument("--modes", default="fp32,eqk_qat,eqk_qat_compiled,eqk_fused,fuse_first,branch_fq,"
-                                       "branch_fq_fused,eqk_float,fused_fp32,fused_bn_fp32")
+    ap.add_argument("--modes", default="fp32,eqk_qat,eqk_qat_recompute,eqk_qat_compiled,eqk_fused,"
+                                       "eqk_fused_recompute,fuse_first,branch_fq,branch_fq_fused,eqk_float,fused_fp32,"
+                                       "fused_bn_fp32")
     ap.add_argument("--memory", action="store_true", help="also measure peak step memory per mode (fresh processes)")
     ap.add_argument("--models", default="qarepvgg_a0,repvgg_a0", help="comma list of model names")
     ap.add_argument("--memory-child", nargs=4, metavar=("MODEL", "MODE", "SIZE", "BATCH"), help=argparse.SUPPRESS)
