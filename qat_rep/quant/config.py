@@ -51,7 +51,7 @@ class QuantConfig:
             (``8`` bits under ``first_last_8bit``, since it feeds the classifier).
         recompute_post_bn: trade step time for memory on rep blocks with a trainable post-BN (QARepVGG): keep no
             float activation for that BatchNorm and recompute the block's conv from its int8 input in backward
-            (one more convolution per block and step: measured +15–25 % step time for about half the step memory;
+            (one more convolution per block and step: measured +22–27 % step time for 0.6–0.8× the step memory;
             see ``benchmarks/qat_speed.py``). Same values and gradients. Applies with fixed (calibrated) input
             ranges, outside ``torch.compile``; a learned input range (``learn_amax``) keeps the ordinary step.
 
