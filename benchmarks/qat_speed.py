@@ -20,8 +20,9 @@ Modes, on each of ``--models`` (default ``qarepvgg_a0`` and ``repvgg_a0``; one t
 * ``eqk_fused``   — the default schedule (``Schedule.fused()``, ``RepQATCallback``'s default): every block collapsed
   into its dense branch's parameters, one trainable conv per block (+ the trainable post-BN);
 * ``eqk_qat_recompute``, ``eqk_fused_recompute`` — ``eqk_qat`` and ``eqk_fused`` with
-  ``QuantConfig(recompute_post_bn=True)``: a QARep block's trainable post-BN keeps no float input, its conv runs again
-  in backward (RepVGG blocks have no post-BN: the same step as without);
+  ``QuantConfig(recompute_post_bn="all")``: every QARep block's trainable post-BN keeps no float input, its conv runs
+  again in backward (the default, ``"cheap"``, does so for the stem only; RepVGG blocks have no post-BN: the same
+  step as without);
 * ``eqk_qat_compiled`` — ``eqk_qat`` under ``torch.compile(model, fullgraph=True)``; the first (compiling) step is
   reported as ``compile_s`` and excluded from the step times.
 
@@ -137,7 +138,7 @@ def build(mode: str, x: torch.Tensor, arch: str = "qarepvgg_a0") -> nn.Module:
         calibrate(model, [x])
     elif mode in ("eqk_qat", "eqk_float", "eqk_fused", "eqk_qat_compiled", "eqk_qat_recompute",
                   "eqk_fused_recompute"):
-        prepare(model, QuantConfig(recompute_post_bn=mode.endswith("_recompute")))
+        prepare(model, QuantConfig(recompute_post_bn="all" if mode.endswith("_recompute") else "cheap"))
         calibrate(model, [x])
         if mode in ("eqk_fused", "eqk_fused_recompute"):
             apply_schedule(model, Schedule.fused(), 0, 0)

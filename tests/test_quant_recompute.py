@@ -1,6 +1,7 @@
-"""``QuantConfig(recompute_post_bn=True)``: a rep block's trainable post-BN (QARepVGG) keeps no float activation for
+"""``QuantConfig.recompute_post_bn``: a rep block's trainable post-BN (QARepVGG) keeps no float activation for
 backward — :class:`qat_rep.quant.qmath.LeanQuantConvBN` runs the block's conv again in backward — with the same
-outputs, gradients and running statistics as the ordinary step, bit for bit."""
+outputs, gradients and running statistics as the ordinary step, bit for bit; ``"cheap"`` (the default) selects the
+blocks whose conv costs little per output element, ``"all"`` every one, ``"never"`` none."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from qat_rep.quant import qmath as qm
 
 
 def _prepared(phase: str, granularity: str = "per_channel", momentum: float | None = 0.1,
-              **config) -> nn.Module:
+              recompute_post_bn: str = "never", **config) -> nn.Module:
     torch.manual_seed(0)
     model = create_model("qarepvgg_a0", num_classes=10, small_input=True)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = momentum
     x = torch.randn(4, 3, 16, 16)
-    prepare(model, QuantConfig(w_granularity=granularity, **config))
+    prepare(model, QuantConfig(w_granularity=granularity, recompute_post_bn=recompute_post_bn, **config))
     calibrate(model, [x])
     if phase == "fused":
         apply_schedule(model, Schedule.fused(), 0, 0)
@@ -136,7 +137,25 @@ def test_recompute_steps_aside_for_hooks_learned_ranges_and_evaluation(monkeypat
     assert calls == []  # a learned input range keeps the ordinary step
 
 
-def test_recompute_post_bn_must_be_a_bool():
-    with pytest.raises(TypeError, match="recompute_post_bn must be a bool"):
-        QuantConfig(recompute_post_bn="yes")
-    assert QuantConfig().recompute_post_bn is False
+def test_cheap_recomputes_the_blocks_with_little_compute_per_output_element():
+    from qat_rep.quant.config import CHEAP_RECOMPUTE_MACS
+
+    def chosen(mode):
+        model = _prepared("qat", recompute_post_bn=mode)
+        return {n for n, m in model.named_modules() if getattr(m, "recompute_post_bn", False)}, model
+
+    cheap, model = chosen("cheap")
+    every = {f"{n}.rep_quant" for n, m in model.named_modules() if getattr(m, "rep_quant", None) is not None}
+    # QARepVGG-A0: the stem's 3x3 conv on RGB costs 27 multiply-adds per output element, every other block >= 432
+    costs = {f"{n}.rep_quant": m.equivalent_kernel_bias()[0][0].numel() for n, m in model.named_modules()
+             if getattr(m, "rep_quant", None) is not None}
+    assert cheap == {n for n, c in costs.items() if c <= CHEAP_RECOMPUTE_MACS} == {"stage0.rep_quant"}
+    assert chosen("all")[0] == every and len(every) == 22 and chosen("never")[0] == set()
+
+
+def test_recompute_post_bn_is_one_of_three_names():
+    with pytest.raises(ValueError, match="recompute_post_bn must be one of never, cheap, all.*did you mean 'cheap'"):
+        QuantConfig(recompute_post_bn="cheep")
+    with pytest.raises(ValueError, match="recompute_post_bn must be one of"):
+        QuantConfig(recompute_post_bn=True)
+    assert QuantConfig().recompute_post_bn == "cheap"

@@ -9,6 +9,10 @@ from typing import Any, Iterable, Mapping
 GRANULARITIES = ("per_channel", "per_tensor")
 CALIBRATOR_NAMES = ("max", "percentile", "entropy", "mse")
 WEIGHT_CALIBRATOR_NAMES = ("max", "mse")
+RECOMPUTE_CHOICES = ("never", "cheap", "all")
+#: ``recompute_post_bn="cheap"`` recomputes a block whose conv costs at most this many multiply-adds per output
+#: element (``in_channels / groups · kh · kw``): a 3×3 conv on RGB (27) or a depthwise one (9)
+CHEAP_RECOMPUTE_MACS = 32
 
 
 def did_you_mean(name: object, valid: Iterable[str]) -> str:
@@ -49,11 +53,15 @@ class QuantConfig:
         quantize_pools: put an input quantizer on every ``nn.AdaptiveAvgPool2d``/``nn.AvgPool2d`` (as
             pytorch-quantization's automatic mode does), so the conv before the global pool also runs in INT8
             (``8`` bits under ``first_last_8bit``, since it feeds the classifier).
-        recompute_post_bn: trade step time for memory on rep blocks with a trainable post-BN (QARepVGG): keep no
-            float activation for that BatchNorm and recompute the block's conv from its int8 input in backward
-            (one more convolution per block and step: measured +22–27 % step time for 0.6–0.8× the step memory;
-            see ``benchmarks/qat_speed.py``). Same values and gradients. Applies with fixed (calibrated) input
-            ranges, outside ``torch.compile``; a learned input range (``learn_amax``) keeps the ordinary step.
+        recompute_post_bn: which rep blocks with a trainable post-BN (QARepVGG) keep no float activation for that
+            BatchNorm and run their conv again in backward, on its int8 input (same values and gradients, bit for
+            bit): ``"cheap"`` (the default) where the conv costs at most ``CHEAP_RECOMPUTE_MACS`` (32)
+            multiply-adds per output element — a stem on RGB, a depthwise conv: large activations, little compute
+            (QARepVGG-A0 at 224×224: −19 MB of a 93 MB step for <1 % of its convolutions); ``"all"`` trades step
+            time for memory everywhere (one more convolution per block and step: measured +22–27 % step time for
+            0.6–0.8× the step memory, see ``benchmarks/qat_speed.py``); ``"never"``. Applies with fixed
+            (calibrated) input ranges, outside ``torch.compile``; a learned input range (``learn_amax``) keeps the
+            ordinary step.
 
     :meth:`for_onnxruntime` is the preset for an ONNX Runtime (CPU) deployment: both options on.
     """
@@ -70,7 +78,7 @@ class QuantConfig:
     first_last_8bit: bool = True
     unsigned_activations: bool = False
     quantize_pools: bool = False
-    recompute_post_bn: bool = False
+    recompute_post_bn: str = "cheap"
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -103,7 +111,10 @@ class QuantConfig:
         if not all(isinstance(s, str) and s for s in skip):
             raise TypeError(f"skip must be a sequence of non-empty layer names or globs, got {self.skip!r}")
         self.skip = skip
-        for name in ("learn_amax", "first_last_8bit", "unsigned_activations", "quantize_pools", "recompute_post_bn"):
+        if self.recompute_post_bn not in RECOMPUTE_CHOICES:
+            raise ValueError(f"recompute_post_bn must be one of {', '.join(RECOMPUTE_CHOICES)}; got "
+                             f"{self.recompute_post_bn!r}{did_you_mean(self.recompute_post_bn, RECOMPUTE_CHOICES)}")
+        for name in ("learn_amax", "first_last_8bit", "unsigned_activations", "quantize_pools"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

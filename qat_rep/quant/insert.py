@@ -20,7 +20,7 @@ from ..blocks import RepBlock
 from ..fuse import bn_module_scale, fold_bn_into_conv_
 from .backend import (FoldedBatchNorm2d, LeanReLU, QuantAvgPool, QuantConv2d, QuantConvTranspose2d, QuantLinear,
                       TensorQuantizer, make_quantizer)
-from .config import WEIGHT_CALIBRATOR_NAMES, QuantConfig
+from .config import CHEAP_RECOMPUTE_MACS, WEIGHT_CALIBRATOR_NAMES, QuantConfig
 from . import qmath as qm
 from .rep_qat import RepQuant, deploy_kernel_bias, folded_kernel_bias
 
@@ -131,6 +131,14 @@ def _input_quantizer(cfg: QuantConfig, bits: int, name: str) -> TensorQuantizer:
     return q
 
 
+def _recomputes_post_bn(cfg: QuantConfig, kernel: torch.Tensor) -> bool:
+    """Does a rep block with this equivalent ``kernel`` recompute its conv for a training post-BN
+    (``QuantConfig.recompute_post_bn``)? ``kernel[0].numel()`` is the conv's multiply-adds per output element."""
+    if cfg.recompute_post_bn == "all":
+        return True
+    return cfg.recompute_post_bn == "cheap" and kernel[0].numel() <= CHEAP_RECOMPUTE_MACS
+
+
 def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareReport:
     """Insert fake quantizers into ``model`` in place (rep blocks: equivalent-kernel QAT, phase ``qat``).
 
@@ -178,7 +186,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> PrepareRepor
             kernel, _ = m.equivalent_kernel_bias()
             rq = RepQuant(_input_quantizer(config, a_bits, f"{name}.rep_quant._input_quantizer"),
                           _weight_quantizer(config, w_bits, kernel.shape, f"{name}.rep_quant._weight_quantizer"),
-                          recompute_post_bn=config.recompute_post_bn)
+                          recompute_post_bn=_recomputes_post_bn(config, kernel))
             m.rep_quant = rq.to(device=kernel.device)
             report.rep_blocks[name] = (w_bits, a_bits)
         else:
