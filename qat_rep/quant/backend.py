@@ -375,11 +375,11 @@ def quant_conv_bn(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_
     """``bn(conv2d(Q_x(x), Q_w(W)) / t + bias)``: the training step of a rep block with a post-BN (``t=None`` leaves
     the division out).
 
-    ``recompute=True`` (a block that ``QuantConfig.recompute_post_bn`` selects), with a per-tensor fake input quantizer (fixed
-    amax) and a plain ``nn.BatchNorm2d`` in training without hooks: :class:`~.qmath.LeanQuantConvBN` runs, which
-    keeps no float activation — the BatchNorm's input is recomputed in backward from the int8 ``Q(x)`` — and updates
-    the running statistics as ``bn`` would. Otherwise (or with a learned input range, a SyncBatchNorm, hooks on
-    ``bn``) the composition of :func:`quant_matmul` and ``bn``. Same values and gradients either way.
+    ``recompute=True`` (a block that ``QuantConfig.recompute_post_bn`` selects), with a per-tensor fake input
+    quantizer (fixed amax) and a plain ``nn.BatchNorm2d`` in training without hooks: :class:`~.qmath.LeanQuantConvBN`
+    runs, which keeps no float activation — the BatchNorm's input is recomputed in backward from the int8 ``Q(x)`` —
+    and updates the running statistics as ``bn`` would. Otherwise (or with a learned input range, a SyncBatchNorm,
+    hooks on ``bn``) the composition of :func:`quant_matmul` and ``bn``. Same values and gradients either way.
     """
     if not (recompute and _lean_ok(input_quantizer, x) and type(bn) is nn.BatchNorm2d and bn.training
             and weight.dim() == 4 and not bn._forward_hooks and not bn._forward_pre_hooks):

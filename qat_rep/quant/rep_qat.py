@@ -130,9 +130,9 @@ class RepQuant(nn.Module):
     travels with checkpoints, so a resumed run never collapses twice); only a collapsed block may be in the
     ``fused`` phase.
 
-    ``recompute_post_bn`` (from :class:`~.config.QuantConfig`) runs a training post-BN through
-    :func:`~.backend.quant_conv_bn`'s recomputing function: no float activation kept for it, one more conv in
-    backward.
+    ``recompute_post_bn`` (set per block by :func:`~.insert.prepare` from ``QuantConfig.recompute_post_bn``) runs a
+    training post-BN through :func:`~.backend.quant_conv_bn`'s recomputing function: no float activation kept for
+    it, one more conv in backward.
     """
 
     def __init__(self, input_quantizer: TensorQuantizer, weight_quantizer: TensorQuantizer, phase: str = "qat",
