@@ -452,3 +452,68 @@ def test_input_gradient_without_the_input_equals_convolution_backward(conf):
                                                [True, False, False])[0]
     got = qm._input_grad(gy, x.shape, w, ([s, s], [p, p], [d, d], groups))
     assert got.shape == x.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["repvgg_a0", "qarepvgg_a0"])
+@pytest.mark.parametrize("phase", ["qat", "frozen", "fused"])
+def test_rep_block_kernels_quantized_in_their_own_buffer_change_nothing(monkeypatch, arch, phase):
+    # a rep block fake-quantizes the kernel it assembled in its own buffer (TensorQuantizer.in_place): the step's
+    # outputs and every gradient equal those of the step that quantizes into a new buffer, over two SGD steps
+    import contextlib
+    import copy
+
+    from qat_rep import create_model
+    from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare
+    from qat_rep.quant import qmath as qm
+    from qat_rep.quant.backend import TensorQuantizer
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, small_input=True)
+    x = torch.randn(4, 3, 16, 16)
+    prepare(model, QuantConfig())
+    calibrate(model, [x])
+    if phase == "fused":
+        apply_schedule(model, Schedule.fused(), 0, 0)
+    elif phase == "frozen":
+        apply_schedule(model, Schedule.all_at_once(freeze_at=0), 0, 0)
+    model.train()
+    copied = copy.deepcopy(model)
+    in_place = []
+    apply = qm.RoundSTE.apply
+    monkeypatch.setattr(qm.RoundSTE, "apply", lambda *a: in_place.append(a[-1]) or apply(*a))
+    runs = []
+    for m, allowed in ((model, True), (copied, False)):
+        if not allowed:
+            monkeypatch.setattr(TensorQuantizer, "in_place", lambda self: contextlib.nullcontext())
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        steps = []
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(m(x), torch.arange(4))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        runs.append(steps)
+    # a collapsed RepVGG block hands out its dense weight (a parameter: copied); every other case assembles kernels
+    assert any(in_place) != (arch == "repvgg_a0" and phase == "fused")
+    for (la, ga), (lb, gb) in zip(*runs):
+        assert torch.equal(la, lb) and ga.keys() == gb.keys()
+        assert [n for n in ga if not torch.equal(ga[n], gb[n])] == []
+
+
+def test_in_place_quantization_leaves_parameters_and_views_alone():
+    from qat_rep.quant.backend import make_quantizer
+
+    wq = make_quantizer(8, axis=0, amax_shape=(4, 1, 1, 1), dynamic=True, name="w")
+    weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    base = torch.randn(4, 3, 3, 3, requires_grad=True)
+    computed = base * 2
+    kept = (weight.detach().clone(), base.detach().clone())
+    with wq.in_place():
+        out_w = wq(weight)
+        out_v = wq(base.view(4, 27).view(4, 3, 3, 3))
+        out_c = wq(computed)
+    assert torch.equal(weight.detach(), kept[0]) and torch.equal(base.detach(), kept[1])  # never written
+    assert out_w.data_ptr() != weight.data_ptr() and out_v.data_ptr() != base.data_ptr()
+    assert out_c.data_ptr() == computed.data_ptr()  # the computed temporary is quantized where it is
+    assert torch.equal(out_c, wq(base.detach() * 2)) and wq._in_place is False

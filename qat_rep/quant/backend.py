@@ -113,6 +113,7 @@ class TensorQuantizer(_PQTensorQuantizer):
                 raise ValueError("auto_unsigned is for per-tensor activation quantizers built signed")
             self.register_buffer("_unsigned_flag", torch.zeros((), dtype=torch.bool))
         self.qat_rep_name = ""  # set by qat_rep.quant.prepare: the layer name used in error messages
+        self._in_place = False  # see in_place()
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -187,6 +188,19 @@ class TensorQuantizer(_PQTensorQuantizer):
             return super()._quant_forward(inputs)
         return self._fake_quant_with(inputs, amax, *qm.bounds(self._num_bits, self._unsigned, self._narrow_range))
 
+    @contextlib.contextmanager
+    def in_place(self) -> Iterator[None]:
+        """Within: a dynamic per-channel quantizer (a weight's, ``amax = max|w|``) fake-quantizes its input in that
+        input's own buffer instead of a new one — for a kernel assembled in this forward that nothing reads after
+        quantization (a rep block's equivalent kernel): one kernel-sized buffer less at the step's peak, the same
+        values (the same operations) and the same identity gradient. The caller vouches that the input is such a
+        temporary; a parameter, a view or a tensor that needs its own gradient is still copied."""
+        self._in_place = True
+        try:
+            yield
+        finally:
+            self._in_place = False
+
     def _fake_quant_with(self, inputs: Tensor, amax: Tensor, qmin: int, qmax: int) -> Tensor:
         """The fake quantization of a float32 ``inputs`` with the given ``amax`` and integer bounds: the one
         dispatch of the training forward and of a lean conv's backward that recomputes its kernel."""
@@ -197,7 +211,9 @@ class TensorQuantizer(_PQTensorQuantizer):
             return qm.ClippedSTE.apply(inputs, scale.reshape(()).to(inputs.dtype), qmin, qmax)
         if self._dynamic:
             # amax = max|w| per channel: nothing is clipped, so the STE is the identity
-            return qm.RoundSTE.apply(inputs, scale, qmin, qmax)
+            in_place = (self._in_place and not isinstance(inputs, nn.Parameter) and inputs._base is None
+                        and not (inputs.is_leaf and inputs.requires_grad) and not torch.compiler.is_compiling())
+            return qm.RoundSTE.apply(inputs, scale, qmin, qmax, in_place)
         axis = self._axis if not isinstance(self._axis, (list, tuple)) else self._axis[0]
         zeros = torch.zeros(scale.numel(), dtype=torch.int32, device=inputs.device)
         return torch.fake_quantize_per_channel_affine(inputs, scale.flatten(), zeros, axis, qmin, qmax)

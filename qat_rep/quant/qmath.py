@@ -55,7 +55,8 @@ def byte_mask(cond: Tensor) -> Tensor:
 
 
 class RoundSTE(torch.autograd.Function):
-    """``clamp(round(x / s), qmin, qmax) · s`` with the identity gradient, computed in place on one buffer.
+    """``clamp(round(x / s), qmin, qmax) · s`` with the identity gradient, computed in place on one buffer (``x``'s
+    own with ``in_place=True``).
 
     For weights quantized with their own ``max|w|`` (nothing is clipped, so the straight-through gradient is the
     identity): four passes over the kernel instead of the seven of the out-of-place STE expression, and ~3× faster
@@ -63,13 +64,16 @@ class RoundSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, in_place: bool = False) -> Tensor:  # noqa: D102
+        if in_place:  # the caller's own temporary: the same operations in x's buffer
+            ctx.mark_dirty(x)
+            return x.div_(scale).round_().clamp_(qmin, qmax).mul_(scale)
         q = x.detach() / scale
         return q.round_().clamp_(qmin, qmax).mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
-        return grad, None, None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: D102
+        return grad, None, None, None, None
 
 
 class ClippedSTE(torch.autograd.Function):

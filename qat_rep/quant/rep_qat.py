@@ -209,8 +209,9 @@ class RepQuant(nn.Module):
             if not self.training:  # evaluation: convert's arithmetic, operation for operation
                 return quant_conv2d(x, kernel, bias, self._input_quantizer, self._weight_quantizer, block.stride, 1,
                                     1, block.groups)
-            y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1,
-                             block.groups, functools.partial(_kernel_source, block, t))
+            with self._in_place(block, kernel):
+                y = quant_matmul(x, kernel, self._input_quantizer, self._weight_quantizer, block.stride, 1, 1,
+                                 block.groups, functools.partial(_kernel_source, block, t))
             bias = int32_bias(bias, self._input_quantizer, self._weight_quantizer)
             # training: the bias added after the conv, not inside it: oneDNN's convolution backward with a bias
             # costs 10-25 % more on CPU than without one plus a broadcast add
@@ -222,8 +223,22 @@ class RepQuant(nn.Module):
                 kernel, bias, t = folded_kernel_bias(block)
             else:
                 (kernel, bias), t = block_kernel_bias(block), None
-        return quant_conv_bn(x, kernel, self._input_quantizer, self._weight_quantizer, bn, t, bias, block.stride, 1,
-                             1, block.groups, functools.partial(_kernel_source, block, t), self.recompute_post_bn)
+        with self._in_place(block, kernel):
+            return quant_conv_bn(x, kernel, self._input_quantizer, self._weight_quantizer, bn, t, bias, block.stride,
+                                 1, 1, block.groups, functools.partial(_kernel_source, block, t),
+                                 self.recompute_post_bn)
+
+    def _in_place(self, block: RepBlock, kernel: Tensor) -> contextlib.AbstractContextManager:
+        """Let the weight quantizer fake-quantize ``kernel`` in its own buffer when it was assembled in this forward:
+        it shares no storage with the block's parameters or buffers (a collapsed block may hand out its dense
+        weight itself)."""
+        if torch.compiler.is_compiling():  # the compiler plans the kernel's buffers itself
+            return contextlib.nullcontext()
+        storage = kernel.untyped_storage().data_ptr()
+        if any(t.untyped_storage().data_ptr() == storage for t in itertools.chain(block.parameters(),
+                                                                                  block.buffers())):
+            return contextlib.nullcontext()
+        return self._weight_quantizer.in_place()
 
     def _folds_post_bn(self, block: RepBlock) -> bool:
         """Fold the post-BN scale into the kernel before quantization? Needed for per-tensor (and learned) weight
