@@ -3,6 +3,7 @@
 - :func:`randomize_bn`: non-default BatchNorm statistics (default BN values hide fusion bugs).
 - :func:`tiny_rep_net` / :func:`calib_batches`: the small re-parameterized network and the deterministic batches
   the PTQ tests quantize.
+- :func:`prepared_a0`: an A0 prepared for QAT, calibrated and put in one phase of the schedule.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qat_rep import create_model
 from qat_rep.blocks import RepVGGBlock
+from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,22 @@ def calib_batches(n: int = 64, bs: int = 16, size: int = 16, seed: int = 1) -> l
     """``n`` standard-normal images ``3 × size × size`` from seed ``seed``, as ``(x,)`` batches of ``bs``."""
     x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
     return [(x[i:i + bs],) for i in range(0, n, bs)]
+
+
+def prepared_a0(arch: str, phase: str = "qat", config: QuantConfig | None = None) -> tuple[nn.Module, torch.Tensor]:
+    """``arch`` (small input, 10 classes) prepared with ``config``, calibrated on the returned 4×3×16×16 batch and
+    put in ``phase`` (``qat``, ``frozen`` or ``fused``) at the first step, in train mode; from
+    ``torch.manual_seed(0)``."""
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, small_input=True)
+    x = torch.randn(4, 3, 16, 16)
+    prepare(model, QuantConfig() if config is None else config)
+    calibrate(model, [x])
+    if phase == "fused":
+        apply_schedule(model, Schedule.fused(), 0, 0)
+    elif phase == "frozen":
+        apply_schedule(model, Schedule.all_at_once(freeze_at=0), 0, 0)
+    return model.train(), x
 
 
 class PicklePayload:

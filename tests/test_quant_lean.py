@@ -399,20 +399,11 @@ def test_rep_block_kernels_are_recomputed_with_the_composed_gradients(arch, phas
     # weights nothing kernel-sized is kept but the parameters themselves
     import copy
 
-    from qat_rep import create_model
-    from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare
+    from helpers import prepared_a0
+    from qat_rep.quant import QuantConfig
     from qat_rep.quant import backend
 
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=10, small_input=True)
-    x = torch.randn(4, 3, 16, 16)
-    prepare(model, QuantConfig(w_granularity=granularity))
-    calibrate(model, [x])
-    if phase == "fused":
-        apply_schedule(model, Schedule.fused(), 0, 0)
-    elif phase == "frozen":
-        apply_schedule(model, Schedule.all_at_once(freeze_at=0), 0, 0)
-    model.train()
+    model, x = prepared_a0(arch, phase, QuantConfig(w_granularity=granularity))
     composed = copy.deepcopy(model)
     steps = []
     for m, lean in ((model, True), (composed, False)):
@@ -462,21 +453,11 @@ def test_rep_block_kernels_quantized_in_their_own_buffer_change_nothing(monkeypa
     import contextlib
     import copy
 
-    from qat_rep import create_model
-    from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare
+    from helpers import prepared_a0
     from qat_rep.quant import qmath as qm
     from qat_rep.quant.backend import TensorQuantizer
 
-    torch.manual_seed(0)
-    model = create_model(arch, num_classes=10, small_input=True)
-    x = torch.randn(4, 3, 16, 16)
-    prepare(model, QuantConfig())
-    calibrate(model, [x])
-    if phase == "fused":
-        apply_schedule(model, Schedule.fused(), 0, 0)
-    elif phase == "frozen":
-        apply_schedule(model, Schedule.all_at_once(freeze_at=0), 0, 0)
-    model.train()
+    model, x = prepared_a0(arch, phase)
     copied = copy.deepcopy(model)
     in_place = []
     apply = qm.RoundSTE.apply

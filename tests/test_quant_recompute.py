@@ -11,26 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from qat_rep import create_model
-from qat_rep.quant import QuantConfig, Schedule, apply_schedule, calibrate, prepare
+from helpers import prepared_a0
+from qat_rep.quant import QuantConfig
 from qat_rep.quant import qmath as qm
 
 
 def _prepared(phase: str, granularity: str = "per_channel", momentum: float | None = 0.1,
               recompute_post_bn: str = "never", **config) -> nn.Module:
-    torch.manual_seed(0)
-    model = create_model("qarepvgg_a0", num_classes=10, small_input=True)
+    model, _ = prepared_a0("qarepvgg_a0", phase, QuantConfig(w_granularity=granularity,
+                                                             recompute_post_bn=recompute_post_bn, **config))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.momentum = momentum
-    x = torch.randn(4, 3, 16, 16)
-    prepare(model, QuantConfig(w_granularity=granularity, recompute_post_bn=recompute_post_bn, **config))
-    calibrate(model, [x])
-    if phase == "fused":
-        apply_schedule(model, Schedule.fused(), 0, 0)
-    elif phase == "frozen":
-        apply_schedule(model, Schedule.all_at_once(freeze_at=0), 0, 0)
-    return model.train()
+            m.momentum = momentum  # read at every training forward
+    return model
 
 
 def _recomputing(model: nn.Module) -> nn.Module:

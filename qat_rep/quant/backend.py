@@ -350,6 +350,13 @@ def _itself(weight: Tensor) -> Tensor:
     return weight
 
 
+def _fixed_input_scale(q: TensorQuantizer, x: Tensor) -> tuple[Tensor, int, int]:
+    """``(scale, qmin, qmax)`` of the per-tensor, fixed-amax input quantizer ``q`` for ``x``: the scale as a 0-d
+    tensor in ``x``'s dtype, without gradient (what :class:`~.qmath.LeanQuantConv` takes)."""
+    qmin, qmax = qm.bounds(q._num_bits, q._unsigned, q._narrow_range)
+    return qm.scale_from_amax(q._get_amax(x).detach(), qmax).reshape(()).to(x.dtype), qmin, qmax
+
+
 def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_quantizer: nn.Module,
                  stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
                  dilation: int | Sequence[int] = 1, groups: int = 1,
@@ -375,9 +382,7 @@ def quant_matmul(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_q
                                     qmax, _pair(stride), _pair(padding), _pair(dilation), int(groups),
                                     _kernel_source(weight_quantizer, weight, wq, kernel_source))
     if _lean_ok(input_quantizer, x) and (x.requires_grad or wq.requires_grad):
-        amax = input_quantizer._get_amax(x)
-        qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
-        scale = qm.scale_from_amax(amax.detach(), qmax).reshape(()).to(x.dtype)
+        scale, qmin, qmax = _fixed_input_scale(input_quantizer, x)
         return qm.LeanQuantConv.apply(x, wq, scale, _weight_scale(weight_quantizer, wq), qmin, qmax, _pair(stride),
                                       _pair(padding), _pair(dilation), int(groups),
                                       _kernel_source(weight_quantizer, weight, wq, kernel_source))
@@ -401,12 +406,9 @@ def quant_conv_bn(x: Tensor, weight: Tensor, input_quantizer: nn.Module, weight_
             and weight.dim() == 4 and not bn._forward_hooks and not bn._forward_pre_hooks):
         y = quant_matmul(x, weight, input_quantizer, weight_quantizer, stride, padding, dilation, groups,
                          kernel_source)
-        y = y + bias.reshape(1, -1, 1, 1) if t is None else y / t.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
-        return bn(y)
+        return bn(qm.shift_scale(y, t, bias))
     wq = weight_quantizer(weight)
-    amax = input_quantizer._get_amax(x)
-    qmin, qmax = qm.bounds(input_quantizer._num_bits, input_quantizer._unsigned, input_quantizer._narrow_range)
-    scale = qm.scale_from_amax(amax.detach(), qmax).reshape(()).to(x.dtype)
+    scale, qmin, qmax = _fixed_input_scale(input_quantizer, x)
     track = bn.track_running_stats
     return qm.LeanQuantConvBN.apply(x, wq, scale, _weight_scale(weight_quantizer, wq), qmin, qmax, _pair(stride),
                                     _pair(padding), _pair(dilation), int(groups),

@@ -340,8 +340,9 @@ def _lean_conv_backward(ctx, grad: Tensor, saved: Sequence[Tensor | None], need_
     return gx, gw
 
 
-def _shift_scale(out: Tensor, t: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``out / t + bias`` per channel (dimension 1), ``t`` or ``bias`` left out when ``None``."""
+def shift_scale(out: Tensor, t: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``out / t + bias`` per channel (dimension 1), ``t`` or ``bias`` left out when ``None``: a rep block's conv
+    output before its post-BN, the same operations in :class:`LeanQuantConvBN` and the composition it replaces."""
     shape = (1, -1) + (1,) * (out.dim() - 2)
     y = out if t is None else out / t.reshape(shape)
     return y if bias is None else y + bias.reshape(shape)
@@ -369,7 +370,7 @@ class LeanQuantConvBN(torch.autograd.Function):
                 eps: float) -> Tensor:  # noqa: D102
         out, saved = _lean_conv_forward(ctx, x, wq, scale, w_scale, qmin, qmax, (stride, padding, dilation, groups),
                                         source)
-        y = _shift_scale(out, t, bias)
+        y = shift_scale(out, t, bias)
         del out
         z, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_weight, bn_bias, running_mean, running_var, True,
                                                             momentum, eps)
@@ -385,7 +386,7 @@ class LeanQuantConvBN(torch.autograd.Function):
         q, _, scale, *kernel = conv_saved
         wq = _load_kernel(ctx, kernel)
         out = conv_or_linear(q.to(scale.dtype).mul_(scale), wq, *ctx.conf)  # the forward's conv output, exactly
-        y = _shift_scale(out, t, bias)
+        y = shift_scale(out, t, bias)
         if t is None or not need[11]:
             del out
         g_y, g_weight, g_bias_bn = torch.ops.aten.native_batch_norm_backward(
