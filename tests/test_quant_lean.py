@@ -25,13 +25,15 @@ def _quantizers(kind: str, unsigned: bool, out_ch: int):
 
 
 CASES = [("conv", dict(stride=1, padding=1, groups=1), False), ("conv", dict(stride=2, padding=1, groups=2), False),
-         ("conv", dict(stride=1, padding=1, groups=1), True), ("linear", {}, False)]
+         ("conv", dict(stride=1, padding=1, groups=1), True), ("linear", {}, False),
+         ("kernel_bound", dict(stride=2, padding=1, groups=1), False)]
 
 
 def _composed(x, w, iq, wq, conf):
+    from qat_rep.quant import qmath as qm
     if w.dim() == 2:
         return F.linear(iq(x), wq(w))
-    return F.conv2d(iq(x), wq(w), None, conf["stride"], conf["padding"], 1, conf["groups"])
+    return qm.conv_or_linear(iq(x), wq(w), conf["stride"], conf["padding"], 1, conf["groups"])
 
 
 @pytest.mark.parametrize("kind,conf,unsigned", CASES)
@@ -40,12 +42,15 @@ def test_lean_gradients_equal_the_composed_path(kind, conf, unsigned):
     if kind == "conv":
         x = torch.randn(3, 8, 9, 9, generator=g)
         w = torch.randn(12, 8 // conf["groups"], 3, 3, generator=g)
+    elif kind == "kernel_bound":  # 3 x 5 x 5 = 75 output positions, 96 channels: the conv runs as one GEMM
+        x = torch.randn(3, 8, 9, 9, generator=g)
+        w = torch.randn(96, 8, 3, 3, generator=g)
     else:
         x = torch.randn(5, 16, generator=g)
         w = torch.randn(7, 16, generator=g)
     if unsigned:
         x = x.relu()
-    iq, wq = _quantizers(kind, unsigned, w.shape[0])
+    iq, wq = _quantizers("linear" if kind == "linear" else "conv", unsigned, w.shape[0])
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
     xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
     ya = quant_matmul(xa, wa, iq, wq, **conf)
@@ -443,6 +448,34 @@ def test_input_gradient_without_the_input_equals_convolution_backward(conf):
                                                [True, False, False])[0]
     got = qm._input_grad(gy, x.shape, w, ([s, s], [p, p], [d, d], groups))
     assert got.shape == x.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("conf", [(2, 16, 4, 80, 2, 1, 1), (4, 8, 3, 64, 1, 1, 1), (1, 12, 7, 200, 1, 0, 2),
+                                  (3, 16, 5, 96, 1, 0, 1), (2, 8, 6, 32, (2, 1), (0, 1), 1)])
+def test_a_kernel_bound_conv_runs_as_one_gemm_with_conv2d_gradients(conf):
+    # more output channels than output positions: one GEMM against the kernel in place, conv2d's values (up to
+    # summation order), strides and gradients (bit for bit)
+    from qat_rep.quant import qmath as qm
+    n, c, h, o, s, p, d = conf
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(n, c, h, h + 1, generator=g), torch.randn(o, c, 3, 3, generator=g)
+    assert qm._kernel_bound(x, w, s, p, d, 1)
+    xa, wa, xb, wb = (t.clone().requires_grad_() for t in (x, w, x, w))
+    ya, yb = qm.conv_or_linear(xa, wa, s, p, d, 1), F.conv2d(xb, wb, None, s, p, d)
+    assert ya.grad_fn.name().startswith("KernelGemmConv")
+    assert ya.shape == yb.shape and ya.stride() == yb.stride()
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5 * c * 9)
+    gy = torch.randn(ya.shape, generator=g)
+    ga, gb = torch.autograd.grad(ya, (xa, wa), gy), torch.autograd.grad(yb, (xb, wb), gy)
+    assert torch.equal(ga[0], gb[0]) and torch.equal(ga[1], gb[1])
+
+
+def test_only_kernel_bound_plain_convs_take_the_gemm():
+    from qat_rep.quant import qmath as qm
+    w = torch.randn(64, 8, 3, 3)
+    assert qm._kernel_bound(torch.randn(2, 8, 5, 5), w, 1, 1, 1, 1)  # 50 positions < 64 channels
+    assert not qm._kernel_bound(torch.randn(2, 8, 6, 6), w, 1, 1, 1, 1)  # 72 positions
+    assert not qm._kernel_bound(torch.randn(2, 8, 5, 5), torch.randn(64, 4, 3, 3), 1, 1, 1, 2)  # grouped
 
 
 @pytest.mark.parametrize("arch", ["repvgg_a0", "qarepvgg_a0"])

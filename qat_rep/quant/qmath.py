@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 #: amax below this quantizes everything to 0, as in pytorch-quantization
 EPS = 1.0 / (1 << 24)
@@ -471,10 +472,69 @@ class MaskReLU(torch.autograd.Function):
 
 
 def conv_or_linear(xq: Tensor, wq: Tensor, stride, padding, dilation, groups) -> Tensor:
-    """``conv2d`` for a 4-D weight, ``linear`` for a 2-D one (no bias)."""
+    """``conv2d`` for a 4-D weight, ``linear`` for a 2-D one (no bias): the conv of every QAT training path.
+
+    A CPU conv with more output channels than output positions in the batch (a deep layer at a small resolution:
+    RepVGG-A0's last block at 32×32 has 1280 channels and 128 positions at batch 32) runs as one matrix product
+    against the kernel where it lies (:class:`KernelGemmConv`): oneDNN would first copy the whole kernel into its
+    blocked layout, a kernel-sized buffer at the step's peak, where the product's unfolded input is smaller than the
+    kernel. Other convs run ``F.conv2d``. The choice depends on shapes alone: a compiled step makes the same one.
+    """
     if wq.dim() == 2:
         return F.linear(xq, wq)
+    if _kernel_bound(xq, wq, stride, padding, dilation, groups):
+        return KernelGemmConv.apply(xq, wq, _pair(stride), _pair(padding), _pair(dilation))
     return F.conv2d(xq, wq, None, stride, padding, dilation, groups)
+
+
+def _conv_out_hw(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    return tuple((x.shape[i + 2] + 2 * p[i] - d[i] * (w.shape[i + 2] - 1) - 1) // s[i] + 1 for i in range(2))
+
+
+def _kernel_bound(x: Tensor, w: Tensor, stride, padding, dilation, groups) -> bool:
+    """Is ``conv2d(x, w)`` one whose kernel outweighs its unfolded input (:func:`conv_or_linear`)?"""
+    if groups != 1 or x.device.type != "cpu" or x.dim() != 4:
+        return False
+    h, w_out = _conv_out_hw(x, w, stride, padding, dilation)
+    return x.shape[0] * h * w_out < w.shape[0]
+
+
+class KernelGemmConv(torch.autograd.Function):
+    """``conv2d(x, w)`` (no bias, ``groups=1``) as ``unfold(x)ᵀ · wᵀ``: one GEMM that reads the kernel in place.
+
+    For a conv with more output channels than output positions the unfolded input (positions × ``C·k·k``) is smaller
+    than the kernel (channels × ``C·k·k``), so the product's only temporaries are smaller than the copy of the
+    kernel oneDNN's direct convolution makes first (and the GEMM is as fast or faster on such shapes). The values
+    equal ``conv2d``'s up to float summation order; the gradients are ``conv2d``'s own
+    (``aten.convolution_backward``, which they depend on through ``x``, ``w`` and the incoming gradient only), bit
+    for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int]) -> Tensor:  # noqa: D102
+        n, c_out = x.shape[0], w.shape[0]
+        h, w_out = _conv_out_hw(x, w, stride, padding, dilation)
+        cols = F.unfold(x, w.shape[2:], dilation, padding, stride)  # [N, C·kh·kw, L]
+        cols = cols.transpose(1, 2).reshape(n * h * w_out, -1)
+        out = torch.mm(cols, w.reshape(c_out, -1).t())
+        del cols
+        ctx.save_for_backward(x, w)
+        ctx.conf = (stride, padding, dilation)
+        # an NCHW copy with conv2d's strides (``contiguous()`` keeps odd strides for a 1×1 output: downstream
+        # kernels pick their algorithm, and their bits, by the strides)
+        nchw = out.new_empty((n, c_out, h, w_out))
+        return nchw.copy_(out.view(n, h, w_out, c_out).permute(0, 3, 1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        x, w = ctx.saved_tensors
+        stride, padding, dilation = ctx.conf
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad, x, w, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        return gx, gw, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------- PTQ forms
