@@ -34,8 +34,9 @@ before the step is the step's transient memory (activations kept for backward, g
 in MB and as a ratio to ``fp32`` (FP32 multi-branch). Linux only; ``eqk_qat_compiled`` is not measured (compiling in
 each child would dominate the run).
 
-Modes are interleaved step by step (round robin) so that load on the shared machine hits them alike; the table
-shows medians and ratios to ``fp32`` from the same run. Single intra-op thread by default (``--threads``).
+Modes are interleaved step by step (round robin, the order reversed every other round, so that no mode always
+runs right after the same one) so that load on the shared machine hits them alike; the table shows medians and
+ratios to ``fp32`` from the same run. Single intra-op thread by default (``--threads``).
 
     python benchmarks/qat_speed.py            # writes benchmarks/results/qat_speed.{json,md}
 """
@@ -175,7 +176,7 @@ def run(arch: str, sizes: list[tuple[int, int]], steps: int, warmup: int, modes:
                 _step(calls[m], opts[m], x, y)
                 compile_s[m] = time.perf_counter() - t0
         for i in range(warmup + steps):
-            for m in modes:
+            for m in (modes if i % 2 == 0 else modes[::-1]):
                 t0 = time.perf_counter()
                 _step(calls[m], opts[m], x, y)
                 dt = time.perf_counter() - t0
