@@ -57,9 +57,10 @@ class QuantConfig:
             BatchNorm and run their conv again in backward, on its int8 input (same values and gradients, bit for
             bit): ``"cheap"`` (the default) where the conv costs at most ``CHEAP_RECOMPUTE_MACS`` (32)
             multiply-adds per output element — a stem on RGB, a depthwise conv: large activations, little compute
-            (QARepVGG-A0 at 224×224 b8: 93.0 → 74.7 MB of step memory, ~1 % of its convolutions); ``"all"`` trades
-            step time for memory everywhere (one more convolution per block and step: measured 1.13–1.24× the step
-            time for 0.39–0.43× FP32 multi-branch's step memory, against 0.44–0.58× with ``"cheap"``; see
+            (QARepVGG-A0 at 224×224 b8: 93.0 → 74.7 MB of step memory, ~1 % of its convolutions); ``"all"`` recomputes
+            in every block (one more convolution per block and step, measured 1.20–1.30× the step time; QARepVGG-A0's
+            fused step 0.45× → 0.39× FP32 multi-branch's step memory at 32×32 b32, but 0.40× → 0.43× at 224×224 b8,
+            where the recomputed conv output is one more activation-sized buffer in backward; see
             ``benchmarks/qat_speed.py``); ``"never"``. Applies with fixed (calibrated) input ranges, outside
             ``torch.compile``; a learned input range (``learn_amax``) keeps the ordinary step.
 
